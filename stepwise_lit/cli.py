@@ -1,0 +1,61 @@
+"""The command line: `python train.py fit --config configs/tiny.yaml` (LightningCLI)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.data.formats import DataFormatError
+from stepwise_lit.module import SettingError, StepwiseDPOModule
+
+TRACEBACK_FLAG = "--show_traceback"
+
+
+class StepwiseCLI(LightningCLI):
+    """LightningCLI with the tokenizer settings linked from the model to the data module, and
+    CSV + TensorBoard loggers under `trainer.default_root_dir` unless the config names loggers."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            ("model.tokenizer_name_or_path", "model.model_name_or_path"),
+            "data.tokenizer_name_or_path",
+            compute_fn=lambda tokenizer, model: tokenizer or model,
+        )
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            root = config.trainer.default_root_dir or os.getcwd()
+            config.trainer.logger = [
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "logs"}},
+                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "logs"}},
+            ]
+
+
+def main(args: list[str] | None = None) -> None:
+    """Runs the CLI. Data and setting errors end with their one-paragraph message and exit
+    code 2; pass `--show_traceback` to see the full traceback instead."""
+    argv = list(sys.argv[1:] if args is None else args)
+    show_traceback = TRACEBACK_FLAG in argv
+    argv = [a for a in argv if a != TRACEBACK_FLAG]
+    try:
+        StepwiseCLI(
+            StepwiseDPOModule,
+            StepwiseDataModule,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except (DataFormatError, SettingError) as error:
+        if show_traceback:
+            raise
+        print(f"error: {error}\n(run again with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

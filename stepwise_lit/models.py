@@ -1,0 +1,139 @@
+"""Building the policy and reference models: Hugging Face causal LMs, the embedded tiny model, LoRA."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded Llama-architecture model, built from a config when no
+    `model_name_or_path` is given (nothing is downloaded).
+
+    Attributes:
+        hidden_size: Width of the residual stream.
+        num_layers: Number of decoder layers.
+        num_heads: Attention heads (also key/value heads).
+        intermediate_size: Width of the MLP.
+        max_position_embeddings: Longest sequence the rotary embedding is set up for.
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the policy (through `peft`).
+
+    Attributes:
+        r: Rank of the update matrices.
+        alpha: Scaling numerator (`lora_alpha`); the update is scaled by alpha / r.
+        dropout: Dropout on the adapter input (the base model's dropout is always off).
+        target_modules: Module names to adapt, or "all-linear".
+        merge_on_export: Export merged full weights at the folder's root (loadable with
+            `AutoModelForCausalLM`) and the adapter under `adapter/`; otherwise only the adapter.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    merge_on_export: bool = True
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, shape: TinyModelConfig) -> LlamaForCausalLM:
+    """A randomly initialised Llama-architecture causal LM sized for `tokenizer`.
+
+    Args:
+        tokenizer: Gives the vocabulary size and the pad / bos / eos ids.
+        shape: Widths and depth.
+
+    Returns:
+        The model, in fp32, with dropout off.
+    """
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_causal_lm(
+    model_name_or_path: str | None,
+    tokenizer: PreTrainedTokenizerBase,
+    tiny: TinyModelConfig,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Loads a Hugging Face causal LM, or builds the embedded tiny model when no path is given.
+
+    Dropout is switched off in either case: DPO compares log-probs of the same model
+    under two weight settings, and dropout noise would enter the log-ratios.
+
+    Args:
+        model_name_or_path: Hub id or local folder; None builds the tiny model.
+        tokenizer: The run's tokenizer (for the tiny model's vocabulary and special ids).
+        tiny: Shape of the tiny model.
+        trust_remote_code: Passed to `from_pretrained`; off unless the user sets it.
+        dtype: Weight dtype for `from_pretrained` (None: the checkpoint's own).
+    """
+    if model_name_or_path is None:
+        model = build_tiny_model(tokenizer, tiny)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Sets every `nn.Dropout` probability and config-level dropout to zero."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode with `requires_grad` off: the reference model."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> torch.nn.Module:
+    """Wraps `model` in LoRA adapters; only the adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

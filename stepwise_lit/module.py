@@ -1,0 +1,479 @@
+"""StepwiseDPOModule: policy and reference step log-probs, verifier rewards, step + outcome DPO losses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from stepwise_lit.logps import step_logps
+from stepwise_lit.losses import (
+    AGGREGATION_STRATEGIES,
+    OUTCOME_LOSS_TYPES,
+    STEP_LOSS_TYPES,
+    aggregate_rewards,
+    outcome_loss,
+    step_loss,
+)
+from stepwise_lit.metrics import PreferenceMetrics
+from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
+from stepwise_lit.rewards.base import StepScorer
+from stepwise_lit.tokenizer import load_tokenizer
+
+log = logging.getLogger("stepwise_lit")
+
+ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
+
+
+class SettingError(ValueError):
+    """A module setting the losses cannot use; the message names the setting."""
+
+STEP_ACCURACY_METRICS = ("accuracy", "auroc")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepwiseDPOModule(L.LightningModule):
+    """Stepwise DPO: step-level and outcome-level preference losses from verifier step scores.
+
+    Args:
+        model_name_or_path: Policy weights (hub id or local folder). None builds the embedded
+            tiny Llama-architecture model from `tiny_model` (nothing downloaded).
+        tokenizer_name_or_path: Tokenizer; None uses `model_name_or_path`, or the embedded
+            byte-level tokenizer when that is None too. The CLI passes it on to the data module.
+        tiny_model: Shape of the embedded model (used only when `model_name_or_path` is None).
+        trust_remote_code: Allow code from the model repository. Off unless you set it.
+        dtype: Weight dtype at load ("float32", "bfloat16", "float16"); None keeps the
+            checkpoint's. Mixed precision is the trainer's `precision` setting.
+        reference: Where reference log-probs come from: "copy" (a frozen model), "adapter"
+            (the policy with LoRA adapters disabled, no second copy), "precomputed" (batches
+            carry `reference_step_logps`), or "none" (reference-free: log-ratios are log-probs).
+        ref_model_name_or_path: Reference weights for `reference: copy`; None copies the policy's
+            initial weights.
+        lora: LoRA settings; None trains every weight.
+        step_beta: β_s, the scale of the implicit step reward h_t = β_s ρ_t. Must be > 0.
+        outcome_beta: β_o, the scale of the outcome margin z = β_o (ρ(y_c) − ρ(y_r)). Must be > 0.
+        outcome_loss_type: One of "sigmoid", "soft_label", "margin", "distill", "ipo".
+        step_loss_type: One of "reward_weighted", "step_bce", "first_divergence".
+        aggregation_strategy: How step scores become an outcome reward: "sum", "mean",
+            "weighted_sum", "min", "max", "last", "product", "discounted".
+        step_weights: Per-step weights for "weighted_sum" (a step past the list takes the last).
+        discount_gamma: γ for "discounted".
+        step_reward_scale: α in [0, 1] for "reward_weighted".
+        soft_label_tau: τ > 0, temperature of the soft label p = σ(δ/τ).
+        margin_gamma: γ of the "margin" (offset DPO) loss.
+        outcome_score_weight: Where a row carries outcome scores (`chosen_score`/`rejected_score`),
+            its reward is (1 − w)·A(step scores) + w·outcome score, w in [0, 1].
+        step_loss_weight: Weight of the step loss in the total.
+        outcome_loss_weight: Weight of the outcome loss in the total.
+        sft_weight: Weight of the per-token NLL of the chosen response.
+        evaluate_step_accuracy: Compute step-level metrics (step accuracy, step AUROC).
+        step_accuracy_metric: Which step metric is the headline `step_metric` in the progress bar:
+            "accuracy" (sign of h_t agrees with the verifier's g_t) or "auroc".
+        reward_model: A step scorer (see `stepwise_lit.rewards`) that fills step scores for rows
+            that have none, under no_grad; kept out of the optimizer and the checkpoint.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        nonfinite_loss: On a NaN/inf loss, "error" stops with a message; "skip" skips the
+            optimizer step and counts it (logged as `train/nonfinite_steps`).
+        export_dir: Where `export_hf` writes at the end of fit; None: `<default_root_dir>/export`.
+        export_on_fit_end: Export the policy when `fit` finishes.
+        optimizer: Optimizer factory, applied to the policy's trainable parameters only.
+        scheduler: Optional LR scheduler factory (stepped every optimizer step).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        tokenizer_name_or_path: str | None = None,
+        tiny_model: TinyModelConfig | None = None,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+        reference: ReferenceMode = "copy",
+        ref_model_name_or_path: str | None = None,
+        lora: LoraSettings | None = None,
+        step_beta: float = 0.1,
+        outcome_beta: float = 0.1,
+        outcome_loss_type: str = "soft_label",
+        step_loss_type: str = "reward_weighted",
+        aggregation_strategy: str = "mean",
+        step_weights: list[float] | None = None,
+        discount_gamma: float = 0.9,
+        step_reward_scale: float = 0.5,
+        soft_label_tau: float = 1.0,
+        margin_gamma: float = 1.0,
+        outcome_score_weight: float = 0.5,
+        step_loss_weight: float = 0.5,
+        outcome_loss_weight: float = 0.5,
+        sft_weight: float = 0.0,
+        evaluate_step_accuracy: bool = True,
+        step_accuracy_metric: str = "accuracy",
+        reward_model: StepScorer | None = None,
+        gradient_checkpointing: bool = False,
+        nonfinite_loss: Literal["error", "skip"] = "error",
+        export_dir: str | None = None,
+        export_on_fit_end: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler"])
+        self.tiny_model = tiny_model or TinyModelConfig()
+        _check_settings(self.hparams)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, trust_remote_code)
+        # Models are built in `configure_model`, so sharded strategies can wrap them there.
+        self.policy: torch.nn.Module | None = None
+        # Kept outside the registered submodules: never in `parameters()`, the optimizer,
+        # DDP's reducer or a checkpoint's state dict.
+        self.__dict__["reference_model"] = None
+        self.__dict__["reward_model"] = reward_model
+        if reward_model is not None:
+            reward_model.eval().requires_grad_(False)
+        self.train_metrics = PreferenceMetrics()
+        self.val_metrics = PreferenceMetrics()
+        self.nonfinite_steps = 0
+
+    # ------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        dtype = _DTYPES[hp.dtype] if hp.dtype else None
+        base = load_causal_lm(hp.model_name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, dtype)
+        if hp.reference == "copy":
+            if hp.ref_model_name_or_path is None:
+                reference = frozen_copy(base)
+            else:
+                reference = frozen_copy(
+                    load_causal_lm(hp.ref_model_name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, dtype)
+                )
+            self.__dict__["reference_model"] = reference
+        policy = apply_lora(base, hp.lora) if hp.lora is not None else base
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hp.lora is not None:
+                policy.enable_input_require_grads()
+        self.policy = policy
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+
+    def _place_frozen_models(self) -> None:
+        """Moves the unregistered reference and reward models to the policy's device."""
+        for frozen in (self.reference_model, self.reward_model):
+            if frozen is not None:
+                frozen.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_test_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_predict_start(self) -> None:
+        self._place_frozen_models()
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(trainable)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------- log-probs
+    def _step_logps(self, model: torch.nn.Module, batch: dict, num_steps: int) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return step_logps(logits, batch["input_ids"], batch["step_ids"], num_steps)
+
+    @torch.no_grad()
+    def _reference_step_logps(self, batch: dict, num_steps: int) -> torch.Tensor:
+        mode = self.hparams.reference
+        if mode == "copy":
+            return self._step_logps(self.reference_model, batch, num_steps)
+        if mode == "adapter":
+            with self.policy.disable_adapter():
+                return self._step_logps(self.policy, batch, num_steps)
+        if mode == "precomputed":
+            if "reference_step_logps" not in batch:
+                raise RuntimeError(
+                    "reference: precomputed, but the batch carries no 'reference_step_logps'; "
+                    "run the reference pass first (see README, 'Precomputed reference')."
+                )
+            return batch["reference_step_logps"][:, :num_steps].float()
+        return torch.zeros(batch["input_ids"].shape[0], num_steps, device=self.device)
+
+    # ----------------------------------------------------------------- rewards
+    def _fill_missing_scores(self, batch: dict) -> None:
+        """Scores, with the reward model, the rows whose step scores are missing."""
+        missing = (~batch["has_step_scores"]).nonzero().flatten().tolist()
+        if not missing:
+            return
+        if self.reward_model is None:
+            raise RuntimeError(
+                f"{len(missing)} rows in this batch have no step scores and no reward_model is set: "
+                "score the data first (python -m stepwise_lit.score) or set model.reward_model."
+            )
+        num_pairs = len(batch["prompts"])
+        scores = self.reward_model.score_steps(
+            [batch["prompts"][row % num_pairs] for row in missing], [batch["steps"][row] for row in missing]
+        )
+        for row, row_scores in zip(missing, scores):
+            batch["step_scores"][row, : len(row_scores)] = torch.tensor(row_scores, dtype=batch["step_scores"].dtype)
+        batch["has_step_scores"][missing] = True
+
+    def _outcome_rewards(self, batch: dict) -> torch.Tensor:
+        """Verifier outcome rewards R = A(g), mixed with outcome scores where rows carry them. [2B]"""
+        hp = self.hparams
+        rewards = aggregate_rewards(
+            batch["step_scores"], batch["step_mask"], hp.aggregation_strategy, hp.step_weights, hp.discount_gamma
+        )
+        mixed = (1 - hp.outcome_score_weight) * rewards + hp.outcome_score_weight * batch["outcome_scores"]
+        return torch.where(batch["has_outcome_scores"], mixed, rewards)
+
+    # ------------------------------------------------------------------ losses
+    def _shared_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        self._fill_missing_scores(batch)
+        num_pairs = batch["first_divergence"].shape[0]
+        num_steps = batch["step_mask"].shape[1]
+        policy_step_logps = self._step_logps(self.policy, batch, num_steps)  # [2B, S]
+        reference_step_logps = self._reference_step_logps(batch, num_steps)  # [2B, S]
+        step_logratios = (policy_step_logps - reference_step_logps) * batch["step_mask"]  # ρ_t, [2B, S]
+        logratios = step_logratios.sum(-1)  # ρ(y), [2B]
+        rewards = self._outcome_rewards(batch)  # R, [2B]
+        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        scores, mask = batch["step_scores"], batch["step_mask"]
+
+        outcome_losses = outcome_loss(
+            logratios[chosen], logratios[rejected], rewards[chosen], rewards[rejected],
+            beta=hp.outcome_beta, loss_type=hp.outcome_loss_type, tau=hp.soft_label_tau, gamma=hp.margin_gamma,
+        )
+        step_losses = step_loss(
+            step_logratios[chosen], step_logratios[rejected], scores[chosen], scores[rejected],
+            mask[chosen], mask[rejected], beta=hp.step_beta, loss_type=hp.step_loss_type,
+            alpha=hp.step_reward_scale, divergence=batch["first_divergence"],
+        )
+        loss = hp.step_loss_weight * step_losses.mean() + hp.outcome_loss_weight * outcome_losses.mean()
+        chosen_tokens = (batch["step_ids"][chosen, 1:] > 0).sum()
+        sft_loss = -policy_step_logps[chosen].sum() / chosen_tokens.clamp(min=1)
+        if hp.sft_weight:
+            loss = loss + hp.sft_weight * sft_loss
+        return {
+            "loss": loss,
+            "step_loss": step_losses.mean().detach(),
+            "outcome_loss": outcome_losses.mean().detach(),
+            "sft_loss": sft_loss.detach(),
+            "policy_step_logps": policy_step_logps.detach(),
+            "step_logratios": step_logratios.detach(),
+            "logratios": logratios.detach(),
+            "rewards": rewards,
+        }
+
+    def _update_metrics(self, metrics: PreferenceMetrics, batch: dict, out: dict) -> None:
+        hp = self.hparams
+        num_pairs = batch["first_divergence"].shape[0]
+        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        step_rewards = hp.step_beta * out["step_logratios"]  # h_t, [2B, S]
+        seq_logps = out["policy_step_logps"].sum(-1)
+        metrics.update(
+            chosen_rewards=hp.outcome_beta * out["logratios"][chosen],
+            rejected_rewards=hp.outcome_beta * out["logratios"][rejected],
+            chosen_step_rewards=step_rewards[chosen],
+            rejected_step_rewards=step_rewards[rejected],
+            chosen_step_scores=batch["step_scores"][chosen],
+            rejected_step_scores=batch["step_scores"][rejected],
+            chosen_mask=batch["step_mask"][chosen],
+            rejected_mask=batch["step_mask"][rejected],
+            chosen_verifier_rewards=out["rewards"][chosen],
+            rejected_verifier_rewards=out["rewards"][rejected],
+            chosen_logps=seq_logps[chosen],
+            rejected_logps=seq_logps[rejected],
+            weight=batch.get("pair_weights"),
+        )
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self._shared_step(batch)
+        if not torch.isfinite(out["loss"]):
+            if self.hparams.nonfinite_loss == "error":
+                raise FloatingPointError(
+                    f"non-finite training loss ({out['loss'].item()}) at global step {self.global_step}, "
+                    f"batch {batch_idx}. Lower the learning rate, check the data, or set "
+                    "model.nonfinite_loss: skip to skip such steps."
+                )
+            self.nonfinite_steps += 1
+            log.warning("skipping step %d: non-finite loss (%d skipped so far)", self.global_step, self.nonfinite_steps)
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            return None
+        batch_size = batch["first_divergence"].shape[0]
+        self.log_dict(
+            {f"train/{k}": out[k] for k in ("loss", "step_loss", "outcome_loss", "sft_loss")},
+            prog_bar=False, batch_size=batch_size,
+        )
+        self.log("train_loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        self._update_metrics(self.train_metrics, batch, out)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        out = self._shared_step(batch)
+        batch_size = batch["first_divergence"].shape[0]
+        self.log_dict(
+            {f"{stage}/{k}": out[k] for k in ("loss", "step_loss", "outcome_loss", "sft_loss")},
+            batch_size=batch_size, sync_dist=True,
+        )
+        self._update_metrics(self.val_metrics, batch, out)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Implicit rewards per pair and per step: `chosen_rewards`/`rejected_rewards` [B] and
+        `chosen_step_rewards`/`rejected_step_rewards` [B, S] (zero past a response's steps)."""
+        num_pairs = batch["first_divergence"].shape[0]
+        num_steps = batch["step_mask"].shape[1]
+        step_logratios = self._step_logps(self.policy, batch, num_steps) - self._reference_step_logps(batch, num_steps)
+        step_rewards = self.hparams.step_beta * step_logratios * batch["step_mask"]
+        return {
+            "chosen_rewards": self.hparams.outcome_beta * step_logratios[:num_pairs].mul(batch["step_mask"][:num_pairs]).sum(-1),
+            "rejected_rewards": self.hparams.outcome_beta * step_logratios[num_pairs:].mul(batch["step_mask"][num_pairs:]).sum(-1),
+            "chosen_step_rewards": step_rewards[:num_pairs],
+            "rejected_step_rewards": step_rewards[num_pairs:],
+        }
+
+    # ----------------------------------------------------------------- metrics
+    def _log_epoch_metrics(self, metrics: PreferenceMetrics, stage: str) -> None:
+        values = metrics.compute()
+        scalars = {f"{stage}/{k}": v for k, v in values.items() if v.numel() == 1}
+        if not self.hparams.evaluate_step_accuracy:
+            scalars = {k: v for k, v in scalars.items() if "step_" not in k.split("/")[1]}
+        else:
+            headline = "step_accuracy" if self.hparams.step_accuracy_metric == "accuracy" else "step_auroc"
+            scalars[f"{stage}/step_metric"] = values[headline]
+        self.log_dict(scalars, prog_bar=False)
+        self.log(f"{stage}_reward_acc", values["reward_accuracy"], prog_bar=True, logger=False)
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.train_metrics, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.val_metrics, "test")
+
+    # ------------------------------------------------------------------ export
+    def on_fit_end(self) -> None:
+        if self.hparams.export_on_fit_end:
+            self.export_hf(self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "export"))
+
+    def stepwise_config(self) -> dict:
+        """The stepwise settings of this run (module and, when attached, data module)."""
+        config = {k: v for k, v in self.hparams.items() if k not in ("tiny_model", "lora")}
+        config["tiny_model"] = asdict(self.tiny_model)
+        config["lora"] = asdict(self.hparams.lora) if self.hparams.lora is not None else None
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            config["data"] = dict(datamodule.hparams)
+        return config
+
+    def export_hf(self, directory: str | os.PathLike) -> Path:
+        """Writes a Hugging Face folder: weights (safetensors), tokenizer, `stepwise_config.json`
+        and `stepwise_config.pt`. Written to a temporary folder and renamed into place, so an
+        interrupted export never leaves a folder that looks complete. Rank 0 writes.
+
+        With LoRA, the adapter goes to `adapter/` and, when `lora.merge_on_export`, merged full
+        weights go to the root (loadable with `AutoModelForCausalLM.from_pretrained`).
+        """
+        target = Path(directory)
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self._write_export(staging)
+            if target.exists():
+                retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+                target.rename(retired)
+                staging.rename(target)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        log.info("exported the policy to %s", target)
+        return target
+
+    def _write_export(self, folder: Path) -> None:
+        lora = self.hparams.lora
+        if lora is None:
+            self.policy.save_pretrained(folder)
+        else:
+            self.policy.save_pretrained(folder / "adapter")
+            if lora.merge_on_export:
+                import copy
+
+                merged = copy.deepcopy(self.policy).merge_and_unload()
+                merged.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        config = self.stepwise_config()
+        (folder / "stepwise_config.json").write_text(json.dumps(config, indent=2, default=str))
+        torch.save(json.loads(json.dumps(config, default=str)), folder / "stepwise_config.pt")
+
+
+def _check_settings(hp) -> None:
+    """Fails at start-up, naming the setting, on values the losses cannot use."""
+
+    def bad(setting: str, problem: str) -> SettingError:
+        return SettingError(f"model.{setting}: {problem}")
+
+    choices = {
+        "outcome_loss_type": OUTCOME_LOSS_TYPES,
+        "step_loss_type": STEP_LOSS_TYPES,
+        "aggregation_strategy": AGGREGATION_STRATEGIES,
+        "step_accuracy_metric": STEP_ACCURACY_METRICS,
+        "reference": ("copy", "adapter", "precomputed", "none"),
+        "nonfinite_loss": ("error", "skip"),
+    }
+    for setting, valid in choices.items():
+        if hp[setting] not in valid:
+            raise bad(setting, f"unknown value {hp[setting]!r}; choose one of {', '.join(valid)}")
+    for setting in ("step_beta", "outcome_beta", "soft_label_tau"):
+        if not (math.isfinite(hp[setting]) and hp[setting] > 0):
+            raise bad(setting, f"must be a finite number > 0, got {hp[setting]}")
+    for setting in ("step_reward_scale", "outcome_score_weight"):
+        if not 0.0 <= hp[setting] <= 1.0:
+            raise bad(setting, f"must lie in [0, 1], got {hp[setting]}")
+    for setting in ("step_loss_weight", "outcome_loss_weight", "sft_weight"):
+        if not (math.isfinite(hp[setting]) and hp[setting] >= 0):
+            raise bad(setting, f"must be a finite number >= 0, got {hp[setting]}")
+    if hp.step_loss_weight + hp.outcome_loss_weight + hp.sft_weight == 0:
+        raise bad("step_loss_weight", "step_loss_weight, outcome_loss_weight and sft_weight are all 0: nothing to train")
+    if hp.step_weights is not None:
+        if len(hp.step_weights) == 0 or not all(math.isfinite(w) for w in hp.step_weights):
+            raise bad("step_weights", f"must be a non-empty list of finite numbers, got {hp.step_weights}")
+        if hp.aggregation_strategy != "weighted_sum":
+            raise bad("step_weights", f"is only used by aggregation_strategy: weighted_sum, not {hp.aggregation_strategy!r}")
+    if not 0.0 < hp.discount_gamma <= 1.0:
+        raise bad("discount_gamma", f"must lie in (0, 1], got {hp.discount_gamma}")
+    if hp.reference == "adapter" and hp.lora is None:
+        raise bad("reference", "'adapter' needs LoRA (set model.lora): the reference is the policy with adapters disabled")
+    if hp.dtype is not None and hp.dtype not in _DTYPES:
+        raise bad("dtype", f"unknown dtype {hp.dtype!r}; choose one of {', '.join(_DTYPES)}")
