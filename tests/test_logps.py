@@ -175,3 +175,35 @@ def test_policy_and_reference_share_the_function():
         reference = step_logps(logits, input_ids, step_ids, num_steps=2, chunk_size=3)
     assert policy.requires_grad and not reference.requires_grad
     assert_close(policy, reference, atol=0, rtol=0)
+
+
+def _saved_for_backward(fn):
+    """(dtype, shape) of every tensor autograd saves while running fn()."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return saved
+
+
+def test_backward_keeps_no_fp32_vocabulary_tensor():
+    """With gradients, only the (bf16) input chunks are saved, never an fp32 [chunk, V] tensor,
+    and the lean path saves nothing of vocabulary size except the LM-head weight itself."""
+    vocab_size = 100
+    logits = torch.randn(4, 50, vocab_size).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab_size, (4, 50))
+    saved = _saved_for_backward(lambda: token_logps(logits, labels, chunk_size=16))
+    assert all(dtype != torch.float32 for dtype, _ in saved)
+    assert max(shape[0] for dtype, shape in saved if dtype == torch.bfloat16) <= 16
+
+    hidden = torch.randn(4, 50, 8, requires_grad=True)
+    weight = torch.randn(vocab_size, 8, requires_grad=True)
+    step_ids = torch.randint(0, 3, (4, 50))
+    saved = _saved_for_backward(
+        lambda: step_logps_from_hidden(hidden, weight, labels, step_ids, num_steps=2, chunk_size=16)
+    )
+    assert {shape for _, shape in saved if vocab_size in shape} == {(vocab_size, 8)}  # the weight itself
