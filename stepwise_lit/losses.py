@@ -223,10 +223,13 @@ def step_loss(
     chosen_g = torch.where(chosen_mask, chosen_step_scores.detach().float(), 0.0)
     rejected_g = torch.where(rejected_mask, rejected_step_scores.detach().float(), 0.0)
     if loss_type == "reward_weighted":
-        u = ((1 + alpha * chosen_g) * chosen_h).sum(-1) - ((1 - alpha * rejected_g) * rejected_h).sum(-1)
-        return -F.logsigmoid(u)
+        chosen_sum = ((1 + alpha * chosen_g) * chosen_h).sum(-1)  # [N]
+        rejected_sum = ((1 - alpha * rejected_g) * rejected_h).sum(-1)
+        return -F.logsigmoid(chosen_sum - rejected_sum)
     if loss_type == "step_bce":
-        chosen_bce = F.binary_cross_entropy_with_logits(chosen_h, (chosen_g + 1) / 2, reduction="none")
+        chosen_bce = F.binary_cross_entropy_with_logits(
+            chosen_h, (chosen_g + 1) / 2, reduction="none"
+        )  # [N, S]
         rejected_bce = F.binary_cross_entropy_with_logits(
             rejected_h, (rejected_g + 1) / 2, reduction="none"
         )
@@ -234,7 +237,9 @@ def step_loss(
         num_steps = chosen_mask.sum(-1) + rejected_mask.sum(-1)
         return total / num_steps.clamp(min=1)
     if divergence is None:
-        raise ValueError("step loss type 'first_divergence' needs `divergence` (first differing step)")
+        raise ValueError(
+            "step loss type 'first_divergence' needs `divergence` (index of the first differing step)"
+        )
     divergence = divergence.long().clamp(min=0).unsqueeze(-1)  # [N, 1]
     chosen_k = torch.minimum(divergence, _last_real_index(chosen_mask).unsqueeze(-1))
     rejected_k = torch.minimum(divergence, _last_real_index(rejected_mask).unsqueeze(-1))

@@ -93,7 +93,9 @@ class StepAUROC(BinaryAUROC):
         super().__init__(ignore_index=_NOT_COUNTED, **kwargs)
 
     def compute(self) -> torch.Tensor:
-        target = dim_zero_cat(self.target) if len(self.target) else torch.zeros(0, device=self.device)
+        if not len(self.target):
+            return torch.tensor(float("nan"), device=self.device)
+        target = dim_zero_cat(self.target)
         if not ((target == 1).any() and (target == 0).any()):
             return torch.tensor(float("nan"), device=self.device)
         return super().compute()
