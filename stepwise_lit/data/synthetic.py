@@ -1,0 +1,221 @@
+"""The embedded data set: procedurally generated multi-step arithmetic word problems.
+
+Each problem is a story about one running quantity changed by a few operations
+(add, subtract, multiply by a small factor); every step computes one operation,
+``"Step 2: 19 - 5 = 14\\n"``. The chosen solution is correct. The rejected one
+makes an arithmetic slip at a random step (``"12 + 7 = 21"``), carries the wrong
+value forward and repeats the slip in every later step, so each step from the
+error on is a false equation that can be seen within the step itself, and the
+final answer is wrong. Step scores are +1 before the error and -1 from it on.
+Correct intermediate values stay below 100 so a tiny byte-level model can learn
+to check them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+MAX_VALUE = 99
+NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Juno")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One step of a problem: ``value <symbol> operand``.
+
+    Attributes:
+        symbol: ``"+"``, ``"-"`` or ``"*"``.
+        operand: The number applied to the running value.
+        phrase: The sentence of the story that asks for this operation.
+    """
+
+    symbol: str
+    operand: int
+    phrase: str
+
+    def apply(self, value: int) -> int:
+        """The correct result of this operation on ``value``."""
+        if self.symbol == "+":
+            return value + self.operand
+        if self.symbol == "-":
+            return value - self.operand
+        return value * self.operand
+
+
+@dataclass(frozen=True)
+class Template:
+    """A story kind: an opening, how each operation is told, and the question.
+
+    Attributes:
+        opening: Sentence with ``{name}``, ``{start}`` and ``{thing}``.
+        things: Nouns the story can count.
+        phrases: For each operation symbol, sentences with ``{name}``, ``{n}`` and ``{thing}``.
+        question: The final question, with ``{name}`` and ``{thing}``.
+    """
+
+    opening: str
+    things: tuple[str, ...]
+    phrases: dict[str, tuple[str, ...]]
+    question: str
+
+
+TEMPLATES = (
+    Template(
+        opening="{name}'s shop has {start} {thing}.",
+        things=("apples", "pens", "books", "cups"),
+        phrases={
+            "+": ("A delivery brings {n} more {thing}.", "{name} buys {n} more {thing}."),
+            "-": ("Customers buy {n} {thing}.", "{name} gives away {n} {thing}."),
+            "*": ("A big order makes the stock {n} times as large.",),
+        },
+        question="How many {thing} does the shop have now?",
+    ),
+    Template(
+        opening="A bus leaves the depot with {start} {thing} on board.",
+        things=("people", "students", "tourists"),
+        phrases={
+            "+": ("At the next stop {n} {thing} get on.", "{n} more {thing} climb aboard."),
+            "-": ("At the next stop {n} {thing} get off.", "{n} {thing} leave the bus."),
+            "*": ("A second bus joins; together they carry {n} times as many {thing}.",),
+        },
+        question="How many {thing} are on board at the end?",
+    ),
+    Template(
+        opening="{name} has {start} {thing} in a jar.",
+        things=("coins", "marbles", "stickers", "beads"),
+        phrases={
+            "+": ("{name} finds {n} more {thing}.", "A friend gives {name} {n} {thing}."),
+            "-": ("{name} spends {n} {thing}.", "{name} loses {n} {thing}."),
+            "*": ("{name}'s stash grows to {n} times its size.",),
+        },
+        question="How many {thing} does {name} have in the end?",
+    ),
+    Template(
+        opening="A farm starts the week with {start} {thing}.",
+        things=("hens", "sheep", "goats", "ducks"),
+        phrases={
+            "+": ("{n} {thing} are born.", "The farmer buys {n} {thing}."),
+            "-": ("The farmer sells {n} {thing}.", "{n} {thing} wander off."),
+            "*": ("The herd becomes {n} times as big after a merger.",),
+        },
+        question="How many {thing} are on the farm now?",
+    ),
+)
+
+
+def generate_pairs(num_pairs: int, seed: int, min_steps: int = 2, max_steps: int = 8) -> list[dict]:
+    """Generate canonical preference pairs of arithmetic word problems.
+
+    Prompts are distinct within one call, and the same arguments always give the
+    same pairs.
+
+    Args:
+        num_pairs: How many pairs.
+        seed: Seed of the random generator.
+        min_steps: Fewest steps (operations) per solution, at least 1.
+        max_steps: Most steps per solution.
+
+    Returns:
+        Canonical rows (docs/contract.md) with step scores, outcome scores
+        (+1 chosen, -1 rejected), an ``id`` and the correct solution as
+        ``reference_solution``.
+    """
+    if not 1 <= min_steps <= max_steps:
+        raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps} and {max_steps}")
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    prompts: set[str] = set()
+    while len(rows) < num_pairs:
+        row = generate_pair(rng, rng.randint(min_steps, max_steps))
+        if row is None or row["prompt"] in prompts:
+            continue
+        prompts.add(row["prompt"])
+        row["id"] = f"synthetic-{seed}-{len(rows)}"
+        rows.append(row)
+    return rows
+
+
+def generate_pair(rng: random.Random, num_steps: int) -> dict | None:
+    """One problem with a correct and a slipped solution (``id`` not set); None if no slip fits."""
+    template = rng.choice(TEMPLATES)
+    name, thing = rng.choice(NAMES), rng.choice(template.things)
+    start = rng.randint(10, 40)
+    operations = draw_operations(rng, template, start, num_steps)
+    story = [template.opening] + [operation.phrase for operation in operations] + [template.question]
+    prompt = " ".join(story).format(name=name, start=start, thing=thing)
+    error_step = rng.randrange(num_steps)
+    slip = draw_slip(rng, start, operations, error_step)
+    if slip is None:
+        return None
+    chosen_steps = solution_steps(start, operations, error_step=num_steps, slip=0)
+    rejected_steps = solution_steps(start, operations, error_step=error_step, slip=slip)
+    return {
+        "prompt": prompt,
+        "chosen_steps": chosen_steps,
+        "rejected_steps": rejected_steps,
+        "chosen_step_scores": [1.0] * num_steps,
+        "rejected_step_scores": [1.0] * error_step + [-1.0] * (num_steps - error_step),
+        "chosen_score": 1.0,
+        "rejected_score": -1.0,
+        "reference_solution": "".join(chosen_steps),
+    }
+
+
+def draw_operations(rng: random.Random, template: Template, start: int, num_steps: int) -> list[Operation]:
+    """Operations whose correct running values stay in [1, MAX_VALUE]."""
+    operations = []
+    value = start
+    for _ in range(num_steps):
+        symbol, operand = draw_operation(rng, value)
+        phrase = rng.choice(template.phrases[symbol]).replace("{n}", str(operand))
+        operations.append(Operation(symbol, operand, phrase))
+        value = operations[-1].apply(value)
+    return operations
+
+
+def draw_operation(rng: random.Random, value: int) -> tuple[str, int]:
+    """A symbol and operand that keep ``value`` in [1, MAX_VALUE]."""
+    choices = []
+    if value <= MAX_VALUE - 2:
+        choices.append(("+", rng.randint(2, min(29, MAX_VALUE - value))))
+    if value >= 3:
+        choices.append(("-", rng.randint(2, min(29, value - 1))))
+    if 2 * value <= MAX_VALUE:
+        choices.append(("*", rng.randint(2, min(5, MAX_VALUE // value))))
+    return rng.choice(choices)
+
+
+def draw_slip(rng: random.Random, start: int, operations: list[Operation], error_step: int) -> int | None:
+    """A random offset in ±1..9 that keeps every wrong result in [0, MAX_VALUE], or None if none does.
+
+    Keeping wrong numbers as short as right ones leaves the arithmetic as the only cue.
+    """
+    slips = [slip for size in range(1, 10) for slip in (size, -size)]
+    rng.shuffle(slips)
+    return next(
+        (slip for slip in slips if all(0 <= v <= MAX_VALUE for v in running_values(start, operations, error_step, slip))),
+        None,
+    )
+
+
+def running_values(start: int, operations: list[Operation], error_step: int, slip: int) -> list[int]:
+    """Each step's result when steps from ``error_step`` on add ``slip`` to their result."""
+    values = []
+    value = start
+    for position, operation in enumerate(operations):
+        value = operation.apply(value) + (slip if position >= error_step else 0)
+        values.append(value)
+    return values
+
+
+def solution_steps(start: int, operations: list[Operation], error_step: int, slip: int) -> list[str]:
+    """``"Step t: a + b = c\\n"`` lines; the last also states the answer."""
+    values = running_values(start, operations, error_step, slip)
+    inputs = [start] + values[:-1]
+    steps = [
+        f"Step {position + 1}: {left} {operation.symbol} {operation.operand} = {result}"
+        for position, (left, operation, result) in enumerate(zip(inputs, operations, values))
+    ]
+    steps[-1] += f". The answer is {values[-1]}."
+    return [step + "\n" for step in steps]
