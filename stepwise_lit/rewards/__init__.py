@@ -1,0 +1,17 @@
+"""Step scorers: give every step of a response a score in [-1, 1] (see `StepScorer`)."""
+
+from stepwise_lit.rewards.base import StepScorer
+from stepwise_lit.rewards.classifier import ClassifierStepScorer
+from stepwise_lit.rewards.combined import CombinedRewardModel
+from stepwise_lit.rewards.genrm import GenerativeStepScorer
+from stepwise_lit.rewards.outcome import OutcomeRewardModel
+from stepwise_lit.rewards.rules import ArithmeticStepVerifier
+
+__all__ = [
+    "ArithmeticStepVerifier",
+    "ClassifierStepScorer",
+    "CombinedRewardModel",
+    "GenerativeStepScorer",
+    "OutcomeRewardModel",
+    "StepScorer",
+]
