@@ -376,7 +376,7 @@ def test_unparseable_json_line_names_its_line_number(tmp_path):
 
 def test_unknown_format():
     assert error_message([valid_row()], format="xml") == (
-        "train.jsonl: unknown format 'xml'; expected one of delimited, gsm8k, prm800k, preference, stepwise, synthetic"
+        "train.jsonl: unknown format 'xml'; expected one of delimited, gsm8k, preference, prm800k, stepwise, synthetic"
     )
 
 
