@@ -364,7 +364,8 @@ class StepwiseDPOModule(L.LightningModule):
             scalars = {k: v for k, v in scalars.items() if "step_" not in k.split("/")[1]}
         else:
             headline = "step_accuracy" if self.hparams.step_accuracy_metric == "accuracy" else "step_auroc"
-            scalars[f"{stage}/step_metric"] = values[headline]
+            if headline in values:
+                scalars[f"{stage}/step_metric"] = values[headline]
         self.log_dict(scalars, prog_bar=False)
         self.log(f"{stage}_reward_acc", values["reward_accuracy"], prog_bar=True, logger=False)
         metrics.reset()

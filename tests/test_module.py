@@ -1,0 +1,147 @@
+"""StepwiseDPOModule: losses at initialisation, gradients, frozen reference, one-pass step log-probs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.models import LoraSettings, TinyModelConfig
+from stepwise_lit.module import SettingError, StepwiseDPOModule
+
+TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict:
+    datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=6, synthetic_val_size=2, batch_size=3, max_length=256)
+    datamodule.setup("fit")
+    return next(iter(datamodule.train_dataloader()))
+
+
+def make_module(**settings) -> StepwiseDPOModule:
+    torch.manual_seed(0)
+    module = StepwiseDPOModule(tiny_model=TINY, **settings)
+    module.configure_model()
+    return module
+
+
+def clone(batch: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"outcome_loss_type": "sigmoid", "step_loss_type": "step_bce"},
+        {"outcome_loss_type": "margin", "step_loss_type": "first_divergence"},
+    ],
+)
+def test_total_loss_is_log2_when_policy_equals_reference(batch, settings):
+    """At initialisation the policy is the reference, so every ρ_t = 0: z = 0, h_t = 0, u = 0 and
+    each of these losses is −log σ(0) = log 2 (soft_label: −p log ½ − (1−p) log ½ = log 2; step_bce:
+    BCE(½, y) = log 2 for any y). The total 0.5·log 2 + 0.5·log 2 is log 2."""
+    module = make_module(**settings)
+    out = module._shared_step(clone(batch))
+    torch.testing.assert_close(out["loss"], torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(out["step_logratios"], torch.zeros_like(out["step_logratios"]))
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+def test_gradients_reach_only_the_policy_and_reference_is_unchanged(batch, lora):
+    """One optimizer step changes the policy's trainable weights, leaves the reference bit-identical,
+    and the optimizer holds the policy's trainable parameters only."""
+    module = make_module(lora=lora, reference="adapter" if lora else "copy")
+    optimizer = module.configure_optimizers()
+    if lora is None:
+        reference_before = {k: v.clone() for k, v in module.reference_model.state_dict().items()}
+    else:
+        base_before = {k: v.clone() for k, v in module.policy.named_parameters() if not v.requires_grad}
+    trainable_before = {k: v.clone() for k, v in module.policy.named_parameters() if v.requires_grad}
+
+    loss = module._shared_step(clone(batch))["loss"]
+    loss.backward()
+    optimizer.step()
+
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.policy.parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in module.policy.parameters() if p.requires_grad)
+    changed = [k for k, v in module.policy.named_parameters() if v.requires_grad and not torch.equal(v, trainable_before[k])]
+    assert changed, "no trainable policy weight moved"
+    if lora is None:
+        assert all(p.grad is None for p in module.reference_model.parameters())
+        for name, value in module.reference_model.state_dict().items():
+            assert torch.equal(value, reference_before[name]), name
+        assert not any(k.startswith("reference") for k in module.state_dict())
+    else:
+        for name, value in module.policy.named_parameters():
+            if not value.requires_grad:
+                assert torch.equal(value, base_before[name]), name
+
+
+def test_one_pass_step_logps_equal_per_prefix_forwards(batch):
+    """Step t's log-prob from one forward equals log p(prefix through step t) − log p(prefix through
+    step t−1), each from a separate forward of the policy on that prefix alone."""
+    module = make_module()
+    num_steps = batch["step_mask"].shape[1]
+    with torch.no_grad():
+        one_pass = module._step_logps(module.policy, batch, num_steps)
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][row].sum())
+            ids, step_ids = batch["input_ids"][row, :length], batch["step_ids"][row, :length]
+            previous = 0.0
+            for step in range(1, int(step_ids.max()) + 1):
+                end = int((step_ids <= step).nonzero().max()) + 1  # tokens through step `step`
+                logits = module.policy(input_ids=ids[None, :end]).logits[0].float()
+                token_logps = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:end, None]).squeeze(-1)
+                response_logp = token_logps[(step_ids[1:end] > 0)].sum()
+                torch.testing.assert_close(one_pass[row, step - 1], response_logp - previous, atol=1e-4, rtol=1e-4)
+                previous = response_logp
+
+
+def test_swapping_chosen_and_rejected_negates_the_margin(batch):
+    """Swapping the halves of the batch swaps ρ(y_c) and ρ(y_r), so the reward margin changes sign."""
+    module = make_module(reference="none")
+    out = module._shared_step(clone(batch))
+    num_pairs = batch["first_divergence"].shape[0]
+    swapped = clone(batch)
+    for key in ("input_ids", "attention_mask", "step_ids", "step_scores", "step_mask", "has_step_scores",
+                "outcome_scores", "has_outcome_scores"):
+        swapped[key] = torch.cat([batch[key][num_pairs:], batch[key][:num_pairs]])
+    swapped["steps"] = batch["steps"][num_pairs:] + batch["steps"][:num_pairs]
+    out_swapped = module._shared_step(swapped)
+    margin = out["logratios"][:num_pairs] - out["logratios"][num_pairs:]
+    margin_swapped = out_swapped["logratios"][:num_pairs] - out_swapped["logratios"][num_pairs:]
+    assert margin.abs().min() > 0
+    torch.testing.assert_close(margin_swapped, -margin, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_scores_without_reward_model_is_an_error(batch):
+    module = make_module()
+    broken = clone(batch)
+    broken["has_step_scores"][0] = False
+    with pytest.raises(RuntimeError, match="no step scores and no reward_model"):
+        module._shared_step(broken)
+
+
+@pytest.mark.parametrize(
+    "settings, setting_named",
+    [
+        ({"outcome_loss_type": "hinge"}, "model.outcome_loss_type"),
+        ({"step_loss_type": "nope"}, "model.step_loss_type"),
+        ({"aggregation_strategy": "median"}, "model.aggregation_strategy"),
+        ({"step_beta": 0.0}, "model.step_beta"),
+        ({"outcome_beta": -1.0}, "model.outcome_beta"),
+        ({"step_weights": [1.0, 2.0]}, "model.step_weights"),
+        ({"aggregation_strategy": "weighted_sum", "step_weights": []}, "model.step_weights"),
+        ({"step_reward_scale": 1.5}, "model.step_reward_scale"),
+        ({"step_loss_weight": 0.0, "outcome_loss_weight": 0.0}, "model.step_loss_weight"),
+        ({"reference": "adapter"}, "model.reference"),
+    ],
+)
+def test_bad_settings_fail_at_start_up_naming_the_setting(settings, setting_named):
+    with pytest.raises(SettingError, match=setting_named):
+        StepwiseDPOModule(tiny_model=TINY, **settings)
