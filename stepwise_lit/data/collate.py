@@ -1,0 +1,113 @@
+"""Collation of token rows into the batch of docs/contract.md, and length-grouped batching."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, Sampler
+
+from stepwise_lit.data.formats import SIDES
+
+
+class StepwiseCollator:
+    """Stack B token rows as ``[chosen; rejected]``: ``2B`` right-padded rows.
+
+    Args:
+        pad_token_id: Id that fills ``input_ids`` past each row's end.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        """Collate token rows (see ``stepwise_lit.data.tokenize.tokenize_row``).
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``step_ids`` long ``[2B, L]``;
+            ``step_scores`` float ``[2B, S]`` (0 where padded or missing),
+            ``step_mask`` bool ``[2B, S]``; ``has_step_scores``, ``has_outcome_scores``
+            bool ``[2B]``; ``outcome_scores`` float ``[2B]`` (0 where missing);
+            ``first_divergence`` long ``[B]``; ``prompts`` (B raw prompts) and
+            ``steps`` (2B lists of step texts). Rows ``0..B-1`` are chosen,
+            ``B..2B-1`` rejected.
+        """
+        input_ids = [row[f"{side}_input_ids"] for side in SIDES for row in rows]
+        step_ids = [row[f"{side}_step_ids"] for side in SIDES for row in rows]
+        step_scores = [row[f"{side}_step_scores"] for side in SIDES for row in rows]
+        outcome_scores = torch.tensor([row[f"{side}_score"] for side in SIDES for row in rows], dtype=torch.float32)
+        has_step_scores = torch.tensor([not any(map(math.isnan, scores)) for scores in step_scores])
+        scores_tensor, step_mask = pad_step_scores(step_scores)  # [2B, S]
+        return {
+            "input_ids": right_pad(input_ids, self.pad_token_id),  # [2B, L]
+            "attention_mask": right_pad([[1] * len(ids) for ids in input_ids], 0),  # [2B, L]
+            "step_ids": right_pad(step_ids, 0),  # [2B, L]
+            "step_scores": scores_tensor,
+            "step_mask": step_mask,
+            "has_step_scores": has_step_scores,  # [2B]
+            "outcome_scores": torch.nan_to_num(outcome_scores, nan=0.0),  # [2B]
+            "has_outcome_scores": ~outcome_scores.isnan(),  # [2B]
+            "first_divergence": torch.tensor([row["first_divergence"] for row in rows], dtype=torch.long),  # [B]
+            "prompts": [json.loads(row["prompt_json"]) for row in rows],
+            "steps": [list(row[f"{side}_steps"]) for side in SIDES for row in rows],
+        }
+
+
+def right_pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Long tensor ``[N, max length]`` of the sequences, right-padded with ``value``."""
+    padded = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return padded
+
+
+def pad_step_scores(step_scores: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``[N, S]`` (0 where padded or NaN) and the real-step mask ``[N, S]``, S = most steps."""
+    num_steps = torch.tensor([len(scores) for scores in step_scores])
+    step_mask = torch.arange(int(num_steps.max()))[None, :] < num_steps[:, None]  # [N, S]
+    scores = torch.zeros(step_mask.shape, dtype=torch.float32)
+    for row, row_scores in enumerate(step_scores):
+        scores[row, : len(row_scores)] = torch.tensor(row_scores, dtype=torch.float32)
+    return torch.nan_to_num(scores, nan=0.0), step_mask
+
+
+class LengthGroupedBatchSampler(BatchSampler):
+    """Batches of similar-length rows, to cut padding.
+
+    Indices come from ``sampler`` (so shuffling and, under DDP, Lightning's
+    distributed sampler still decide which rows a process sees and in what
+    order). Each run of ``batch_size * group_factor`` indices is sorted by length,
+    longest first, and cut into batches.
+
+    Args:
+        sampler: Source of row indices.
+        batch_size: Rows per batch.
+        drop_last: Drop the final batch if it is short (like ``BatchSampler``).
+        lengths: Length of every row of the dataset (e.g. its longer side's tokens).
+        group_factor: Batches per sorted run.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool,
+        lengths: Sequence[int],
+        group_factor: int = 50,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths = lengths
+        self.group_factor = group_factor
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        run_size = self.batch_size * self.group_factor
+        ordered = []
+        for start in range(0, len(indices), run_size):
+            ordered += sorted(indices[start : start + run_size], key=lambda index: -self.lengths[index])
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch

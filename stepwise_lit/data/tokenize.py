@@ -1,0 +1,332 @@
+"""Step-aware tokenization: canonical rows -> token rows with ``step_ids``.
+
+For each side (chosen, rejected): ``input_ids`` = prompt tokens + response
+tokens + EOS, and ``step_ids[j]`` = 0 on the prompt, ``t`` (1-based) on the
+tokens of step ``t``; EOS belongs to the last step (DESIGN section 2).
+
+A fast tokenizer tokenizes the whole response once and maps tokens to steps by
+their character offsets: a token belongs to the step its first character is in,
+which is safe when a BPE token crosses a step boundary. A slow tokenizer
+tokenizes step by step, which is exact for byte-level vocabularies.
+
+Truncation keeps whole steps: the prompt is cut from the left to
+``max_prompt_length``; each response keeps the longest prefix of steps that fits
+``max_length`` after the prompt (EOS counts as part of the last step, so a
+response that loses any step has no EOS). A row that keeps no step on a side, or
+whose kept chosen and rejected steps are identical, does not fit: the
+``truncation`` policy drops it (counted in the log) or raises.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from itertools import accumulate
+
+from datasets import Dataset, Features, Sequence, Value
+from transformers import PreTrainedTokenizerBase
+
+from stepwise_lit.data.formats import SIDES, DataFormatError
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_POLICIES = ("drop", "error")
+TOKEN_ROW_FEATURES = Features(
+    {
+        **{
+            f"{side}_{key}": feature
+            for side in SIDES
+            for key, feature in (
+                ("input_ids", Sequence(Value("int64"))),
+                ("step_ids", Sequence(Value("int64"))),
+                ("step_scores", Sequence(Value("float64"))),
+                ("score", Value("float64")),
+                ("steps", Sequence(Value("string"))),
+            )
+        },
+        "first_divergence": Value("int64"),
+        "prompt_json": Value("string"),
+        "id": Value("string"),
+        "reference_solution": Value("string"),
+        "truncated": Value("bool"),
+        "drop_reason": Value("string"),
+    }
+)
+
+
+class RowDoesNotFit(ValueError):
+    """A row that cannot be used after truncation.
+
+    Args:
+        reason: Why, in a short phrase shared by all such rows.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """How canonical rows become token rows.
+
+    Attributes:
+        max_length: Most tokens of prompt + response per side; None for no limit.
+        max_prompt_length: Most prompt tokens (cut from the left); None for no limit.
+        max_num_steps: Most steps kept per response; None for no limit.
+        step_wise_prompt_template: A template with ``{prompt}`` wrapped around string
+            prompts (e.g. asking for numbered steps); None leaves prompts as they are.
+    """
+
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_num_steps: int | None = None
+    step_wise_prompt_template: str | None = None
+
+
+def prompt_token_ids(
+    prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, step_wise_prompt_template: str | None
+) -> list[int]:
+    """Tokenize a prompt: chat template for messages, optional step-wise template for strings.
+
+    BOS is prepended when the tokenizer has one and the text does not already start
+    with it (chat templates usually write it themselves).
+
+    Args:
+        prompt: A string or chat messages.
+        tokenizer: The tokenizer.
+        step_wise_prompt_template: Template with ``{prompt}`` for string prompts, or None.
+
+    Returns:
+        Prompt token ids.
+    """
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    elif step_wise_prompt_template is not None:
+        text = step_wise_prompt_template.replace("{prompt}", prompt)
+    else:
+        text = prompt
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
+def response_token_ids(steps: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Tokenize a response (no special tokens) and give each token its 1-based step.
+
+    Args:
+        steps: Step texts; their concatenation is the response.
+        tokenizer: Fast (offsets mapping) or slow (step by step) tokenizer.
+
+    Returns:
+        ``(input_ids, step_ids)``, equal lengths, ``step_ids`` non-decreasing in 1..len(steps).
+    """
+    if not tokenizer.is_fast:
+        input_ids, step_ids = [], []
+        for step_number, step in enumerate(steps, start=1):
+            ids = tokenizer(step, add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            step_ids += [step_number] * len(ids)
+        return input_ids, step_ids
+    encoding = tokenizer("".join(steps), add_special_tokens=False, return_offsets_mapping=True)
+    starts = [start for start, _ in encoding["offset_mapping"]]
+    return encoding["input_ids"], step_ids_from_offsets(starts, [len(step) for step in steps])
+
+
+def step_ids_from_offsets(token_starts: list[int], step_lengths: list[int]) -> list[int]:
+    """1-based step of each token: the step holding the token's first character.
+
+    Args:
+        token_starts: Character offset where each token starts.
+        step_lengths: Characters per step.
+
+    Returns:
+        Step ids, clamped to ``len(step_lengths)`` and made non-decreasing.
+    """
+    step_ends = list(accumulate(step_lengths))  # step t (0-based) covers [ends[t-1], ends[t])
+    step_ids, current = [], 1
+    for start in token_starts:
+        current = max(current, min(bisect.bisect_right(step_ends, start) + 1, len(step_lengths)))
+        step_ids.append(current)
+    return step_ids
+
+
+def kept_step_count(step_ids: list[int], num_steps: int, budget: int | None, max_num_steps: int | None) -> int:
+    """How many leading steps fit ``budget`` tokens, EOS counted with the last step.
+
+    Args:
+        step_ids: Response step ids (non-decreasing, 1-based), EOS not included.
+        num_steps: Steps in the response.
+        budget: Tokens available for the response, or None for no limit.
+        max_num_steps: Cap on the number of steps, or None.
+
+    Returns:
+        The number of whole steps kept (0 if not even the first fits).
+    """
+    kept = num_steps if max_num_steps is None else min(num_steps, max_num_steps)
+    if budget is None:
+        return kept
+    while kept > 0 and bisect.bisect_right(step_ids, kept) + (kept == num_steps) > budget:
+        kept -= 1
+    return kept
+
+
+def first_divergence(chosen_steps: list[str], rejected_steps: list[str]) -> int | None:
+    """0-based index of the first step whose text differs.
+
+    When one response is a prefix of the other, that is the shorter one's length.
+
+    Returns:
+        The index, or None when both step lists are identical.
+    """
+    for index, (chosen, rejected) in enumerate(zip(chosen_steps, rejected_steps)):
+        if chosen != rejected:
+            return index
+    return None if len(chosen_steps) == len(rejected_steps) else min(len(chosen_steps), len(rejected_steps))
+
+
+def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> dict:
+    """Turn a canonical row into a token row (docs/contract.md).
+
+    Besides the contract's keys, the token row carries what the collator passes on
+    for online scoring: ``prompt_json`` (the prompt, JSON-encoded so string and
+    message prompts share one column), the kept ``chosen_steps`` /
+    ``rejected_steps``, ``id``, ``reference_solution``, and ``truncated`` (True if
+    the prompt or a response was cut).
+
+    Args:
+        row: A validated canonical row.
+        tokenizer: The tokenizer (needs an EOS token).
+        settings: Lengths, step cap and prompt template.
+
+    Returns:
+        The token row.
+
+    Raises:
+        RowDoesNotFit: If a side keeps no step, or the kept chosen and rejected steps are identical.
+    """
+    prompt_ids = prompt_token_ids(row["prompt"], tokenizer, settings.step_wise_prompt_template)
+    prompt_truncated = settings.max_prompt_length is not None and len(prompt_ids) > settings.max_prompt_length
+    if prompt_truncated:
+        prompt_ids = prompt_ids[len(prompt_ids) - settings.max_prompt_length :]
+    budget = None if settings.max_length is None else settings.max_length - len(prompt_ids)
+    token_row = {}
+    response_truncated = False
+    for side in SIDES:
+        steps = row[f"{side}_steps"]
+        response_ids, response_step_ids = response_token_ids(steps, tokenizer)
+        kept = kept_step_count(response_step_ids, len(steps), budget, settings.max_num_steps)
+        if kept == 0:
+            raise RowDoesNotFit(f"not even the first {side} step fits max_length after the prompt")
+        kept_tokens = bisect.bisect_right(response_step_ids, kept)
+        eos = [tokenizer.eos_token_id] if kept == len(steps) else []
+        response_truncated |= kept < len(steps)
+        scores = row[f"{side}_step_scores"]
+        token_row[f"{side}_input_ids"] = prompt_ids + response_ids[:kept_tokens] + eos
+        token_row[f"{side}_step_ids"] = [0] * len(prompt_ids) + response_step_ids[:kept_tokens] + [kept] * len(eos)
+        token_row[f"{side}_step_scores"] = [math.nan] * kept if scores is None else scores[:kept]
+        token_row[f"{side}_score"] = math.nan if row[f"{side}_score"] is None else row[f"{side}_score"]
+        token_row[f"{side}_steps"] = steps[:kept]
+    divergence = first_divergence(token_row["chosen_steps"], token_row["rejected_steps"])
+    if divergence is None:
+        raise RowDoesNotFit("chosen and rejected are identical" + (" after truncation" if response_truncated else ""))
+    token_row["first_divergence"] = divergence
+    token_row["prompt_json"] = json.dumps(row["prompt"])
+    token_row["id"] = row["id"]
+    token_row["reference_solution"] = row["reference_solution"]
+    token_row["truncated"] = prompt_truncated or response_truncated
+    return token_row
+
+
+def canonical_dataset(rows: list[dict]) -> Dataset:
+    """A ``datasets.Dataset`` of canonical rows, the prompt JSON-encoded as ``prompt_json``.
+
+    Arrow needs one type per column, and prompts can be strings or message lists.
+    """
+    return Dataset.from_list([{**row, "prompt": json.dumps(row["prompt"])} for row in rows]).rename_column(
+        "prompt", "prompt_json"
+    )
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    source: str,
+    truncation: str = "drop",
+    num_proc: int | None = None,
+    new_fingerprint: str | None = None,
+) -> Dataset:
+    """Tokenize a :func:`canonical_dataset` with ``Dataset.map``, applying the truncation policy.
+
+    Rows that do not fit are dropped and counted in the log by reason
+    (``truncation="drop"``), or raise (``"error"``). Truncated rows are counted too.
+
+    Args:
+        dataset: Canonical rows from :func:`canonical_dataset`.
+        tokenizer: The tokenizer.
+        settings: Lengths, step cap and prompt template.
+        source: File or dataset name for messages and logs.
+        truncation: ``"drop"`` or ``"error"``.
+        num_proc: Processes for ``Dataset.map``.
+        new_fingerprint: Fingerprint of the result, for ``datasets``' cache.
+
+    Returns:
+        Token rows (see :func:`tokenize_row`, without ``truncated``).
+
+    Raises:
+        DataFormatError: With ``truncation="error"``, naming the first row that does not fit.
+        ValueError: For an unknown policy or a tokenizer without EOS.
+    """
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; every response ends with one")
+    tokenized = dataset.map(
+        tokenize_or_mark_dropped,
+        with_indices=True,
+        fn_kwargs={"tokenizer": tokenizer, "settings": settings, "source": source, "truncation": truncation},
+        remove_columns=dataset.column_names,
+        features=TOKEN_ROW_FEATURES,
+        num_proc=num_proc,
+        new_fingerprint=new_fingerprint,
+        desc=f"Tokenizing {source}",
+    )
+    drop_reasons = Counter(reason for reason in tokenized["drop_reason"] if reason)
+    truncated = sum(tokenized["truncated"])
+    for reason, count in drop_reasons.items():
+        logger.warning("%s: dropped %d of %d rows (%s)", source, count, len(dataset), reason)
+    if truncated:
+        logger.info("%s: truncated %d of %d rows at step boundaries", source, truncated, len(dataset))
+    if drop_reasons:
+        tokenized = tokenized.filter(lambda reason: not reason, input_columns="drop_reason", num_proc=num_proc)
+    return tokenized.remove_columns(["drop_reason", "truncated"])
+
+
+def tokenize_or_mark_dropped(
+    record: dict, index: int, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings, source: str, truncation: str
+) -> dict:
+    """``Dataset.map`` function: a token row with ``drop_reason`` "" or, for a dropped row, an empty one."""
+    row = {**record, "prompt": json.loads(record["prompt_json"])}
+    try:
+        return {**tokenize_row(row, tokenizer, settings), "drop_reason": ""}
+    except RowDoesNotFit as error:
+        if truncation == "error":
+            raise DataFormatError(
+                f"{error.reason}; raise max_length or set truncation to 'drop'", source=source, index=index
+            ) from None
+        return empty_token_row(error.reason)
+
+
+def empty_token_row(drop_reason: str) -> dict:
+    """A placeholder token row for a dropped row (same columns, filtered out afterwards)."""
+    row = {f"{side}_{key}": [] for side in SIDES for key in ("input_ids", "step_ids", "step_scores", "steps")}
+    row.update({f"{side}_score": math.nan for side in SIDES})
+    row.update(
+        first_divergence=0, prompt_json="", id=None, reference_solution=None, truncated=False, drop_reason=drop_reason
+    )
+    return row
