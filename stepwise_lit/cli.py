@@ -31,8 +31,8 @@ class StepwiseCLI(LightningCLI):
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir or os.getcwd()
             config.trainer.logger = [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "logs"}},
-                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "logs"}},
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
+                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "tensorboard"}},
             ]
 
 
