@@ -106,6 +106,27 @@ def _sign_agreement(step_rewards: torch.Tensor, step_scores: torch.Tensor) -> to
     return (torch.sign(step_rewards) == torch.sign(step_scores)).float()
 
 
+def _first_error_distance(
+    step_rewards: torch.Tensor, step_scores: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far, in steps, each response's lowest implicit step reward is from its first bad step.
+
+    Args:
+        step_rewards: ``[N, S]`` implicit step rewards ``h_t``.
+        step_scores: ``[N, S]`` verifier step scores ``g_t``; a step is bad where ``g_t < 0``.
+        mask: ``[N, S]`` bool, real steps.
+
+    Returns:
+        ``|argmin_t h_t - first bad t|`` as float ``[N]`` (argmin over real steps, the
+        first on ties), and a float ``[N]`` that is 1.0 where the response has a bad step.
+    """
+    mask = mask.bool()
+    bad = mask & (step_scores < 0)
+    first_bad = bad.float().argmax(-1)  # the first maximal value: the first bad step
+    lowest = step_rewards.float().masked_fill(~mask, float("inf")).argmin(-1)
+    return (lowest - first_bad).abs().float(), bad.any(-1).float()
+
+
 class PreferenceMetrics(torch.nn.Module):
     """Implicit-reward and verifier metrics for a stage (train, val or test).
 
@@ -122,6 +143,12 @@ class PreferenceMetrics(torch.nn.Module):
     - ``chosen_step_accuracy_by_index``, ``rejected_step_accuracy_by_index``:
       vectors ``[max_step_index]`` of ``step_accuracy`` per step index (0-based),
       NaN where no step was seen
+    - ``first_error_accuracy``: over rejected responses with a step the verifier
+      marks bad (``g_t < 0``; with -1/0/+1 labels, a -1 step), the fraction whose
+      lowest implicit step reward ``h_t`` (over its real steps; the first on ties)
+      is at the first bad step; absent when there is no such response
+    - ``first_error_distance``: over the same responses, the mean absolute
+      distance in steps between the lowest-``h_t`` step and the first bad step
 
     AUROC counts a step when its pair weight is > 0 (it takes no fractional weights).
 
@@ -136,6 +163,8 @@ class PreferenceMetrics(torch.nn.Module):
         self.step_auroc = StepAUROC()
         self.chosen_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
         self.rejected_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
+        self.first_error_accuracy = WeightedMean()
+        self.first_error_distance = WeightedMean()
 
     @torch.no_grad()
     def update(
@@ -200,11 +229,14 @@ class PreferenceMetrics(torch.nn.Module):
         num_pairs = chosen_rewards.shape[0]
         self.chosen_step_accuracy_by_index.update(agreement[:num_pairs], step_weights[:num_pairs])
         self.rejected_step_accuracy_by_index.update(agreement[num_pairs:], step_weights[num_pairs:])
+        distance, has_bad_step = _first_error_distance(rejected_step_rewards, rejected_step_scores, rejected_mask)
+        self.first_error_accuracy.update((distance == 0).float(), weight * has_bad_step)
+        self.first_error_distance.update(distance, weight * has_bad_step)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Metric values (see the class docstring for the keys)."""
         values = {name: metric.compute() for name, metric in self.pair_means.items()}
-        for name in ("step_accuracy", "step_auroc"):
+        for name in ("step_accuracy", "step_auroc", "first_error_accuracy", "first_error_distance"):
             value = getattr(self, name).compute()
             if not torch.isnan(value):
                 values[name] = value

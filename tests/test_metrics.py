@@ -19,9 +19,9 @@ def _batch():
         "chosen_rewards": torch.tensor([0.5, -0.2, 9.0]),
         "rejected_rewards": torch.tensor([0.1, 0.3, -9.0]),
         "chosen_step_rewards": torch.tensor([[0.2, -0.1, 0.3], [0.4, 0.0, 7.0], [-1.0, -1.0, -1.0]]),
-        "rejected_step_rewards": torch.tensor([[-0.3, 0.5, 8.0], [0.1, -0.2, -0.6], [1.0, 1.0, 1.0]]),
+        "rejected_step_rewards": torch.tensor([[-0.3, 0.5, -8.0], [0.1, -0.2, -0.6], [1.0, 1.0, 1.0]]),
         "chosen_step_scores": torch.tensor([[1.0, 1.0, 0.0], [1.0, -1.0, 1.0], [-1.0, -1.0, -1.0]]),
-        "rejected_step_scores": torch.tensor([[-1.0, -1.0, 1.0], [0.0, -1.0, -1.0], [1.0, 1.0, 1.0]]),
+        "rejected_step_scores": torch.tensor([[-1.0, -1.0, 1.0], [0.0, -1.0, -1.0], [1.0, -1.0, 1.0]]),
         "chosen_mask": torch.tensor([[True, True, True], [True, True, False], [True, True, True]]),
         "rejected_mask": torch.tensor([[True, True, False], [True, True, True], [True, True, True]]),
         "chosen_verifier_rewards": torch.tensor([1.0, -1.0, -5.0]),
@@ -57,6 +57,11 @@ EXPECTED = {
     # by step index 0..3: chosen idx0 2/2, idx1 0/2; rejected idx0 1/1, idx1 1/2, idx2 1/1
     "chosen_step_accuracy_by_index": [1.0, 0.0, NAN, NAN],
     "rejected_step_accuracy_by_index": [1.0, 0.5, 1.0, NAN],
+    # rejected, lowest h over real steps vs first g < 0:
+    #   p0: h (-0.3, 0.5) [-8.0 masked] -> idx 0; first bad 0: hit, distance 0
+    #   p1: h (0.1, -0.2, -0.6) -> idx 2; first bad 1: miss, distance 1
+    "first_error_accuracy": 0.5,
+    "first_error_distance": 0.5,
 }
 
 
@@ -89,6 +94,56 @@ def test_split_batches_and_merged_rank_states_give_the_same_values():
         if isinstance(metric0, Metric):
             metric0.merge_state(metric1)
     _assert_expected(rank0.compute())
+
+
+def _first_error_batch():
+    """Five rejected responses (chosen side neutral), S = 4, weights (1, 2, 1, 1, 0)."""
+    rejected_step_rewards = torch.tensor(
+        [
+            [0.2, -0.5, 0.1, -0.3],  # first bad 2, lowest 1: distance 1
+            [0.0, 0.3, -0.4, -9.0],  # first bad 0, lowest 2 (idx 3 masked): distance 2, weight 2
+            [0.1, -0.2, 0.0, 0.3],  # first bad 1 (g = -0.5 counts as bad), lowest 1: hit
+            [-5.0, 0.0, 0.0, 0.0],  # no bad step: not counted
+            [5.0, -5.0, 0.0, 0.0],  # weight 0: not counted (would be distance 1)
+        ]
+    )
+    rejected_step_scores = torch.tensor(
+        [[1.0, 1.0, -1.0, -1.0], [-1.0, 1.0, 1.0, 0.0], [1.0, -0.5, -1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 1.0, 1.0]]
+    )
+    rejected_mask = torch.tensor([[True] * 4, [True, True, True, False], [True] * 4, [True] * 4, [True] * 4])
+    zeros_pairs, zeros_steps = torch.zeros(5), torch.zeros(5, 4)
+    return {
+        "chosen_rewards": zeros_pairs,
+        "rejected_rewards": zeros_pairs,
+        "chosen_step_rewards": zeros_steps,
+        "rejected_step_rewards": rejected_step_rewards,
+        "chosen_step_scores": zeros_steps,
+        "rejected_step_scores": rejected_step_scores,
+        "chosen_mask": torch.ones(5, 4, dtype=torch.bool),
+        "rejected_mask": rejected_mask,
+        "chosen_verifier_rewards": zeros_pairs,
+        "rejected_verifier_rewards": zeros_pairs,
+        "chosen_logps": zeros_pairs,
+        "rejected_logps": zeros_pairs,
+        "weight": torch.tensor([1.0, 2.0, 1.0, 1.0, 0.0]),
+    }
+
+
+def test_first_error_localisation_hand_computed():
+    """Weighted over responses with a bad step: accuracy (0 + 0 + 1) / 4, distance (1 + 2*2 + 0) / 4."""
+    metrics = PreferenceMetrics()
+    metrics.update(**_first_error_batch())
+    values = metrics.compute()
+    assert_close(values["first_error_accuracy"], torch.tensor(0.25))
+    assert_close(values["first_error_distance"], torch.tensor(1.25))
+
+
+def test_first_error_metrics_absent_without_a_bad_rejected_step():
+    batch = _first_error_batch()
+    batch["rejected_step_scores"] = batch["rejected_step_scores"].clamp(min=0.0)
+    metrics = PreferenceMetrics()
+    metrics.update(**batch)
+    assert not {"first_error_accuracy", "first_error_distance"} & set(metrics.compute())
 
 
 def test_default_weight_counts_every_pair():
