@@ -1,0 +1,304 @@
+"""Fill the step scores of canonical pairs with a step scorer, as a resumable Lightning predict job.
+
+    python -m stepwise_lit.score --config configs/score_tiny.yaml --input pairs.jsonl --output scored.jsonl
+
+The config names the scorer (``scorer: {class_path, init_args}``), the Trainer
+settings (``trainer: {accelerator, devices, strategy, precision, ...}``; with DDP
+each process scores its share of the rows), ``batch_size`` (pairs per step) and
+``only_missing`` (score only responses whose step scores are null; otherwise
+every response is scored and existing scores are replaced).
+
+Progress and resume. Every process appends the rows it has scored to its own file
+``<output>.parts/rank-<r>.jsonl`` after each batch (flushed and fsynced), so a kill
+loses at most the batch in flight. When all rows are done, rank 0 writes
+``<output>`` (``.jsonl`` or ``.parquet``) atomically, in input order, and removes
+the parts. A new run first cuts a half-written last line off the part files (with
+a warning), then skips every row, by ``id``, that the previous output or a part
+file already holds scored; rows without an ``id`` get ``row-<index>``. To score
+everything again, delete ``<output>`` and ``<output>.parts``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
+from stepwise_lit.prepare import OUTPUT_SUFFIXES, write_rows
+from stepwise_lit.rewards.base import StepScorer
+
+logger = logging.getLogger("stepwise_lit")
+
+SIDES = ("chosen", "rejected")
+
+
+def is_scored(row: dict) -> bool:
+    """Whether both responses of a row have step scores."""
+    return all(row[f"{side}_step_scores"] is not None for side in SIDES)
+
+
+def rows_with_ids(rows: list[dict]) -> list[dict]:
+    """The rows, each with an ``id`` (``row-<index>`` where missing).
+
+    Raises:
+        DataFormatError: If two rows share an id (resuming goes by id).
+    """
+    with_ids = [row if row["id"] is not None else {**row, "id": f"row-{index}"} for index, row in enumerate(rows)]
+    repeated = [row_id for row_id, count in Counter(row["id"] for row in with_ids).items() if count > 1]
+    if repeated:
+        raise DataFormatError(f"ids must be unique to resume by id; repeated: {repeated[:5]}", field="id")
+    return with_ids
+
+
+def score_rows(scorer: StepScorer, rows: Sequence[dict], only_missing: bool) -> list[dict]:
+    """The rows with step scores filled, all responses of the batch in one `score_steps` call.
+
+    Args:
+        scorer: The step scorer.
+        rows: Canonical rows.
+        only_missing: Score only responses whose step scores are None.
+
+    Returns:
+        Copies of the rows with ``chosen_step_scores`` / ``rejected_step_scores`` set.
+    """
+    targets = [
+        (index, side)
+        for index, row in enumerate(rows)
+        for side in SIDES
+        if not only_missing or row[f"{side}_step_scores"] is None
+    ]
+    scores = scorer.score_steps(
+        [rows[index]["prompt"] for index, _ in targets],
+        [rows[index][f"{side}_steps"] for index, side in targets],
+        [rows[index]["reference_solution"] for index, _ in targets],
+    )
+    scored = [dict(row) for row in rows]
+    for (index, side), side_scores in zip(targets, scores):
+        scored[index][f"{side}_step_scores"] = side_scores
+    return scored
+
+
+class ScoreStore:
+    """The files of one scoring job: per-rank part files while it runs, the output at the end.
+
+    Args:
+        output: The final output file (``.jsonl`` or ``.parquet``).
+
+    Raises:
+        ValueError: For another output extension.
+    """
+
+    def __init__(self, output: str | Path) -> None:
+        self.output = Path(output)
+        if self.output.suffix not in OUTPUT_SUFFIXES:
+            raise ValueError(f"output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        self.parts = Path(f"{self.output}.parts")
+
+    def part_files(self) -> list[Path]:
+        """The part files present, by name."""
+        return sorted(self.parts.glob("rank-*.jsonl")) if self.parts.is_dir() else []
+
+    def recover(self) -> None:
+        """Cuts a half-written last line (no trailing newline: a killed write) off each part file."""
+        for part in self.part_files():
+            data = part.read_bytes()
+            complete = data.rfind(b"\n") + 1
+            if complete < len(data):
+                logger.warning(
+                    "%s: dropping a half-written last line (%d bytes) left by an interrupted run", part, len(data) - complete
+                )
+                with part.open("r+b") as handle:
+                    handle.truncate(complete)
+                    os.fsync(handle.fileno())
+
+    def done_rows(self) -> dict[str, dict]:
+        """Rows already scored, by id: those of a previous output, then the part files (later wins)."""
+        rows = read_records(self.output) if self.output.exists() else []
+        for part in self.part_files():
+            rows.extend(read_records(part))
+        return {row["id"]: row for row in rows if row.get("id") is not None and is_scored(row)}
+
+    def append(self, rank: int, rows: Sequence[dict]) -> None:
+        """Appends scored rows to this rank's part file and forces them to disk."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        with (self.parts / f"rank-{rank}.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def finalize(self, rows: Sequence[dict]) -> list[dict]:
+        """Writes the output: every input row in order, its scored version where one exists;
+        then removes the part files. Logs how many rows each part file held.
+
+        Returns:
+            The rows written.
+        """
+        counts = {part.name: len(read_records(part)) for part in self.part_files()}
+        if counts:
+            logger.info("merging part files: %s", ", ".join(f"{name} {count} rows" for name, count in counts.items()))
+        done = self.done_rows()
+        final = [done.get(row["id"], row) for row in rows]
+        write_rows(final, self.output)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return final
+
+
+class ScoringModule(pl.LightningModule):
+    """Lightning wrapper that scores a batch of rows in `predict_step`.
+
+    Args:
+        scorer: The step scorer (moved to the device by Lightning).
+        only_missing: Score only responses whose step scores are None.
+    """
+
+    def __init__(self, scorer: StepScorer, only_missing: bool) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.only_missing = only_missing
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        return score_rows(self.scorer, batch, self.only_missing)
+
+
+class ScoringDataModule(pl.LightningDataModule):
+    """Serves the rows that still need scoring, decided after the processes start.
+
+    Args:
+        rows: All input rows (with ids).
+        store: The job's files (for recovery and what is already done).
+        batch_size: Rows per batch.
+        only_missing: Rows whose responses all have scores need no scoring.
+    """
+
+    def __init__(self, rows: list[dict], store: ScoreStore, batch_size: int, only_missing: bool) -> None:
+        super().__init__()
+        self.rows = rows
+        self.store = store
+        self.batch_size = batch_size
+        self.only_missing = only_missing
+        self.pending: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        """Rank 0 repairs the part files; then every rank lists the same pending rows."""
+        if self.trainer.is_global_zero:
+            self.store.recover()
+        self.trainer.strategy.barrier("score-recover")
+        done = self.store.done_rows()
+        self.pending = [
+            row for row in self.rows if row["id"] not in done and not (self.only_missing and is_scored(row))
+        ]
+        if self.trainer.is_global_zero:
+            logger.info(
+                "%d rows: %d already scored, %d need no scoring, %d to score",
+                len(self.rows), sum(row["id"] in done for row in self.rows),
+                len(self.rows) - len(self.pending) - sum(row["id"] in done for row in self.rows), len(self.pending),
+            )
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.pending, batch_size=self.batch_size, shuffle=False, collate_fn=list)
+
+
+class ScoreWriter(BasePredictionWriter):
+    """Appends each scored batch to the rank's part file as soon as it is scored.
+
+    Args:
+        store: The job's files.
+    """
+
+    def __init__(self, store: ScoreStore) -> None:
+        super().__init__(write_interval="batch")
+        self.store = store
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        self.store.append(trainer.global_rank, prediction)
+
+
+def load_rows(input: str | Path) -> list[dict]:
+    """Reads and validates canonical pairs (scores may be null) and gives each an id.
+
+    Raises:
+        DataFormatError: On an unreadable file, an invalid row or repeated ids.
+    """
+    return rows_with_ids(to_canonical(read_records(input), "stepwise", str(input), require_scores=False))
+
+
+def run(
+    scorer: StepScorer,
+    rows: list[dict],
+    store: ScoreStore,
+    batch_size: int = 8,
+    only_missing: bool = False,
+    trainer: dict | None = None,
+) -> list[dict] | None:
+    """Scores the rows into the store's output, resuming where a previous run stopped.
+
+    Args:
+        scorer: The step scorer.
+        rows: Canonical rows with unique ids (see `load_rows`).
+        store: The job's files.
+        batch_size: Pairs per predict step.
+        only_missing: Score only responses whose step scores are null.
+        trainer: Keyword arguments of ``lightning.pytorch.Trainer`` (``logger`` and the
+            model summary default to off).
+
+    Returns:
+        The rows written, on global rank 0; None on other ranks.
+    """
+    settings = {"logger": False, "enable_model_summary": False, **(trainer or {})}
+    runner = pl.Trainer(**settings, callbacks=[ScoreWriter(store)])
+    datamodule = ScoringDataModule(rows, store, batch_size, only_missing)
+    runner.predict(ScoringModule(scorer, only_missing), datamodule=datamodule, return_predictions=False)
+    runner.strategy.barrier("score-written")
+    if not runner.is_global_zero:
+        return None
+    final = store.finalize(rows)
+    logger.info("wrote %d rows to %s", len(final), store.output)
+    return final
+
+
+def build_parser() -> ArgumentParser:
+    """The command-line and config options of `score`."""
+    parser = ArgumentParser(prog="stepwise-lit-score", description="Fill the step scores of canonical pairs.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (see configs/score_*.yaml)")
+    parser.add_argument("--input", type=str, required=True, help="canonical pairs")
+    parser.add_argument("--output", type=str, required=True, help="scored pairs, .jsonl or .parquet")
+    parser.add_subclass_arguments(StepScorer, "scorer", required=True)
+    parser.add_class_arguments(pl.Trainer, "trainer", skip={"callbacks"}, instantiate=False)
+    parser.set_defaults({"trainer.logger": False, "trainer.enable_model_summary": False})
+    parser.add_argument("--batch_size", type=PositiveInt, default=8, help="pairs per predict step")
+    parser.add_argument("--only_missing", type=bool, default=False, help="score only responses without scores")
+    parser.add_argument("--seed", type=int, default=0, help="seed (sampled GenRM rationales)")
+    return parser
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Runs `score` from the command line; bad settings or input end with their
+    message and exit code 2 before any scoring starts."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    config = parser.parse_args(args)
+    pl.seed_everything(config.seed, verbose=False)
+    try:
+        settings = parser.instantiate(config)
+        store = ScoreStore(settings.output)
+        rows = load_rows(settings.input)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run(settings.scorer, rows, store, settings.batch_size, settings.only_missing, settings.trainer.as_dict())
+
+
+if __name__ == "__main__":
+    main()
