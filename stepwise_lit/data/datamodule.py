@@ -228,7 +228,7 @@ class StepwiseDataModule(L.LightningDataModule):
     def canonical_rows(self, path: str, split: str) -> list[dict]:
         """Read a local file (our readers) or a hub dataset / data folder (``datasets``) and convert it."""
         if Path(path).suffix.lower() in DATA_FILE_SUFFIXES and not Path(path).is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise DataFormatError(f"data file not found (looked at {Path(path).resolve()})", source=Path(path).name)
         records = read_records(path) if Path(path).is_file() else load_dataset(path, split=split).to_list()
         return to_canonical(
             records,
