@@ -37,7 +37,7 @@ def clone(batch: dict) -> dict:
     [
         {},
         {"outcome_loss_type": "sigmoid", "step_loss_type": "step_bce"},
-        {"outcome_loss_type": "margin", "step_loss_type": "first_divergence"},
+        {"outcome_loss_type": "sigmoid", "step_loss_type": "first_divergence"},
     ],
 )
 def test_total_loss_is_log2_when_policy_equals_reference(batch, settings):
@@ -48,6 +48,19 @@ def test_total_loss_is_log2_when_policy_equals_reference(batch, settings):
     out = module._shared_step(clone(batch))
     torch.testing.assert_close(out["loss"], torch.tensor(math.log(2.0)))
     torch.testing.assert_close(out["step_logratios"], torch.zeros_like(out["step_logratios"]))
+
+
+def test_margin_loss_at_policy_equals_reference_is_the_offset_alone(batch):
+    """`margin` is −log σ(z − γδ); at z = 0 it is −log σ(−γδ), log 2 only where δ = R_c − R_r = 0
+    (DESIGN 5 lists it among the log-2 losses, which holds only for equal rewards). With
+    first_divergence at h = 0 giving log 2: total = 0.5·log 2 + 0.5·mean(−log σ(−γδ))."""
+    module = make_module(outcome_loss_type="margin", step_loss_type="first_divergence", margin_gamma=2.0)
+    out = module._shared_step(clone(batch))
+    num_pairs = batch["first_divergence"].shape[0]
+    delta = out["rewards"][:num_pairs] - out["rewards"][num_pairs:]
+    assert delta.abs().min() > 0
+    expected = 0.5 * math.log(2.0) + 0.5 * -torch.nn.functional.logsigmoid(-2.0 * delta).mean()
+    torch.testing.assert_close(out["loss"], expected)
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
