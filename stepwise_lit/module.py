@@ -283,13 +283,15 @@ class StepwiseDPOModule(L.LightningModule):
             "rewards": rewards,
         }
 
-    def _update_metrics(self, metrics: PreferenceMetrics, batch: dict, out: dict) -> None:
+    def _metric_inputs(self, batch: dict, out: dict) -> dict[str, torch.Tensor | None]:
+        """The `PreferenceMetrics.update` arguments of a batch: implicit and verifier rewards,
+        per pair and per step, step scores and masks, and the per-pair weights."""
         hp = self.hparams
         num_pairs = batch["first_divergence"].shape[0]
         chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
         step_rewards = hp.step_beta * out["step_logratios"]  # h_t, [2B, S]
         seq_logps = out["policy_step_logps"].sum(-1)
-        metrics.update(
+        return dict(
             chosen_rewards=hp.outcome_beta * out["logratios"][chosen],
             rejected_rewards=hp.outcome_beta * out["logratios"][rejected],
             chosen_step_rewards=step_rewards[chosen],
@@ -324,23 +326,27 @@ class StepwiseDPOModule(L.LightningModule):
             prog_bar=False, batch_size=batch_size,
         )
         self.log("train_loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
-        self._update_metrics(self.train_metrics, batch, out)
+        self.train_metrics.update(**self._metric_inputs(batch, out))
         return out["loss"]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
+        return self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def _eval_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor | None]:
+        """Logs the losses and updates the metrics; returns the metric inputs (callbacks such
+        as `stepwise_lit.reports.StepRewardReport` get them as `outputs`)."""
         out = self._shared_step(batch)
         batch_size = batch["first_divergence"].shape[0]
         self.log_dict(
             {f"{stage}/{k}": out[k] for k in ("loss", "step_loss", "outcome_loss", "sft_loss")},
             batch_size=batch_size, sync_dist=True,
         )
-        self._update_metrics(self.val_metrics, batch, out)
+        inputs = self._metric_inputs(batch, out)
+        self.val_metrics.update(**inputs)
+        return inputs
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Implicit rewards per pair and per step: `chosen_rewards`/`rejected_rewards` [B] and
