@@ -1,0 +1,86 @@
+"""The embedded synthetic arithmetic pairs."""
+
+import re
+from collections import Counter
+
+import pytest
+
+from stepwise_lit.data.formats import to_canonical
+from stepwise_lit.data.synthetic import TEMPLATES, generate_pairs
+
+EQUATION = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
+
+
+def equation_holds(step: str) -> bool:
+    _, left, symbol, right, result = EQUATION.match(step).groups()
+    left, right, result = int(left), int(right), int(result)
+    return {"+": left + right, "-": left - right, "*": left * right}[symbol] == result
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return generate_pairs(300, seed=0)
+
+
+def test_pairs_are_valid_canonical_rows_and_seeded(pairs):
+    assert to_canonical(pairs, "synthetic", "synthetic") == pairs
+    assert generate_pairs(300, seed=0) == pairs
+    assert generate_pairs(5, seed=1) != pairs[:5]
+    assert len({pair["prompt"] for pair in pairs}) == 300
+
+
+def test_step_counts_span_the_range_and_every_template_is_used(pairs):
+    assert set(Counter(len(pair["chosen_steps"]) for pair in pairs)) == set(range(2, 9))
+    openings = [template.opening.split("{start}")[0].replace("{name}", "") for template in TEMPLATES]
+    assert len(TEMPLATES) >= 3
+    for opening in openings:
+        assert any(opening in pair["prompt"] for pair in pairs), opening
+    short = generate_pairs(20, seed=0, min_steps=3, max_steps=3)
+    assert {len(pair["chosen_steps"]) for pair in short} == {3}
+
+
+def test_steps_are_numbered_lines_and_the_last_gives_the_answer(pairs):
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            steps = pair[f"{side}_steps"]
+            assert [int(EQUATION.match(step).group(1)) for step in steps] == list(range(1, len(steps) + 1))
+            assert all(step.endswith("\n") for step in steps)
+            final_result = EQUATION.match(steps[-1]).group(5)
+            assert steps[-1].endswith(f". The answer is {final_result}.\n")
+        assert pair["reference_solution"] == "".join(pair["chosen_steps"])
+
+
+def test_error_at_a_random_step_propagates_and_scores_follow_it(pairs):
+    error_steps = Counter()
+    for pair in pairs:
+        chosen, rejected = pair["chosen_steps"], pair["rejected_steps"]
+        scores = pair["rejected_step_scores"]
+        error_step = scores.index(-1.0)
+        error_steps[error_step] += 1
+        assert scores == [1.0] * error_step + [-1.0] * (len(scores) - error_step)
+        assert pair["chosen_step_scores"] == [1.0] * len(chosen)
+        assert rejected[:error_step] == chosen[:error_step]
+        # every chosen step is a true equation, every rejected step from the error on a false one
+        assert all(map(equation_holds, chosen))
+        assert [equation_holds(step) for step in rejected] == [score > 0 for score in scores]
+        # the wrong value is carried: each rejected step starts from the previous rejected result
+        for previous, step in zip(rejected, rejected[1:]):
+            assert EQUATION.match(step).group(2) == EQUATION.match(previous).group(5)
+        assert chosen[-1] != rejected[-1]  # the final answer is wrong
+        assert (pair["chosen_score"], pair["rejected_score"]) == (1.0, -1.0)
+    assert set(error_steps) == set(range(8))
+
+
+def test_numbers_stay_small(pairs):
+    numbers = [
+        int(number)
+        for pair in pairs
+        for step in pair["rejected_steps"] + pair["chosen_steps"]
+        for number in EQUATION.match(step).group(2, 4, 5)  # left, right, result
+    ]
+    assert 0 <= min(numbers) and max(numbers) <= 99
+
+
+def test_bad_step_range():
+    with pytest.raises(ValueError, match="min_steps <= max_steps"):
+        generate_pairs(1, seed=0, min_steps=4, max_steps=3)
