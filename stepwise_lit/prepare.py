@@ -1,8 +1,10 @@
 """Raw sources -> canonical preference pairs on disk.
 
-    python -m stepwise_lit.prepare --format gsm8k --input ../shared/data/gsm8k/example_model_solutions.jsonl --output gsm8k_pairs.jsonl
+    python -m stepwise_lit.prepare --format gsm8k \\
+        --input ../shared/data/gsm8k/example_model_solutions.jsonl --output gsm8k_pairs.jsonl
     python -m stepwise_lit.prepare --format synthetic --num-pairs 1000 --seed 0 --output synthetic.parquet
-    python -m stepwise_lit.prepare --format delimited --input raw.jsonl --step-delimiter '\\n\\nStep' --output pairs.jsonl
+    python -m stepwise_lit.prepare --format delimited --input raw.jsonl \\
+        --step-delimiter '\\n\\nStep' --output pairs.jsonl
 
 The output is ``.jsonl`` or ``.parquet`` (by extension), one canonical row
 (docs/contract.md) per pair. Records that give no pair are counted by reason in

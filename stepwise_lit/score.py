@@ -15,7 +15,8 @@ loses at most the batch in flight. When all rows are done, rank 0 writes
 the parts. A new run first cuts a half-written last line off the part files (with
 a warning), then skips every row, by ``id``, that the previous output or a part
 file already holds scored; rows without an ``id`` get ``row-<index>``. To score
-everything again, delete ``<output>`` and ``<output>.parts``.
+everything again, delete ``<output>`` and ``<output>.parts``. On several nodes the
+output must be on a file system all nodes share (rank 0 merges every part file).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class ScoreStore:
             complete = data.rfind(b"\n") + 1
             if complete < len(data):
                 logger.warning(
-                    "%s: dropping a half-written last line (%d bytes) left by an interrupted run", part, len(data) - complete
+                    "%s: dropping a half-written last line (%d bytes) left by an interrupted run",
+                    part, len(data) - complete,
                 )
                 with part.open("r+b") as handle:
                     handle.truncate(complete)
@@ -196,14 +198,12 @@ class ScoringDataModule(pl.LightningDataModule):
             self.store.recover()
         self.trainer.strategy.barrier("score-recover")
         done = self.store.done_rows()
-        self.pending = [
-            row for row in self.rows if row["id"] not in done and not (self.only_missing and is_scored(row))
-        ]
+        fresh = [row for row in self.rows if row["id"] not in done]
+        self.pending = [row for row in fresh if not (self.only_missing and is_scored(row))]
         if self.trainer.is_global_zero:
             logger.info(
                 "%d rows: %d already scored, %d need no scoring, %d to score",
-                len(self.rows), sum(row["id"] in done for row in self.rows),
-                len(self.rows) - len(self.pending) - sum(row["id"] in done for row in self.rows), len(self.pending),
+                len(self.rows), len(self.rows) - len(fresh), len(fresh) - len(self.pending), len(self.pending),
             )
 
     def predict_dataloader(self) -> DataLoader:
@@ -221,7 +221,9 @@ class ScoreWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.store = store
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         self.store.append(trainer.global_rank, prediction)
 
 

@@ -105,3 +105,14 @@ def test_combined_mixes_process_and_outcome_scores(orm_dir):
 def test_combined_rejects_bad_weights(orm_dir):
     with pytest.raises(ValueError, match="not both 0"):
         CombinedRewardModel(ArithmeticStepVerifier(), OutcomeRewardModel(orm_dir), process_weight=0.0, outcome_weight=0.0)
+
+
+def test_score_steps_catches_a_scorer_that_returns_bad_scores():
+    class Broken(ArithmeticStepVerifier):
+        def _score_steps(self, prompts, steps, reference_solutions):
+            return [[2.0] * len(row) for row in steps] if prompts[0] == "high" else [[0.0] for _ in steps]
+
+    with pytest.raises(RuntimeError, match="outside"):
+        Broken().score_steps(["high"], [["a"]])
+    with pytest.raises(RuntimeError, match="2 steps but 1 scores"):
+        Broken().score_steps(["q"], [["a", "b"]])

@@ -46,10 +46,6 @@ def write_synthetic(path, num_pairs, **changes):
     return rows
 
 
-def output_rows(path):
-    return read_records(path)
-
-
 @pytest.mark.skipif(not GSM8K.exists(), reason="shared GSM8K data not present")
 def test_scores_every_step_of_200_gsm8k_pairs(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
@@ -57,7 +53,7 @@ def test_scores_every_step_of_200_gsm8k_pairs(tmp_path):
     scorer = CountingVerifier()
     out = tmp_path / "scored.jsonl"
     run(scorer, load_rows(pairs), ScoreStore(out), batch_size=16, trainer=QUIET)
-    rows, source = output_rows(out), read_records(pairs)
+    rows, source = read_records(out), read_records(pairs)
     assert [row["id"] for row in rows] == [row["id"] for row in source]
     for row, original in zip(rows, source):
         for side in ("chosen", "rejected"):
@@ -84,9 +80,13 @@ def test_a_run_that_fails_midway_resumes_with_only_the_rest(tmp_path):
     second = CountingVerifier()
     final = run(second, rows, ScoreStore(out), batch_size=4, trainer=QUIET)
     assert second.responses == 2 * 8  # the 8 rows not written before the failure
-    assert [row["id"] for row in output_rows(out)] == [row["id"] for row in rows]
-    assert final == output_rows(out)
+    assert [row["id"] for row in read_records(out)] == [row["id"] for row in rows]
+    assert final == read_records(out)
     assert all(row["chosen_step_scores"] is not None and row["rejected_step_scores"] is not None for row in final)
+
+    third = CountingVerifier()  # everything is in the output now: nothing is scored again
+    assert run(third, rows, ScoreStore(out), batch_size=4, trainer=QUIET) == final
+    assert third.responses == 0
 
 
 def test_a_half_written_last_line_is_dropped_and_its_row_scored_again(tmp_path, caplog):
@@ -122,7 +122,7 @@ def test_only_missing_keeps_existing_scores_and_passes_scored_rows_through(tmp_p
     assert final[1]["rejected_step_scores"] == rows[1]["rejected_step_scores"]
     assert final[2]["id"] == "row-2"
     assert [row["chosen_step_scores"] for row in final[2:]] == [row["chosen_step_scores"] for row in rows[2:]]
-    assert output_rows(out) == final
+    assert read_records(out) == final
 
 
 def test_score_tiny_config_runs_the_embedded_genrm(tmp_path):
@@ -130,7 +130,7 @@ def test_score_tiny_config_runs_the_embedded_genrm(tmp_path):
     rows = write_synthetic(pairs, 3, chosen_step_scores=None, rejected_step_scores=None)
     main(["--config", str(REPO / "configs" / "score_tiny.yaml"), "--input", str(pairs), "--output", str(out),
           "--trainer.enable_progress_bar", "false"])
-    scored = output_rows(out)
+    scored = read_records(out)
     assert [len(row["rejected_step_scores"]) for row in scored] == [len(row["rejected_steps"]) for row in rows]
     assert all(-1 < s < 1 for row in scored for side in ("chosen", "rejected") for s in row[f"{side}_step_scores"])
 

@@ -49,11 +49,15 @@ class StepScorer(torch.nn.Module, abc.ABC):
 
         Raises:
             ValueError: If the argument lengths differ or a response has no steps.
+            RuntimeError: If the scorer's output has a wrong count or a value
+                outside [-1, 1] (a bug in the scorer, caught before it is saved).
         """
         if len(prompts) != len(steps):
             raise ValueError(f"score_steps got {len(prompts)} prompts but {len(steps)} step lists")
         if reference_solutions is not None and len(reference_solutions) != len(steps):
-            raise ValueError(f"score_steps got {len(steps)} step lists but {len(reference_solutions)} reference solutions")
+            raise ValueError(
+                f"score_steps got {len(steps)} step lists but {len(reference_solutions)} reference solutions"
+            )
         for index, row_steps in enumerate(steps):
             if len(row_steps) == 0:
                 raise ValueError(f"score_steps: response {index} has no steps")
@@ -61,7 +65,9 @@ class StepScorer(torch.nn.Module, abc.ABC):
             return []
         references = list(reference_solutions) if reference_solutions is not None else [None] * len(steps)
         with torch.no_grad():
-            return self._score_steps(list(prompts), [list(s) for s in steps], references)
+            scores = self._score_steps(list(prompts), [list(s) for s in steps], references)
+        check_scores(type(self).__name__, steps, scores)
+        return scores
 
     @abc.abstractmethod
     def _score_steps(
@@ -72,6 +78,21 @@ class StepScorer(torch.nn.Module, abc.ABC):
     def train(self, mode: bool = True) -> StepScorer:
         """Keeps the scorer in eval mode whatever `mode` says (it is never trained)."""
         return super().train(False)
+
+
+def check_scores(scorer: str, steps: Sequence[Sequence[str]], scores: list[list[float]]) -> None:
+    """Checks a scorer's output: one list per response, one value in [-1, 1] per step.
+
+    Raises:
+        RuntimeError: Naming the scorer and the first bad response.
+    """
+    if len(scores) != len(steps):
+        raise RuntimeError(f"{scorer} returned {len(scores)} score lists for {len(steps)} responses")
+    for index, (row_steps, row_scores) in enumerate(zip(steps, scores)):
+        if len(row_scores) != len(row_steps):
+            raise RuntimeError(f"{scorer}: response {index} has {len(row_steps)} steps but {len(row_scores)} scores")
+        if not all(-1.0 <= score <= 1.0 for score in row_scores):
+            raise RuntimeError(f"{scorer}: response {index} has scores outside [-1, 1]: {row_scores}")
 
 
 def prompt_text(prompt: Prompt) -> str:

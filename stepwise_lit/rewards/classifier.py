@@ -61,7 +61,9 @@ class ClassifierStepScorer(StepScorer):
         )
         num_labels = self.model.config.num_labels
         if num_labels < 2 or not 0 <= good_label < num_labels:
-            raise ValueError(f"need a model with >= 2 labels and 0 <= good_label < num_labels; got {num_labels}, {good_label}")
+            raise ValueError(
+                f"need a model with >= 2 labels and 0 <= good_label < num_labels; got {num_labels}, {good_label}"
+            )
         self.separator_ids = self.tokenizer.encode(step_separator, add_special_tokens=False)
         if not self.separator_ids:
             raise ValueError(f"step_separator {step_separator!r} tokenizes to no tokens")

@@ -44,7 +44,9 @@ def check_template(template: str) -> None:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as error:
-        raise ValueError(f"template does not parse as a format string ({error}); write literal braces as {{{{ }}}}") from error
+        raise ValueError(
+            f"template does not parse as a format string ({error}); write literal braces as {{{{ }}}}"
+        ) from error
     if "step" not in fields:
         raise ValueError("template has no {step} field: the scorer would not show the model the step it judges")
     unknown = fields - TEMPLATE_FIELDS

@@ -106,5 +106,6 @@ class OutcomeRewardModel(StepScorer):
         if not self.use_chat_template:
             return self.tokenizer(prompt_text(prompt) + response)["input_ids"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        text = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        messages.append({"role": "assistant", "content": response})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
