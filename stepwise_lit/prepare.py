@@ -57,14 +57,24 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> None:
 
 def write_parquet(rows: Sequence[dict], path: Path) -> None:
     """Writes rows as one parquet table (schema inferred from the rows)."""
-    import pyarrow
     import pyarrow.parquet
 
+    pyarrow.parquet.write_table(parquet_table(rows), path)
+
+
+def parquet_table(rows: Sequence[dict]):
+    """The rows as a ``pyarrow.Table``, its schema inferred from them.
+
+    Raises:
+        ValueError: If the rows do not fit one schema (e.g. string prompts mixed
+            with chat-message prompts).
+    """
+    import pyarrow
+
     try:
-        table = pyarrow.Table.from_pylist(list(rows))
+        return pyarrow.Table.from_pylist(list(rows))
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
         raise ValueError(f"these rows do not fit one parquet schema ({error}); write .jsonl instead") from error
-    pyarrow.parquet.write_table(table, path)
 
 
 def prepare(

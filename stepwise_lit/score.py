@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
-from stepwise_lit.prepare import OUTPUT_SUFFIXES, write_rows
+from stepwise_lit.prepare import OUTPUT_SUFFIXES, parquet_table, write_rows
 from stepwise_lit.rewards.base import StepScorer
 
 logger = logging.getLogger("stepwise_lit")
@@ -140,6 +140,15 @@ class ScoreStore:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def check_writable(self, rows: Sequence[dict]) -> None:
+        """Fails before any scoring where the output could not hold the rows.
+
+        Raises:
+            ValueError: For a ``.parquet`` output and rows that do not fit one schema.
+        """
+        if self.output.suffix == ".parquet":
+            parquet_table(rows)
+
     def finalize(self, rows: Sequence[dict]) -> list[dict]:
         """Writes the output: every input row in order, its scored version where one exists;
         then removes the part files. Logs how many rows each part file held.
@@ -147,7 +156,7 @@ class ScoreStore:
         Returns:
             The rows written.
         """
-        counts = {part.name: len(read_records(part)) for part in self.part_files()}
+        counts = {part.name: part.read_bytes().count(b"\n") for part in self.part_files()}
         if counts:
             logger.info("merging part files: %s", ", ".join(f"{name} {count} rows" for name, count in counts.items()))
         done = self.done_rows()
@@ -293,13 +302,14 @@ def main(args: Sequence[str] | None = None) -> None:
     config = parser.parse_args(args)
     pl.seed_everything(config.seed, verbose=False)
     try:
+        store = ScoreStore(config.output)
+        rows = load_rows(config.input)
+        store.check_writable(rows)
         settings = parser.instantiate(config)
-        store = ScoreStore(settings.output)
-        rows = load_rows(settings.input)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    run(settings.scorer, rows, store, settings.batch_size, settings.only_missing, settings.trainer.as_dict())
+    run(settings.scorer, rows, store, config.batch_size, config.only_missing, settings.trainer.as_dict())
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ def test_bad_settings_are_start_up_errors(tmp_path, capsys, override, message):
     assert message in capsys.readouterr().err
 
 
+def test_rows_parquet_cannot_hold_are_a_start_up_error(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = write_synthetic(pairs, 2)
+    rows[1]["prompt"] = [{"role": "user", "content": rows[1]["prompt"]}]
+    write_rows(rows, pairs)
+    with pytest.raises(SystemExit):
+        main(["--input", str(pairs), "--output", str(tmp_path / "o.parquet"), "--scorer", "ArithmeticStepVerifier"])
+    assert "write .jsonl instead" in capsys.readouterr().err
+
+
 def test_repeated_ids_are_a_start_up_error(tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     write_synthetic(pairs, 2, id="same")

@@ -51,7 +51,7 @@ class ClassifierStepScorer(StepScorer):
         Raises:
             ValueError: If the model has fewer than two labels, `good_label` is out of
                 range, the separator tokenizes to nothing or `batch_size` < 1.
-            FileNotFoundError, OSError: If the model cannot be loaded.
+            OSError: If the model cannot be loaded (FileNotFoundError for a missing local folder).
         """
         super().__init__()
         if batch_size < 1:

@@ -151,7 +151,7 @@ class GenerativeStepScorer(StepScorer):
         Raises:
             ValueError: On a template without ``{step}``, Yes/No words that are not
                 single tokens, or out-of-range numbers.
-            FileNotFoundError, OSError: If the model cannot be loaded.
+            OSError: If the model cannot be loaded (FileNotFoundError for a missing local folder).
         """
         super().__init__()
         check_template(template)

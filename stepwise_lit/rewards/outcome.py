@@ -58,7 +58,7 @@ class OutcomeRewardModel(StepScorer):
         Raises:
             ValueError: If the model does not have exactly one label, `squash` is
                 unknown or `batch_size` < 1.
-            FileNotFoundError, OSError: If the model cannot be loaded.
+            OSError: If the model cannot be loaded (FileNotFoundError for a missing local folder).
         """
         super().__init__()
         if squash not in SQUASHES:
