@@ -10,13 +10,16 @@ from lightning.pytorch.cli import LightningCLI
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.formats import DataFormatError
 from stepwise_lit.module import SettingError, StepwiseDPOModule
+from stepwise_lit.reports import StepRewardReport
 
 TRACEBACK_FLAG = "--show_traceback"
 
 
 class StepwiseCLI(LightningCLI):
-    """LightningCLI with the tokenizer settings linked from the model to the data module, and
-    CSV + TensorBoard loggers under `trainer.default_root_dir` unless the config names loggers."""
+    """LightningCLI with the tokenizer settings linked from the model to the data module,
+    CSV + TensorBoard loggers under `trainer.default_root_dir` unless the config names loggers,
+    and the evaluation report of `validate`/`test` (`StepRewardReport`, settings under `report`;
+    `--report.enabled=false` switches it off)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
@@ -25,6 +28,7 @@ class StepwiseCLI(LightningCLI):
             compute_fn=lambda tokenizer, model: tokenizer or model,
         )
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_lightning_class_args(StepRewardReport, "report")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -1,0 +1,380 @@
+"""The evaluation report of a ``validate`` or ``test`` run: terminal table, ``report.json`` and plots.
+
+:class:`StepRewardReport` collects what the module's eval steps return (implicit
+rewards per pair and per step, verifier step scores, masks, pair weights) and,
+at the end of the run, writes to ``<default_root_dir>/report/<stage>/``:
+
+- ``report.json``: the metrics of :class:`~stepwise_lit.metrics.PreferenceMetrics`
+  (reward accuracy and margin, step accuracy and AUROC, first-error
+  localisation, ...), step accuracy by step index, a summary of the implicit
+  step rewards of steps the verifier marks good (``g_t > 0``) and bad
+  (``g_t < 0``), and the training curves read from the run's ``metrics.csv``;
+- ``step_accuracy_by_index.png``, ``step_reward_distribution.png`` and, when a
+  ``metrics.csv`` is found, ``training_curves.png``.
+
+The same plots and the step reward histograms go to TensorBoard when a
+``TensorBoardLogger`` is on. ``fit`` never writes a report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from matplotlib.figure import Figure
+from torchmetrics.aggregation import CatMetric, SumMetric
+
+from stepwise_lit.metrics import PreferenceMetrics
+
+REPORT_FILE = "report.json"
+HISTORY_METRICS = ("reward_accuracy", "reward_margin")
+HISTORY_STAGES = ("train", "val")
+_HISTORY_LABELS = {
+    "reward_accuracy": "reward accuracy (chosen > rejected)",
+    "reward_margin": "reward margin (chosen − rejected)",
+}
+_REPORTED_STAGES = (TrainerFn.VALIDATING, TrainerFn.TESTING)
+
+
+class StepRewardReport(L.Callback):
+    """Writes the evaluation report at the end of ``validate`` and ``test`` runs.
+
+    Args:
+        dirpath: Folder of the report; None: ``<default_root_dir>/report/<stage>``
+            (stage ``val`` or ``test``).
+        history: A ``metrics.csv`` (``CSVLogger``) to draw the training curves from; None:
+            the one in the checkpoint's run folder (``<run>/checkpoints/x.ckpt`` ->
+            ``<run>/metrics.csv``), when there is one.
+        enabled: Write the report; False switches it off.
+        bins: Histogram bins of the step reward distribution.
+        max_step_index: Most step indices shown by step accuracy by step index.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        history: str | None = None,
+        enabled: bool = True,
+        bins: int = 40,
+        max_step_index: int = 16,
+    ) -> None:
+        self.dirpath = dirpath
+        self.history = history
+        self.enabled = enabled
+        self.bins = bins
+        self.metrics = PreferenceMetrics(max_step_index)
+        self.good_step_rewards = CatMetric(nan_strategy="disable")
+        self.bad_step_rewards = CatMetric(nan_strategy="disable")
+        self.num_pairs = SumMetric(nan_strategy="disable")
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return self.enabled and trainer.state.fn in _REPORTED_STAGES
+
+    def _accumulators(self) -> tuple[torch.nn.Module, ...]:
+        return self.metrics, self.good_step_rewards, self.bad_step_rewards, self.num_pairs
+
+    # ------------------------------------------------------------ hooks
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer):
+            self._collect(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer):
+            self._collect(outputs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer):
+            self._report(trainer, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer):
+            self._report(trainer, "test")
+
+    # ------------------------------------------------------------ collecting
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Puts the accumulators on the module's device, emptied."""
+        if not self._active(trainer):
+            return
+        for accumulator in self._accumulators():
+            accumulator.to(pl_module.device)
+            accumulator.reset()
+
+    def _collect(self, outputs: dict[str, torch.Tensor | None]) -> None:
+        """Adds one batch: the `PreferenceMetrics.update` arguments an eval step returns."""
+        if not isinstance(outputs, dict) or "rejected_step_rewards" not in outputs:
+            raise RuntimeError(
+                "StepRewardReport needs the eval step to return the PreferenceMetrics.update arguments "
+                "(StepwiseDPOModule's validation_step/test_step do)."
+            )
+        self.metrics.update(**outputs)
+        weight = outputs.get("weight")
+        if weight is None:
+            weight = torch.ones_like(outputs["chosen_rewards"])
+        step_rewards = torch.cat([outputs["chosen_step_rewards"], outputs["rejected_step_rewards"]]).float()
+        step_scores = torch.cat([outputs["chosen_step_scores"], outputs["rejected_step_scores"]])
+        counted = torch.cat([outputs["chosen_mask"], outputs["rejected_mask"]]).bool() & (weight.repeat(2) > 0)[:, None]
+        self.good_step_rewards.update(step_rewards[counted & (step_scores > 0)])
+        self.bad_step_rewards.update(step_rewards[counted & (step_scores < 0)])
+        self.num_pairs.update(weight.float().sum())
+
+    # ------------------------------------------------------------ writing
+    def _report(self, trainer: L.Trainer, stage: str) -> None:
+        """Computes (every rank takes part in the sync) and writes the report (rank 0)."""
+        values = self.metrics.compute()
+        good, bad = _concatenated(self.good_step_rewards), _concatenated(self.bad_step_rewards)
+        num_pairs = float(self.num_pairs.compute())
+        if not trainer.is_global_zero:
+            return
+        history_path = self._history_path(trainer)
+        report = build_report(
+            stage, values, good, bad, num_pairs,
+            checkpoint=trainer.ckpt_path, global_step=_evaluated_step(trainer),
+            history=read_history(history_path) if history_path else None,
+            history_source=str(history_path) if history_path else None,
+        )
+        folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "report" / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = report_figures(report, good, bad, self.bins)
+        report["plots"] = [f"{name}.png" for name in figures]
+        for name, figure in figures.items():
+            figure.savefig(folder / f"{name}.png", dpi=110)
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        print(format_table(report, folder))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                _log_to_tensorboard(logger, stage, figures, good, bad, report["global_step"])
+
+    def _history_path(self, trainer: L.Trainer) -> Path | None:
+        """The metrics.csv to read the training curves from, None when there is none."""
+        if self.history:
+            return Path(self.history)
+        if trainer.ckpt_path:
+            candidate = Path(trainer.ckpt_path).parent.parent / "metrics.csv"
+            if candidate.is_file():
+                return candidate
+        return None
+
+
+def _evaluated_step(trainer: L.Trainer) -> int:
+    """The training step of the evaluated weights: the local checkpoint's ``global_step``
+    (``validate``/``test`` do not restore the trainer's), else the trainer's."""
+    if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
+        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        return int(checkpoint.get("global_step", trainer.global_step))
+    return trainer.global_step
+
+
+def _concatenated(metric: CatMetric) -> torch.Tensor:
+    """A CatMetric's values on the CPU; empty when it saw none."""
+    values = metric.compute()
+    return values.cpu() if isinstance(values, torch.Tensor) else torch.empty(0)
+
+
+def _number(value: float | torch.Tensor) -> float | None:
+    """A JSON number: float, or None for NaN / inf."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def summarize(values: torch.Tensor) -> dict[str, float | int | None]:
+    """Count, mean, standard deviation, min, median and max of a 1-D tensor (None when empty)."""
+    values = values.double()
+    if not values.numel():
+        return {"count": 0, "mean": None, "std": None, "min": None, "median": None, "max": None}
+    return {
+        "count": values.numel(),
+        "mean": _number(values.mean()),
+        "std": _number(values.std(correction=0)),
+        "min": _number(values.min()),
+        "median": _number(values.median()),
+        "max": _number(values.max()),
+    }
+
+
+def build_report(
+    stage: str,
+    values: dict[str, torch.Tensor],
+    good: torch.Tensor,
+    bad: torch.Tensor,
+    num_pairs: float,
+    checkpoint: str | None,
+    global_step: int,
+    history: dict[str, dict[str, list[float]]] | None,
+    history_source: str | None,
+) -> dict:
+    """The JSON-ready report.
+
+    Args:
+        stage: ``val`` or ``test``.
+        values: `PreferenceMetrics.compute()`.
+        good: Implicit step rewards of the steps the verifier marks good (``g_t > 0``).
+        bad: The same for steps marked bad (``g_t < 0``).
+        num_pairs: Pairs evaluated (sum of the pair weights).
+        checkpoint: The checkpoint evaluated, if any.
+        global_step: The training step of the evaluated weights.
+        history: Training curves (see `read_history`), None when no metrics.csv was found.
+        history_source: The metrics.csv the curves come from.
+
+    Returns:
+        ``stage``, ``num_pairs``, ``checkpoint``, ``global_step``, ``metrics`` (scalars; None
+        for NaN), ``step_accuracy_by_index`` (``step``: 1-based step numbers up to the last
+        one seen, ``chosen``, ``rejected``), ``step_rewards`` (``good``, ``bad``: summaries),
+        ``history`` (``source``, ``series``) or None.
+    """
+    chosen = values["chosen_step_accuracy_by_index"].cpu()
+    rejected = values["rejected_step_accuracy_by_index"].cpu()
+    seen = (~chosen.isnan() | ~rejected.isnan()).nonzero()
+    num_indices = int(seen.max()) + 1 if seen.numel() else 0
+    return {
+        "stage": stage,
+        "num_pairs": num_pairs,
+        "checkpoint": checkpoint,
+        "global_step": global_step,
+        "metrics": {name: _number(value) for name, value in values.items() if value.numel() == 1},
+        "step_accuracy_by_index": {
+            "step": list(range(1, num_indices + 1)),
+            "chosen": [_number(v) for v in chosen[:num_indices]],
+            "rejected": [_number(v) for v in rejected[:num_indices]],
+        },
+        "step_rewards": {"good": summarize(good), "bad": summarize(bad)},
+        "history": None if history is None else {"source": history_source, "series": history},
+    }
+
+
+def read_history(path: str | Path) -> dict[str, dict[str, list[float]]]:
+    """Reward accuracy and margin over training from a CSVLogger ``metrics.csv``.
+
+    Returns:
+        For each ``{train,val}/{reward_accuracy,reward_margin}`` column present,
+        ``{"step": [...], "value": [...]}`` of its non-empty rows, in file order.
+    """
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    series = {}
+    for stage in HISTORY_STAGES:
+        for metric in HISTORY_METRICS:
+            column = f"{stage}/{metric}"
+            points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column)]
+            if points:
+                series[column] = {"step": [step for step, _ in points], "value": [value for _, value in points]}
+    return series
+
+
+def report_figures(report: dict, good: torch.Tensor, bad: torch.Tensor, bins: int) -> dict[str, Figure]:
+    """The report's plots by file stem; ``training_curves`` only when there is a history."""
+    figures = {
+        "step_accuracy_by_index": step_accuracy_figure(report),
+        "step_reward_distribution": step_reward_figure(report["stage"], good, bad, bins),
+    }
+    if report["history"] and report["history"]["series"]:
+        figures["training_curves"] = history_figure(report["history"])
+    return figures
+
+
+def step_accuracy_figure(report: dict) -> Figure:
+    """Step accuracy by step index, chosen and rejected."""
+    by_index = report["step_accuracy_by_index"]
+    figure = Figure(figsize=(7, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    for side, marker in (("chosen", "o"), ("rejected", "s")):
+        values = [math.nan if v is None else v for v in by_index[side]]
+        axes.plot(by_index["step"], values, marker=marker, label=f"{side} steps")
+    axes.set_xlabel("step index (1 = first step of the response)")
+    axes.set_ylabel("step accuracy: sign(h_t) = sign(verifier g_t)")
+    axes.set_ylim(-0.03, 1.03)
+    if by_index["step"]:
+        axes.set_xticks(by_index["step"])
+    axes.set_title(f"Step accuracy by step index ({report['stage']}, {report['num_pairs']:g} pairs)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
+
+
+def step_reward_figure(stage: str, good: torch.Tensor, bad: torch.Tensor, bins: int) -> Figure:
+    """Histograms (densities) of the implicit step rewards of good and bad steps."""
+    figure = Figure(figsize=(7, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    both = torch.cat([good, bad]).double()
+    if both.numel():
+        low, high = float(both.min()), float(both.max())
+        edges = torch.linspace(low, high if high > low else low + 1e-6, bins + 1).tolist()
+        for values, label, color in ((good, "verifier: good step (g > 0)", "tab:green"), (bad, "verifier: bad step (g < 0)", "tab:red")):
+            if values.numel():
+                axes.hist(values.tolist(), bins=edges, density=True, alpha=0.55, color=color, label=f"{label}, n={values.numel()}")
+    axes.axvline(0.0, color="black", linewidth=1, label="h = 0")
+    axes.set_xlabel("implicit step reward h_t = β_s · (log π_θ − log π_ref) of the step")
+    axes.set_ylabel("density")
+    axes.set_title(f"Implicit step rewards of good vs bad steps ({stage})")
+    axes.legend()
+    return figure
+
+
+def history_figure(history: dict) -> Figure:
+    """Reward accuracy and reward margin against the training step, train and val."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    for position, metric in enumerate(HISTORY_METRICS, start=1):
+        axes = figure.add_subplot(1, len(HISTORY_METRICS), position)
+        for stage, marker in zip(HISTORY_STAGES, ("o", "s")):
+            series = history["series"].get(f"{stage}/{metric}")
+            if series:
+                axes.plot(series["step"], series["value"], marker=marker, markersize=3, label=stage)
+        axes.set_xlabel("training step")
+        axes.set_ylabel(_HISTORY_LABELS[metric])
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"Over training (from {Path(history['source']).name})")
+    return figure
+
+
+def format_table(report: dict, folder: Path) -> str:
+    """The terminal table: metrics, step accuracy by step index, step reward summaries, files."""
+    checkpoint = report["checkpoint"] or "(no checkpoint)"
+    lines = [
+        f"Step report: {report['stage']}, {report['num_pairs']:g} pairs, global step {report['global_step']}, {checkpoint}",
+        f"  {'metric':<28}{'value':>10}",
+    ]
+    lines += [f"  {name:<28}{_cell(value):>10}" for name, value in report["metrics"].items()]
+    by_index = report["step_accuracy_by_index"]
+    lines.append(f"  {'step':<8}{'chosen acc':>12}{'rejected acc':>14}")
+    lines += [
+        f"  {step:<8}{_cell(chosen):>12}{_cell(rejected):>14}"
+        for step, chosen, rejected in zip(by_index["step"], by_index["chosen"], by_index["rejected"])
+    ]
+    lines.append(f"  {'h_t of steps':<14}{'count':>8}{'mean':>10}{'std':>10}{'median':>10}")
+    for kind, summary in report["step_rewards"].items():
+        lines.append(
+            f"  {kind:<14}{summary['count']:>8}{_cell(summary['mean']):>10}{_cell(summary['std']):>10}{_cell(summary['median']):>10}"
+        )
+    if report["history"] is None:
+        lines.append("  no metrics.csv found for the training curves (set report.history)")
+    lines.append(f"  written to {folder}: {REPORT_FILE}, {', '.join(report['plots'])}")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _log_to_tensorboard(
+    logger: TensorBoardLogger, stage: str, figures: dict[str, Figure], good: torch.Tensor, bad: torch.Tensor, step: int
+) -> None:
+    """The report's figures and the step reward histograms, under ``report/<stage>/``."""
+    experiment = logger.experiment
+    for name, figure in figures.items():
+        experiment.add_figure(f"report/{stage}/{name}", figure, global_step=step, close=False)
+    for kind, values in (("good", good), ("bad", bad)):
+        if values.numel():
+            experiment.add_histogram(f"report/{stage}/step_rewards_{kind}", values, global_step=step)
+    experiment.flush()

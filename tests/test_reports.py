@@ -1,0 +1,152 @@
+"""The evaluation report (stepwise_lit.reports) of `validate` and `test` on a tiny run."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stepwise_lit.cli import main
+from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.module import StepwiseDPOModule
+from stepwise_lit.reports import StepRewardReport, report_figures
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHAPE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+DATA = {"synthetic_train_size": 16, "synthetic_val_size": 8, "batch_size": 4}
+TINY_ARGS = [
+    "--config", str(REPO / "configs" / "tiny.yaml"),
+    *(f"--model.tiny_model.{name}={value}" for name, value in TINY_SHAPE.items()),
+    *(f"--data.{name}={value}" for name, value in DATA.items()),
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+]
+PLOTS = {"step_accuracy_by_index.png", "step_reward_distribution.png", "training_curves.png"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """Fit 2 epochs (4 steps each, validation twice an epoch), then validate the last checkpoint."""
+    root = tmp_path_factory.mktemp("report")
+    main(["fit", *TINY_ARGS, f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1"])
+    report_after_fit = (root / "report").exists()
+    checkpoint = root / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["validate", *TINY_ARGS, f"--trainer.default_root_dir={root}", f"--ckpt_path={checkpoint}"])
+    folder = root / "report" / "val"
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "folder": folder,
+        "report": json.loads((folder / "report.json").read_text()),
+        "stdout": stdout.getvalue(),
+        "report_after_fit": report_after_fit,
+    }
+
+
+def test_fit_writes_no_report(run):
+    assert not run["report_after_fit"]
+
+
+def test_report_metrics_are_the_logged_validation_metrics(run):
+    """The report's metrics are what the module logged in the same validate run (own collection,
+    same numbers), with first-error localisation; the header names the checkpoint and its step."""
+    report = run["report"]
+    assert report["stage"] == "val" and report["num_pairs"] == 8
+    assert report["checkpoint"] == str(run["checkpoint"]) and report["global_step"] == 8
+    (logged,) = read_csv(run["root"] / "csv" / "version_1" / "metrics.csv")
+    for name, value in report["metrics"].items():
+        assert value == pytest.approx(float(logged[f"val/{name}"]), rel=1e-5), name
+    assert {"reward_accuracy", "step_accuracy", "first_error_accuracy", "first_error_distance"} <= set(report["metrics"])
+    assert 0 <= report["metrics"]["first_error_accuracy"] <= 1
+
+
+def test_step_counts_and_indices_match_the_validation_data(run):
+    """Good/bad step counts are the val set's steps with g > 0 / g < 0; one accuracy per step index."""
+    data = StepwiseDataModule(path="synthetic", max_length=512, seed=0, **DATA)
+    data.setup("validate")
+    scores = [s for side in ("chosen", "rejected") for row in data.val_dataset[f"{side}_step_scores"] for s in row]
+    report = run["report"]
+    assert report["step_rewards"]["good"]["count"] == sum(s > 0 for s in scores)
+    assert report["step_rewards"]["bad"]["count"] == sum(s < 0 for s in scores)
+    most_steps = max(len(row) for side in ("chosen", "rejected") for row in data.val_dataset[f"{side}_step_scores"])
+    by_index = report["step_accuracy_by_index"]
+    assert by_index["step"] == list(range(1, most_steps + 1))
+    assert by_index["chosen"][0] is not None and by_index["rejected"][0] is not None
+    assert all(0 <= v <= 1 for v in by_index["chosen"] + by_index["rejected"] if v is not None)
+
+
+def test_history_comes_from_the_checkpoint_run(run):
+    """Training curves are read from the fit run's metrics.csv: 2 train epochs, 4 validations."""
+    history = run["report"]["history"]
+    assert history["source"] == str(run["checkpoint"].parent.parent / "metrics.csv")
+    series = history["series"]
+    assert len(series["train/reward_accuracy"]["step"]) == 2
+    assert len(series["val/reward_accuracy"]["step"]) == 4 and len(series["val/reward_margin"]["value"]) == 4
+    assert series["val/reward_accuracy"]["step"] == sorted(series["val/reward_accuracy"]["step"])
+
+
+def test_plots_are_written_and_labelled(run):
+    """The three PNGs open; every axes of the figures has x and y labels and a legend."""
+    assert set(run["report"]["plots"]) == PLOTS
+    for name in PLOTS:
+        with Image.open(run["folder"] / name) as image:
+            assert image.format == "PNG" and image.width > 400 and image.height > 300
+    good, bad = torch.tensor([0.2, 0.5, -0.1]), torch.tensor([-0.4, 0.1])
+    for name, figure in report_figures(run["report"], good, bad, bins=10).items():
+        for axes in figure.axes:
+            assert axes.get_xlabel() and axes.get_ylabel(), name
+            legend = axes.get_legend()
+            assert legend is not None and [text.get_text() for text in legend.get_texts()], name
+
+
+def test_terminal_table(run):
+    out = run["stdout"]
+    assert "Step report: val, 8 pairs, global step 8" in out
+    accuracy = run["report"]["metrics"]["first_error_accuracy"]
+    assert any(line.split() == ["first_error_accuracy", f"{accuracy:.4f}"] for line in out.splitlines())
+    assert f"written to {run['folder']}" in out
+
+
+def test_tensorboard_gets_the_figures_and_histograms(run):
+    events = EventAccumulator(str(run["root"] / "tensorboard" / "version_1"), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {f"report/val/{Path(name).stem}" for name in PLOTS} <= set(tags["images"])
+    assert {"report/val/step_rewards_good", "report/val/step_rewards_bad"} <= set(tags["histograms"])
+
+
+def test_switched_off_writes_nothing(tmp_path):
+    main(["validate", *TINY_ARGS, f"--trainer.default_root_dir={tmp_path}", "--report.enabled=false"])
+    assert not (tmp_path / "report").exists()
+
+
+def test_test_stage_report_without_history(tmp_path):
+    """`trainer.test` writes a `test` report; without a checkpoint there are no training curves."""
+    data = StepwiseDataModule(path="synthetic", max_length=512, seed=0, **DATA)
+    data.setup("validate")
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[StepRewardReport(dirpath=str(tmp_path / "out"))], default_root_dir=tmp_path,
+    )
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        trainer.test(StepwiseDPOModule(tiny_model=TinyModelConfig(**TINY_SHAPE)), dataloaders=data.val_dataloader())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["stage"] == "test" and report["num_pairs"] == 8 and report["history"] is None
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == sorted(PLOTS - {"training_curves.png"})
+    assert "no metrics.csv found" in stdout.getvalue()
