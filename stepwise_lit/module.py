@@ -229,7 +229,9 @@ class StepwiseDPOModule(L.LightningModule):
             )
         num_pairs = len(batch["prompts"])
         scores = self.reward_model.score_steps(
-            [batch["prompts"][row % num_pairs] for row in missing], [batch["steps"][row] for row in missing]
+            [batch["prompts"][row % num_pairs] for row in missing],
+            [batch["steps"][row] for row in missing],
+            [batch["reference_solutions"][row % num_pairs] for row in missing],
         )
         for row, row_scores in zip(missing, scores):
             batch["step_scores"][row, : len(row_scores)] = torch.tensor(row_scores, dtype=batch["step_scores"].dtype)

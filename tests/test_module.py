@@ -158,3 +158,23 @@ def test_missing_scores_without_reward_model_is_an_error(batch):
 def test_bad_settings_fail_at_start_up_naming_the_setting(settings, setting_named):
     with pytest.raises(SettingError, match=setting_named):
         StepwiseDPOModule(tiny_model=TINY, **settings)
+
+
+def test_reward_model_fills_missing_step_scores_online(batch):
+    """Rows marked as unscored get their step scores from the reward model: the synthetic
+    rejected steps from the slip on are false equations, so the rule verifier gives them −1,
+    exactly the labels the generator wrote."""
+    from stepwise_lit.rewards.rules import ArithmeticStepVerifier
+
+    torch.manual_seed(0)
+    module = StepwiseDPOModule(tiny_model=TINY, reward_model=ArithmeticStepVerifier())
+    module.configure_model()
+    unscored = clone(batch)
+    num_pairs = batch["first_divergence"].shape[0]
+    unscored["has_step_scores"][num_pairs:] = False
+    unscored["step_scores"][num_pairs:] = 0.0
+    module._shared_step(unscored)
+    assert unscored["has_step_scores"].all()
+    torch.testing.assert_close(unscored["step_scores"], batch["step_scores"])
+    assert not any(k.startswith("reward") for k in module.state_dict())
+    assert all(id(p) not in {id(q) for q in module.parameters()} for p in module.reward_model.parameters())

@@ -30,7 +30,8 @@ class StepwiseCollator:
             ``step_scores`` float ``[2B, S]`` (0 where padded or missing),
             ``step_mask`` bool ``[2B, S]``; ``has_step_scores``, ``has_outcome_scores``
             bool ``[2B]``; ``outcome_scores`` float ``[2B]`` (0 where missing);
-            ``first_divergence`` long ``[B]``; ``prompts`` (B raw prompts) and
+            ``first_divergence`` long ``[B]``; ``prompts`` and ``reference_solutions``
+            (B raw prompts and ground-truth solutions or None) and
             ``steps`` (2B lists of step texts). Rows ``0..B-1`` are chosen,
             ``B..2B-1`` rejected.
         """
@@ -51,6 +52,7 @@ class StepwiseCollator:
             "has_outcome_scores": ~outcome_scores.isnan(),  # [2B]
             "first_divergence": torch.tensor([row["first_divergence"] for row in rows], dtype=torch.long),  # [B]
             "prompts": [json.loads(row["prompt_json"]) for row in rows],
+            "reference_solutions": [row.get("reference_solution") for row in rows],
             "steps": [list(row[f"{side}_steps"]) for side in SIDES for row in rows],
         }
 

@@ -297,6 +297,18 @@ class StepwiseDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; an empty list when there is no validation data."""
+        return self.eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader | list:
+        """`test` runs on the validation split (set ``val_path`` to test on another file)."""
+        return self.eval_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """`predict` gives implicit rewards for the validation split, in order."""
+        return self.eval_dataloader()
+
+    def eval_dataloader(self) -> DataLoader | list:
+        """The validation split in order; an empty list when there is none."""
         if self.val_dataset is None:
             return []
         return DataLoader(
