@@ -14,7 +14,7 @@ GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K data not found at {GSM8K}")
 BATCH_KEYS = {
     "input_ids", "attention_mask", "step_ids", "step_scores", "step_mask", "has_step_scores",
-    "outcome_scores", "has_outcome_scores", "first_divergence", "prompts", "steps",
+    "outcome_scores", "has_outcome_scores", "first_divergence", "prompts", "reference_solutions", "steps",
 }
 
 
