@@ -178,3 +178,23 @@ def test_reward_model_fills_missing_step_scores_online(batch):
     torch.testing.assert_close(unscored["step_scores"], batch["step_scores"])
     assert not any(k.startswith("reward") for k in module.state_dict())
     assert all(id(p) not in {id(q) for q in module.parameters()} for p in module.reward_model.parameters())
+
+
+def test_lora_export_merges_weights_that_reload_and_keeps_the_adapter(batch, tmp_path):
+    """With LoRA, the root of the export holds merged weights whose logits equal the trained
+    policy's (adapters on), and `adapter/` holds the adapter; the training model stays unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    module = make_module(lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), reference="adapter")
+    optimizer = module.configure_optimizers()
+    module._shared_step(clone(batch))["loss"].backward()
+    optimizer.step()
+    export = module.export_hf(tmp_path / "export")
+    assert (export / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(export)
+    ids = batch["input_ids"][:2, :40]
+    with torch.no_grad():
+        expected = module.policy(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+        with module.policy.disable_adapter():
+            assert not torch.allclose(module.policy(input_ids=ids).logits, expected, atol=1e-4)
