@@ -24,7 +24,7 @@ import pyarrow.compute
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 from stepwise_lit.data import formats, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
@@ -32,6 +32,13 @@ from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollato
 from stepwise_lit.data.formats import ADAPTERS, DataFormatError, read_records, to_canonical
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TRUNCATION_POLICIES, TokenizeSettings, canonical_dataset, tokenize_dataset
+from stepwise_lit.distributed import (
+    EpochRandomSampler,
+    MarkedRows,
+    PaddedShardSampler,
+    PairWeightCollator,
+    ResumableDataLoader,
+)
 from stepwise_lit.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -278,22 +285,29 @@ class StepwiseDataModule(L.LightningDataModule):
         return StepwiseCollator(self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches, optionally grouped by length."""
-        sampler = RandomSampler(self.train_dataset, generator=torch.Generator().manual_seed(self.seed))
+        """Shuffled training batches, optionally grouped by length.
+
+        Each epoch's order is fixed by ``seed`` and the epoch, and the loader records how far
+        an epoch got, so ``--ckpt_path last`` resumes with the batches an uninterrupted run
+        would see (see ``stepwise_lit.distributed``). Under DDP, Lightning's distributed sampler
+        (seeded by ``seed_everything``) gives each rank its rows.
+        """
+        sampler = EpochRandomSampler(self.train_dataset, seed=self.seed)
+        loader_options = {
+            "collate_fn": self.collator(),
+            "num_workers": self.num_workers,
+            "generator": self.loader_generator(),
+        }
         if self.group_by_length:
             batch_sampler = LengthGroupedBatchSampler(
                 sampler, self.batch_size, drop_last=False, lengths=pair_lengths(self.train_dataset)
             )
-            return DataLoader(
-                self.train_dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.num_workers
-            )
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-        )
+            return ResumableDataLoader(self.train_dataset, batch_sampler=batch_sampler, **loader_options)
+        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, **loader_options)
+
+    def loader_generator(self) -> torch.Generator:
+        """Seeds the loaders' worker processes, so iterating never draws from the global RNG."""
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; an empty list when there is no validation data."""
@@ -304,11 +318,8 @@ class StepwiseDataModule(L.LightningDataModule):
         return self.eval_dataloader()
 
     def predict_dataloader(self) -> DataLoader | list:
-        """`predict` gives implicit rewards for the validation split, in order."""
-        return self.eval_dataloader()
-
-    def eval_dataloader(self) -> DataLoader | list:
-        """The validation split in order; an empty list when there is none."""
+        """`predict` gives implicit rewards for the validation split, in order (under DDP,
+        Lightning splits it across ranks without repeating rows)."""
         if self.val_dataset is None:
             return []
         return DataLoader(
@@ -318,6 +329,30 @@ class StepwiseDataModule(L.LightningDataModule):
             collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
+
+    def eval_dataloader(self) -> DataLoader | list:
+        """The validation split in order (this rank's share when distributed); an empty list
+        when there is none.
+
+        Every rank gets as many batches as the others (forward passes under DDP and FSDP are
+        collective), so a share may end with repeated rows; batches carry ``pair_weights``
+        (float ``[B]``), 0 for those repeats, and the metrics ignore them.
+        """
+        if self.val_dataset is None:
+            return []
+        return DataLoader(
+            MarkedRows(self.val_dataset),
+            batch_size=self.eval_batch_size,
+            sampler=PaddedShardSampler(self.val_dataset, **self.data_parallel_share()),
+            collate_fn=PairWeightCollator(self.collator()),
+            num_workers=self.num_workers,
+            generator=self.loader_generator(),
+        )
+
+    def data_parallel_share(self) -> dict[str, int]:
+        """``num_replicas`` and ``rank`` of this process's data-parallel share (1 and 0 when not distributed)."""
+        share = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return share or {"num_replicas": 1, "rank": 0}
 
 
 def source_fingerprint(path: str | None, split: str) -> str | None:
