@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -15,7 +16,17 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
+from stepwise_lit.distributed import (
+    CheckpointOnSigterm,
+    broadcast_module,
+    full_state_dict,
+    fully_shard_causal_lm,
+    gather_rng_states,
+    is_sharded,
+    set_rng_state,
+)
 from stepwise_lit.logps import step_logps
 from stepwise_lit.losses import (
     AGGREGATION_STRATEGIES,
@@ -142,6 +153,8 @@ class StepwiseDPOModule(L.LightningModule):
         self.train_metrics = PreferenceMetrics()
         self.val_metrics = PreferenceMetrics()
         self.nonfinite_steps = 0
+        self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
+        self._reference_replicated = False  # DDP: rank 0's reference copied to every rank
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -164,15 +177,45 @@ class StepwiseDPOModule(L.LightningModule):
             if hp.lora is not None:
                 policy.enable_input_require_grads()
         self.policy = policy
+        if self.device_mesh is not None:
+            self._fully_shard_models()
+
+    def _fully_shard_models(self) -> None:
+        """FSDP2 (`ModelParallelStrategy`): shards the decoder layers of the policy and of the
+        reference over the data-parallel mesh, each model its own root."""
+        if self.device_mesh["tensor_parallel"].size() > 1:
+            raise SettingError(
+                "trainer.strategy: this module shards with FSDP2 over data parallelism only; set "
+                "tensor_parallel_size: 1 and data_parallel_size to the number of processes (see configs/fsdp.yaml)"
+            )
+        for model in (self.policy, self.reference_model):
+            if model is not None:
+                fully_shard_causal_lm(model, self.device_mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         self.configure_model()
 
     def _place_frozen_models(self) -> None:
-        """Moves the unregistered reference and reward models to the policy's device."""
+        """Moves the unregistered reference and reward models to the policy's device.
+
+        Under FSDP1 the reference is first wrapped with the strategy's settings (auto-wrap
+        policy included), a root of its own; under DDP rank 0's reference is copied to every
+        rank once, as DDP does for the policy (ranks seeded differently build different
+        embedded models).
+        """
+        strategy = self.trainer.strategy
+        reference = self.reference_model
+        if isinstance(strategy, FSDPStrategy) and reference is not None and not is_sharded(reference):
+            from torch.distributed.fsdp.wrap import wrap
+
+            with strategy.model_sharded_context():
+                self.__dict__["reference_model"] = wrap(reference)
         for frozen in (self.reference_model, self.reward_model):
             if frozen is not None:
                 frozen.to(self.device)
+        if isinstance(strategy, DDPStrategy) and reference is not None and not self._reference_replicated:
+            broadcast_module(reference)
+            self._reference_replicated = True
 
     def on_fit_start(self) -> None:
         self._place_frozen_models()
@@ -185,6 +228,10 @@ class StepwiseDPOModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._place_frozen_models()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A checkpoint on SIGTERM (see `stepwise_lit.distributed.CheckpointOnSigterm`)."""
+        return [CheckpointOnSigterm()]
 
     def configure_optimizers(self):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -311,17 +358,8 @@ class StepwiseDPOModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self._shared_step(batch)
-        if not torch.isfinite(out["loss"]):
-            if self.hparams.nonfinite_loss == "error":
-                raise FloatingPointError(
-                    f"non-finite training loss ({out['loss'].item()}) at global step {self.global_step}, "
-                    f"batch {batch_idx}. Lower the learning rate, check the data, or set "
-                    "model.nonfinite_loss: skip to skip such steps."
-                )
-            self.nonfinite_steps += 1
-            log.warning("skipping step %d: non-finite loss (%d skipped so far)", self.global_step, self.nonfinite_steps)
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-            return None
+        if not self._finite_on_every_rank(out["loss"]):
+            return self._nonfinite_step(out["loss"], batch_idx)
         batch_size = batch["first_divergence"].shape[0]
         self.log_dict(
             {f"train/{k}": out[k] for k in ("loss", "step_loss", "outcome_loss", "sft_loss")},
@@ -330,6 +368,52 @@ class StepwiseDPOModule(L.LightningModule):
         self.log("train_loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
         self.train_metrics.update(**self._metric_inputs(batch, out))
         return out["loss"]
+
+    def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (agreed across ranks, so all take the same branch)."""
+        finite = bool(torch.isfinite(loss))
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True) if self._trainer is not None else finite
+
+    def _nonfinite_step(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Stops (`nonfinite_loss: error`) or marks the optimizer step to be skipped (`skip`).
+
+        The loss still goes through backward on every rank, so DDP's and FSDP's gradient
+        collectives stay in step; `on_before_optimizer_step` then drops the gradients, so the
+        optimizer changes no weight and no state (the learning-rate schedule still advances).
+        """
+        if self.hparams.nonfinite_loss == "error":
+            raise FloatingPointError(
+                f"non-finite training loss at global step {self.global_step}, batch {batch_idx} "
+                f"(this rank's loss: {loss.item()}). Lower the learning rate, check the data, or set "
+                "model.nonfinite_loss: skip to skip such steps."
+            )
+        self._skip_optimizer_step = True
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._skip_optimizer_step:
+            return
+        self._skip_optimizer_step = False
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        log.warning("skipped step %d: non-finite loss (%d skipped so far)", self.global_step, self.nonfinite_steps)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = gather_rng_states()
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restores the skipped-step count and, with as many ranks as saved it, each rank's RNG."""
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        states = checkpoint.get("rng_states", [])
+        if len(states) == self.trainer.world_size:
+            set_rng_state(states[self.global_rank])
+        elif states:
+            log.warning(
+                "the checkpoint holds the RNG states of %d ranks and this run has %d: RNG not restored",
+                len(states), self.trainer.world_size,
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
         return self._eval_step(batch, "val")
@@ -411,12 +495,13 @@ class StepwiseDPOModule(L.LightningModule):
         weights go to the root (loadable with `AutoModelForCausalLM.from_pretrained`).
         """
         target = Path(directory)
+        state_dict = self._full_policy_state_dict()
         if self._trainer is not None and not self.trainer.is_global_zero:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            self._write_export(staging)
+            self._write_export(staging, state_dict)
             if target.exists():
                 retired = target.with_name(f".{target.name}.old-{os.getpid()}")
                 target.rename(retired)
@@ -430,21 +515,38 @@ class StepwiseDPOModule(L.LightningModule):
         log.info("exported the policy to %s", target)
         return target
 
-    def _write_export(self, folder: Path) -> None:
+    def _full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights gathered on rank 0 when FSDP shards them (a collective: every
+        rank calls it); None when every rank holds them whole."""
+        if not is_sharded(self.policy):
+            return None
+        return full_state_dict(self.trainer.strategy.model, prefix="policy.")
+
+    def _write_export(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         lora = self.hparams.lora
         if lora is None:
-            self.policy.save_pretrained(folder)
+            self.policy.save_pretrained(folder, state_dict=state_dict)
         else:
-            self.policy.save_pretrained(folder / "adapter")
+            self.policy.save_pretrained(folder / "adapter", state_dict=state_dict)
             if lora.merge_on_export:
-                import copy
-
-                merged = copy.deepcopy(self.policy).merge_and_unload()
-                merged.save_pretrained(folder)
+                self._whole_policy_copy(state_dict).merge_and_unload().save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         config = self.stepwise_config()
         (folder / "stepwise_config.json").write_text(json.dumps(config, indent=2, default=str))
         torch.save(json.loads(json.dumps(config, default=str)), folder / "stepwise_config.pt")
+
+
+    def _whole_policy_copy(self, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """An unsharded copy of the policy: a deep copy, or, when FSDP shards it, the policy
+        rebuilt from its settings and loaded with the gathered `state_dict`."""
+        if state_dict is None:
+            return copy.deepcopy(self.policy)
+        hp = self.hparams
+        dtype = _DTYPES[hp.dtype] if hp.dtype else None
+        base = load_causal_lm(hp.model_name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, dtype)
+        policy = apply_lora(base, hp.lora)
+        policy.load_state_dict(state_dict)
+        return policy
 
 
 def _check_settings(hp) -> None:
