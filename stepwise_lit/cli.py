@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import sys
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.formats import DataFormatError
@@ -13,6 +17,7 @@ from stepwise_lit.module import SettingError, StepwiseDPOModule
 from stepwise_lit.reports import StepRewardReport
 
 TRACEBACK_FLAG = "--show_traceback"
+CHECKPOINT_FOLDER = "checkpoints"  # under trainer.default_root_dir, unless a ModelCheckpoint names its dirpath
 
 
 class StepwiseCLI(LightningCLI):
@@ -32,17 +37,32 @@ class StepwiseCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or os.getcwd()
+        _fix_checkpoint_folders(config.trainer.callbacks, os.path.join(root, CHECKPOINT_FOLDER))
         if config.trainer.logger in (None, True):
-            root = config.trainer.default_root_dir or os.getcwd()
             config.trainer.logger = [
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
                 {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "tensorboard"}},
             ]
 
 
+def _fix_checkpoint_folders(callbacks, folder: str) -> None:
+    """Points every `ModelCheckpoint` that names no `dirpath` at `folder`, so a later run finds
+    its `last.ckpt` for `--ckpt_path last` (Lightning's default folder changes with each logger
+    version). `callbacks` is the parsed `trainer.callbacks`: None, one callback or a list."""
+    if callbacks is None:
+        return
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        module_name, _, class_name = callback.class_path.rpartition(".")
+        is_checkpoint = issubclass(getattr(importlib.import_module(module_name), class_name), ModelCheckpoint)
+        if is_checkpoint and callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = folder
+
+
 def main(args: list[str] | None = None) -> None:
     """Runs the CLI. Data and setting errors end with their one-paragraph message and exit
-    code 2; pass `--show_traceback` to see the full traceback instead."""
+    code 2; pass `--show_traceback` to see the full traceback instead. A run stopped by SIGTERM
+    exits with 143 once its checkpoint is saved."""
     argv = list(sys.argv[1:] if args is None else args)
     show_traceback = TRACEBACK_FLAG in argv
     argv = [a for a in argv if a != TRACEBACK_FLAG]
@@ -59,6 +79,8 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {error}\n(run again with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":
