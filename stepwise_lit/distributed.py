@@ -183,6 +183,16 @@ def fully_shard_causal_lm(model: torch.nn.Module, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def reshard_frozen(model: torch.nn.Module) -> None:
+    """Frees the gathered weights of an FSDP2-sharded frozen model after its forward: FSDP2 keeps
+    a root's weights (embeddings, head) gathered after forward for the backward that follows,
+    and a frozen model has none. Nothing to do for other models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether `module` holds FSDP1 or FSDP2 sharded parameters."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel

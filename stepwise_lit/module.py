@@ -25,6 +25,7 @@ from stepwise_lit.distributed import (
     fully_shard_causal_lm,
     gather_rng_states,
     is_sharded,
+    reshard_frozen,
     set_rng_state,
 )
 from stepwise_lit.logps import step_logps
@@ -250,7 +251,9 @@ class StepwiseDPOModule(L.LightningModule):
     def _reference_step_logps(self, batch: dict, num_steps: int) -> torch.Tensor:
         mode = self.hparams.reference
         if mode == "copy":
-            return self._step_logps(self.reference_model, batch, num_steps)
+            reference_logps = self._step_logps(self.reference_model, batch, num_steps)
+            reshard_frozen(self.reference_model)
+            return reference_logps
         if mode == "adapter":
             with self.policy.disable_adapter():
                 return self._step_logps(self.policy, batch, num_steps)
