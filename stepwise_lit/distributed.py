@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -225,12 +227,29 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
 
 
 class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (a scheduler's preemption, `kill`), saves `last.ckpt` in the `ModelCheckpoint`
-    folder before the run exits, so `--ckpt_path last` resumes from the step reached.
+    """Stops a run on SIGTERM (a scheduler's preemption, `kill`) after the current training step,
+    saving `last.ckpt` in the `ModelCheckpoint` folder first, so `--ckpt_path last` resumes there.
 
-    Lightning raises `SIGTERMException` on every rank at the same point, so the save (a
-    collective under DDP and FSDP) runs on all of them.
+    The signal handler only sets a flag. After each training batch the ranks agree whether any of
+    them got SIGTERM (one small all-reduce), so every rank stops at the same step and the save (a
+    collective under DDP and FSDP) runs on all of them. It replaces Lightning's SIGTERM handler,
+    which runs a collective inside the handler and can deadlock a DDP run.
     """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            raise SIGTERMException
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -241,7 +260,7 @@ class CheckpointOnSigterm(L.Callback):
             return
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
         trainer.save_checkpoint(path)
-        log.warning("stopped by SIGTERM; saved %s", path)
+        log.warning("stopped by SIGTERM after step %d; saved %s", trainer.global_step, path)
 
 
 # ------------------------------------------------------------------------------ RNG
