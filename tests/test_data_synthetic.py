@@ -84,3 +84,15 @@ def test_numbers_stay_small(pairs):
 def test_bad_step_range():
     with pytest.raises(ValueError, match="min_steps <= max_steps"):
         generate_pairs(1, seed=0, min_steps=4, max_steps=3)
+
+
+def test_max_value_bounds_every_number_and_keeps_the_error_visible():
+    """With max_value=20 every number in every step (correct or slipped) is at most 20, and each
+    rejected step scored −1 is a false equation while every +1 step is a true one."""
+    for row in generate_pairs(200, seed=3, max_value=20):
+        for steps, scores in ((row["chosen_steps"], row["chosen_step_scores"]), (row["rejected_steps"], row["rejected_step_scores"])):
+            for step, score in zip(steps, scores):
+                left, symbol, operand, result = re.search(r"(\d+) ([-+*]) (\d+) = (\d+)", step).groups()
+                assert max(int(left), int(operand), int(result)) <= 20, step
+                true_result = eval(f"{left} {symbol} {operand}")
+                assert (int(result) == true_result) == (score == 1.0), step

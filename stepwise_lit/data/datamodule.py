@@ -90,6 +90,8 @@ class StepwiseDataModule(L.LightningDataModule):
         synthetic_train_size: Synthetic training pairs.
         synthetic_val_size: Synthetic validation pairs (problems distinct from the
             training ones); 0 for no validation.
+        synthetic_max_value: Largest number in a synthetic problem (at least 10); smaller
+            numbers make the arithmetic easier for a tiny model to learn.
         require_scores: Every step must have a score in the data. Set False only
             when a step scorer fills missing scores at train time; otherwise
             rows without scores fail at preparation (score them first with
@@ -123,6 +125,7 @@ class StepwiseDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         synthetic_train_size: int = 2000,
         synthetic_val_size: int = 200,
+        synthetic_max_value: int = 99,
         require_scores: bool = True,
         cache_dir: str | None = None,
     ) -> None:
@@ -158,6 +161,7 @@ class StepwiseDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.synthetic_train_size = synthetic_train_size
         self.synthetic_val_size = synthetic_val_size
+        self.synthetic_max_value = synthetic_max_value
         self.require_scores = require_scores
         self.cache_root = Path(cache_dir or os.environ.get("STEPWISE_LIT_CACHE", "~/.cache/stepwise_lit")).expanduser()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code)
@@ -178,7 +182,9 @@ class StepwiseDataModule(L.LightningDataModule):
             {
                 "train": source_fingerprint(self.path, self.split),
                 "val": None if self.val_path is None else source_fingerprint(self.val_path, self.val_split),
-                "synthetic": (self.synthetic_train_size, self.synthetic_val_size) if self.path is None else None,
+                "synthetic": (self.synthetic_train_size, self.synthetic_val_size, self.synthetic_max_value)
+                if self.path is None
+                else None,
                 "options": (
                     self.format,
                     self.step_delimiter,
@@ -234,7 +240,9 @@ class StepwiseDataModule(L.LightningDataModule):
         """
         val = None if self.val_path is None else self.canonical_rows(self.val_path, self.val_split)
         if self.path is None:
-            rows = generate_pairs(self.synthetic_train_size + self.synthetic_val_size, seed=self.seed)
+            rows = generate_pairs(
+                self.synthetic_train_size + self.synthetic_val_size, seed=self.seed, max_value=self.synthetic_max_value
+            )
             rows = to_canonical(rows, SYNTHETIC, SYNTHETIC)
             return rows[: self.synthetic_train_size], rows[self.synthetic_train_size :] if val is None else val
         return self.canonical_rows(self.path, self.split), val

@@ -104,7 +104,9 @@ TEMPLATES = (
 )
 
 
-def generate_pairs(num_pairs: int, seed: int, min_steps: int = 2, max_steps: int = 8) -> list[dict]:
+def generate_pairs(
+    num_pairs: int, seed: int, min_steps: int = 2, max_steps: int = 8, max_value: int = MAX_VALUE
+) -> list[dict]:
     """Generate canonical preference pairs of arithmetic word problems.
 
     Prompts are distinct within one call, and the same arguments always give the
@@ -115,6 +117,8 @@ def generate_pairs(num_pairs: int, seed: int, min_steps: int = 2, max_steps: int
         seed: Seed of the random generator.
         min_steps: Fewest steps (operations) per solution, at least 1.
         max_steps: Most steps per solution.
+        max_value: Largest number in a problem (correct or wrong); smaller makes the
+            arithmetic easier to learn. At least 10.
 
     Returns:
         Canonical rows (docs/contract.md) with step scores, outcome scores
@@ -123,11 +127,13 @@ def generate_pairs(num_pairs: int, seed: int, min_steps: int = 2, max_steps: int
     """
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps} and {max_steps}")
+    if max_value < 10:
+        raise ValueError(f"max_value must be at least 10, got {max_value}")
     rng = random.Random(seed)
     rows: list[dict] = []
     prompts: set[str] = set()
     while len(rows) < num_pairs:
-        row = generate_pair(rng, rng.randint(min_steps, max_steps))
+        row = generate_pair(rng, rng.randint(min_steps, max_steps), max_value)
         if row is None or row["prompt"] in prompts:
             continue
         prompts.add(row["prompt"])
@@ -136,16 +142,16 @@ def generate_pairs(num_pairs: int, seed: int, min_steps: int = 2, max_steps: int
     return rows
 
 
-def generate_pair(rng: random.Random, num_steps: int) -> dict | None:
+def generate_pair(rng: random.Random, num_steps: int, max_value: int = MAX_VALUE) -> dict | None:
     """One problem with a correct and a slipped solution (``id`` not set); None if no slip fits."""
     template = rng.choice(TEMPLATES)
     name, thing = rng.choice(NAMES), rng.choice(template.things)
-    start = rng.randint(10, 40)
-    operations = draw_operations(rng, template, start, num_steps)
+    start = rng.randint(max_value // 10, max(max_value // 10, (max_value * 4) // 10))
+    operations = draw_operations(rng, template, start, num_steps, max_value)
     story = [template.opening] + [operation.phrase for operation in operations] + [template.question]
     prompt = " ".join(story).format(name=name, start=start, thing=thing)
     error_step = rng.randrange(num_steps)
-    slip = draw_slip(rng, start, operations, error_step)
+    slip = draw_slip(rng, start, operations, error_step, max_value)
     if slip is None:
         return None
     chosen_steps = solution_steps(start, operations, error_step=num_steps, slip=0)
@@ -162,39 +168,44 @@ def generate_pair(rng: random.Random, num_steps: int) -> dict | None:
     }
 
 
-def draw_operations(rng: random.Random, template: Template, start: int, num_steps: int) -> list[Operation]:
-    """Operations whose correct running values stay in [1, MAX_VALUE]."""
+def draw_operations(
+    rng: random.Random, template: Template, start: int, num_steps: int, max_value: int = MAX_VALUE
+) -> list[Operation]:
+    """Operations whose correct running values stay in [1, max_value]."""
     operations = []
     value = start
     for _ in range(num_steps):
-        symbol, operand = draw_operation(rng, value)
+        symbol, operand = draw_operation(rng, value, max_value)
         phrase = rng.choice(template.phrases[symbol]).replace("{n}", str(operand))
         operations.append(Operation(symbol, operand, phrase))
         value = operations[-1].apply(value)
     return operations
 
 
-def draw_operation(rng: random.Random, value: int) -> tuple[str, int]:
-    """A symbol and operand that keep ``value`` in [1, MAX_VALUE]."""
+def draw_operation(rng: random.Random, value: int, max_value: int = MAX_VALUE) -> tuple[str, int]:
+    """A symbol and operand that keep ``value`` in [1, max_value]."""
+    largest_operand = min(29, max(2, max_value * 3 // 10))
     choices = []
-    if value <= MAX_VALUE - 2:
-        choices.append(("+", rng.randint(2, min(29, MAX_VALUE - value))))
+    if value <= max_value - 2:
+        choices.append(("+", rng.randint(2, min(largest_operand, max_value - value))))
     if value >= 3:
-        choices.append(("-", rng.randint(2, min(29, value - 1))))
-    if 2 * value <= MAX_VALUE:
-        choices.append(("*", rng.randint(2, min(5, MAX_VALUE // value))))
+        choices.append(("-", rng.randint(2, min(largest_operand, value - 1))))
+    if 2 * value <= max_value:
+        choices.append(("*", rng.randint(2, min(5, max_value // value))))
     return rng.choice(choices)
 
 
-def draw_slip(rng: random.Random, start: int, operations: list[Operation], error_step: int) -> int | None:
-    """A random offset in ±1..9 that keeps every wrong result in [0, MAX_VALUE], or None if none does.
+def draw_slip(
+    rng: random.Random, start: int, operations: list[Operation], error_step: int, max_value: int = MAX_VALUE
+) -> int | None:
+    """A random offset in ±1..9 that keeps every wrong result in [0, max_value], or None if none does.
 
     Keeping wrong numbers as short as right ones leaves the arithmetic as the only cue.
     """
     slips = [slip for size in range(1, 10) for slip in (size, -size)]
     rng.shuffle(slips)
     return next(
-        (slip for slip in slips if all(0 <= v <= MAX_VALUE for v in running_values(start, operations, error_step, slip))),
+        (slip for slip in slips if all(0 <= v <= max_value for v in running_values(start, operations, error_step, slip))),
         None,
     )
 
