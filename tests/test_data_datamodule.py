@@ -15,6 +15,7 @@ needs_gsm8k = pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K data not fou
 BATCH_KEYS = {
     "input_ids", "attention_mask", "step_ids", "step_scores", "step_mask", "has_step_scores",
     "outcome_scores", "has_outcome_scores", "first_divergence", "prompts", "reference_solutions", "steps",
+    "row_index",
 }
 
 

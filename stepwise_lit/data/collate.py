@@ -33,7 +33,8 @@ class StepwiseCollator:
             ``first_divergence`` long ``[B]``; ``prompts`` and ``reference_solutions``
             (B raw prompts and ground-truth solutions or None) and
             ``steps`` (2B lists of step texts). Rows ``0..B-1`` are chosen,
-            ``B..2B-1`` rejected.
+            ``B..2B-1`` rejected. Rows with a ``row_index`` (their position in the
+            split, see ``StepwiseDataModule``) also give ``row_index`` long ``[B]``.
         """
         input_ids = [row[f"{side}_input_ids"] for side in SIDES for row in rows]
         step_ids = [row[f"{side}_step_ids"] for side in SIDES for row in rows]
@@ -41,7 +42,7 @@ class StepwiseCollator:
         outcome_scores = torch.tensor([row[f"{side}_score"] for side in SIDES for row in rows], dtype=torch.float32)
         has_step_scores = torch.tensor([not any(map(math.isnan, scores)) for scores in step_scores])
         scores_tensor, step_mask = pad_step_scores(step_scores)  # [2B, S]
-        return {
+        batch = {
             "input_ids": right_pad(input_ids, self.pad_token_id),  # [2B, L]
             "attention_mask": right_pad([[1] * len(ids) for ids in input_ids], 0),  # [2B, L]
             "step_ids": right_pad(step_ids, 0),  # [2B, L]
@@ -55,6 +56,9 @@ class StepwiseCollator:
             "reference_solutions": [row.get("reference_solution") for row in rows],
             "steps": [list(row[f"{side}_steps"]) for side in SIDES for row in rows],
         }
+        if "row_index" in rows[0]:  # per-row data kept outside the dataset (precomputed reference)
+            batch["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)  # [B]
+        return batch
 
 
 def right_pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:

@@ -285,8 +285,8 @@ class StepwiseDataModule(L.LightningDataModule):
         if not self.cache_path.exists():
             self.prepare_data()
         splits = DatasetDict.load_from_disk(str(self.cache_path))
-        self.train_dataset = splits["train"]
-        self.val_dataset = splits["val"] if "val" in splits else None
+        self.train_dataset = with_row_index(splits["train"])
+        self.val_dataset = with_row_index(splits["val"]) if "val" in splits else None
 
     def collator(self) -> StepwiseCollator:
         """The batch collator, padding with the tokenizer's pad id."""
@@ -361,6 +361,12 @@ class StepwiseDataModule(L.LightningDataModule):
         """``num_replicas`` and ``rank`` of this process's data-parallel share (1 and 0 when not distributed)."""
         share = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         return share or {"num_replicas": 1, "rank": 0}
+
+
+def with_row_index(dataset: Dataset) -> Dataset:
+    """The split with a ``row_index`` column (each row's position), which batches carry so that
+    per-row data kept outside the dataset (precomputed reference log-probs) can be looked up."""
+    return dataset.add_column("row_index", list(range(len(dataset))))
 
 
 def source_fingerprint(path: str | None, split: str) -> str | None:
