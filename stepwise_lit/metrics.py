@@ -83,6 +83,28 @@ class StepIndexAccuracy(Metric):
         return self.correct / self.total
 
 
+class StepIndexCount(Metric):
+    """Weighted number of counted steps per step index: a vector ``[max_steps]``.
+
+    Steps at index ``max_steps`` or later are not counted.
+    """
+
+    full_state_update = False
+
+    def __init__(self, max_steps: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.max_steps = max_steps
+        self.add_state("total", torch.zeros(max_steps), dist_reduce_fx="sum")
+
+    def update(self, weights: torch.Tensor) -> None:
+        """Add per-step weights ``[N, S]`` (0 for steps that do not count)."""
+        counted = min(weights.shape[-1], self.max_steps)
+        self.total[:counted] += weights.float().sum(0)[:counted]
+
+    def compute(self) -> torch.Tensor:
+        return self.total.clone()
+
+
 class StepAUROC(BinaryAUROC):
     """Binary AUROC that is NaN (not a warning and 0) when a class is absent.
 
@@ -143,6 +165,8 @@ class PreferenceMetrics(torch.nn.Module):
     - ``chosen_step_accuracy_by_index``, ``rejected_step_accuracy_by_index``:
       vectors ``[max_step_index]`` of ``step_accuracy`` per step index (0-based),
       NaN where no step was seen
+    - ``chosen_steps_by_index``, ``rejected_steps_by_index``: vectors
+      ``[max_step_index]``, the (weighted) number of steps those accuracies count
     - ``first_error_accuracy``: over rejected responses with a step the verifier
       marks bad (``g_t < 0``; with -1/0/+1 labels, a -1 step), the fraction whose
       lowest implicit step reward ``h_t`` (over its real steps; the first on ties)
@@ -163,6 +187,8 @@ class PreferenceMetrics(torch.nn.Module):
         self.step_auroc = StepAUROC()
         self.chosen_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
         self.rejected_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
+        self.chosen_steps_by_index = StepIndexCount(max_step_index)
+        self.rejected_steps_by_index = StepIndexCount(max_step_index)
         self.first_error_accuracy = WeightedMean()
         self.first_error_distance = WeightedMean()
 
@@ -229,6 +255,8 @@ class PreferenceMetrics(torch.nn.Module):
         num_pairs = chosen_rewards.shape[0]
         self.chosen_step_accuracy_by_index.update(agreement[:num_pairs], step_weights[:num_pairs])
         self.rejected_step_accuracy_by_index.update(agreement[num_pairs:], step_weights[num_pairs:])
+        self.chosen_steps_by_index.update(step_weights[:num_pairs])
+        self.rejected_steps_by_index.update(step_weights[num_pairs:])
         distance, has_bad_step = _first_error_distance(rejected_step_rewards, rejected_step_scores, rejected_mask)
         self.first_error_accuracy.update((distance == 0).float(), weight * has_bad_step)
         self.first_error_distance.update(distance, weight * has_bad_step)
@@ -242,6 +270,8 @@ class PreferenceMetrics(torch.nn.Module):
                 values[name] = value
         values["chosen_step_accuracy_by_index"] = self.chosen_step_accuracy_by_index.compute()
         values["rejected_step_accuracy_by_index"] = self.rejected_step_accuracy_by_index.compute()
+        values["chosen_steps_by_index"] = self.chosen_steps_by_index.compute()
+        values["rejected_steps_by_index"] = self.rejected_steps_by_index.compute()
         return values
 
     def reset(self) -> None:

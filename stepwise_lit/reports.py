@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import lightning as L
@@ -49,8 +50,8 @@ class StepRewardReport(L.Callback):
         dirpath: Folder of the report; None: ``<default_root_dir>/report/<stage>``
             (stage ``val`` or ``test``).
         history: A ``metrics.csv`` (``CSVLogger``) to draw the training curves from; None:
-            the one in the checkpoint's run folder (``<run>/checkpoints/x.ckpt`` ->
-            ``<run>/metrics.csv``), when there is one.
+            the one the fit run that wrote the checkpoint logged to, when found
+            (see `find_history`).
         enabled: Write the report; False switches it off.
         bins: Histogram bins of the step reward distribution.
         max_step_index: Most step indices shown by step accuracy by step index.
@@ -157,14 +158,34 @@ class StepRewardReport(L.Callback):
                 _log_to_tensorboard(logger, stage, figures, good, bad, report["global_step"])
 
     def _history_path(self, trainer: L.Trainer) -> Path | None:
-        """The metrics.csv to read the training curves from, None when there is none."""
+        """The metrics.csv to read the training curves from (see `find_history`), None when there is none."""
         if self.history:
             return Path(self.history)
-        if trainer.ckpt_path:
-            candidate = Path(trainer.ckpt_path).parent.parent / "metrics.csv"
-            if candidate.is_file():
-                return candidate
-        return None
+        if not trainer.ckpt_path:
+            return None
+        current = {Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)}
+        return find_history(Path(trainer.ckpt_path), exclude=current)
+
+
+def find_history(checkpoint: Path, exclude: Collection[Path] = ()) -> Path | None:
+    """The metrics.csv of the fit run that wrote a checkpoint ``<root>/<folder>/x.ckpt``.
+
+    Looks at ``<root>/metrics.csv`` and ``<root>/*/version_*/metrics.csv`` (CSVLogger
+    layouts), leaves out files in `exclude` folders (the loggers of the evaluation run
+    itself) and files without training metrics, and takes the most recently written.
+    """
+    root = checkpoint.parent.parent
+    candidates = [
+        path
+        for path in [root / "metrics.csv", *root.glob("*/version_*/metrics.csv")]
+        if path.is_file() and path.parent not in exclude and _has_training_metrics(path)
+    ]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def _has_training_metrics(path: Path) -> bool:
+    with open(path) as handle:
+        return any(column.startswith("train/") for column in handle.readline().strip().split(","))
 
 
 def _evaluated_step(trainer: L.Trainer) -> int:
@@ -230,24 +251,24 @@ def build_report(
     Returns:
         ``stage``, ``num_pairs``, ``checkpoint``, ``global_step``, ``metrics`` (scalars; None
         for NaN), ``step_accuracy_by_index`` (``step``: 1-based step numbers up to the last
-        one seen, ``chosen``, ``rejected``), ``step_rewards`` (``good``, ``bad``: summaries),
+        one seen; ``chosen``, ``rejected``: accuracies; ``chosen_count``,
+        ``rejected_count``: steps counted), ``step_rewards`` (``good``, ``bad``: summaries),
         ``history`` (``source``, ``series``) or None.
     """
-    chosen = values["chosen_step_accuracy_by_index"].cpu()
-    rejected = values["rejected_step_accuracy_by_index"].cpu()
-    seen = (~chosen.isnan() | ~rejected.isnan()).nonzero()
+    counts = values["chosen_steps_by_index"].cpu(), values["rejected_steps_by_index"].cpu()
+    seen = ((counts[0] > 0) | (counts[1] > 0)).nonzero()
     num_indices = int(seen.max()) + 1 if seen.numel() else 0
+    by_index = {"step": list(range(1, num_indices + 1))}
+    for side, count in zip(("chosen", "rejected"), counts):
+        by_index[side] = [_number(v) for v in values[f"{side}_step_accuracy_by_index"][:num_indices]]
+        by_index[f"{side}_count"] = count[:num_indices].tolist()
     return {
         "stage": stage,
         "num_pairs": num_pairs,
         "checkpoint": checkpoint,
         "global_step": global_step,
         "metrics": {name: _number(value) for name, value in values.items() if value.numel() == 1},
-        "step_accuracy_by_index": {
-            "step": list(range(1, num_indices + 1)),
-            "chosen": [_number(v) for v in chosen[:num_indices]],
-            "rejected": [_number(v) for v in rejected[:num_indices]],
-        },
+        "step_accuracy_by_index": by_index,
         "step_rewards": {"good": summarize(good), "bad": summarize(bad)},
         "history": None if history is None else {"source": history_source, "series": history},
     }
@@ -284,10 +305,16 @@ def report_figures(report: dict, good: torch.Tensor, bad: torch.Tensor, bins: in
 
 
 def step_accuracy_figure(report: dict) -> Figure:
-    """Step accuracy by step index, chosen and rejected."""
+    """Step accuracy by step index, chosen and rejected, over grey bars of the steps counted."""
     by_index = report["step_accuracy_by_index"]
     figure = Figure(figsize=(7, 4.2), layout="constrained")
     axes = figure.add_subplot()
+    counts_axes = axes.twinx()
+    totals = [c + r for c, r in zip(by_index["chosen_count"], by_index["rejected_count"])]
+    counts_axes.bar(by_index["step"], totals, color="grey", alpha=0.2, label="steps counted (right axis)")
+    counts_axes.set_ylabel("steps counted (chosen + rejected)")
+    axes.set_zorder(counts_axes.get_zorder() + 1)
+    axes.patch.set_visible(False)
     for side, marker in (("chosen", "o"), ("rejected", "s")):
         values = [math.nan if v is None else v for v in by_index[side]]
         axes.plot(by_index["step"], values, marker=marker, label=f"{side} steps")
@@ -298,7 +325,9 @@ def step_accuracy_figure(report: dict) -> Figure:
         axes.set_xticks(by_index["step"])
     axes.set_title(f"Step accuracy by step index ({report['stage']}, {report['num_pairs']:g} pairs)")
     axes.grid(alpha=0.3)
-    axes.legend()
+    lines, labels = axes.get_legend_handles_labels()
+    bars, bar_labels = counts_axes.get_legend_handles_labels()
+    axes.legend(lines + bars, labels + bar_labels)
     return figure
 
 
@@ -347,10 +376,11 @@ def format_table(report: dict, folder: Path) -> str:
     ]
     lines += [f"  {name:<28}{_cell(value):>10}" for name, value in report["metrics"].items()]
     by_index = report["step_accuracy_by_index"]
-    lines.append(f"  {'step':<8}{'chosen acc':>12}{'rejected acc':>14}")
+    lines.append(f"  {'step':<8}{'chosen acc':>12}{'(n)':>7}{'rejected acc':>14}{'(n)':>7}")
+    rows = zip(by_index["step"], by_index["chosen"], by_index["chosen_count"], by_index["rejected"], by_index["rejected_count"])
     lines += [
-        f"  {step:<8}{_cell(chosen):>12}{_cell(rejected):>14}"
-        for step, chosen, rejected in zip(by_index["step"], by_index["chosen"], by_index["rejected"])
+        f"  {step:<8}{_cell(chosen):>12}{count_c:>7g}{_cell(rejected):>14}{count_r:>7g}"
+        for step, chosen, count_c, rejected, count_r in rows
     ]
     lines.append(f"  {'h_t of steps':<14}{'count':>8}{'mean':>10}{'std':>10}{'median':>10}")
     for kind, summary in report["step_rewards"].items():

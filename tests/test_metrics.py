@@ -57,6 +57,8 @@ EXPECTED = {
     # by step index 0..3: chosen idx0 2/2, idx1 0/2; rejected idx0 1/1, idx1 1/2, idx2 1/1
     "chosen_step_accuracy_by_index": [1.0, 0.0, NAN, NAN],
     "rejected_step_accuracy_by_index": [1.0, 0.5, 1.0, NAN],
+    "chosen_steps_by_index": [2.0, 2.0, 0.0, 0.0],
+    "rejected_steps_by_index": [1.0, 2.0, 1.0, 0.0],
     # rejected, lowest h over real steps vs first g < 0:
     #   p0: h (-0.3, 0.5) [-8.0 masked] -> idx 0; first bad 0: hit, distance 0
     #   p1: h (0.1, -0.2, -0.6) -> idx 2; first bad 1: miss, distance 1

@@ -43,7 +43,7 @@ def run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("report")
     main(["fit", *TINY_ARGS, f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1"])
     report_after_fit = (root / "report").exists()
-    checkpoint = root / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = root / "checkpoints" / "last.ckpt"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         main(["validate", *TINY_ARGS, f"--trainer.default_root_dir={root}", f"--ckpt_path={checkpoint}"])
@@ -88,12 +88,15 @@ def test_step_counts_and_indices_match_the_validation_data(run):
     assert by_index["step"] == list(range(1, most_steps + 1))
     assert by_index["chosen"][0] is not None and by_index["rejected"][0] is not None
     assert all(0 <= v <= 1 for v in by_index["chosen"] + by_index["rejected"] if v is not None)
+    assert sum(by_index["chosen_count"]) + sum(by_index["rejected_count"]) == sum(s != 0 for s in scores)
+    assert by_index["chosen_count"][0] == 8
 
 
 def test_history_comes_from_the_checkpoint_run(run):
-    """Training curves are read from the fit run's metrics.csv: 2 train epochs, 4 validations."""
+    """Training curves are read from the fit run's metrics.csv (not the validate run's own):
+    2 train epochs, 4 validations."""
     history = run["report"]["history"]
-    assert history["source"] == str(run["checkpoint"].parent.parent / "metrics.csv")
+    assert history["source"] == str(run["root"] / "csv" / "version_0" / "metrics.csv")
     series = history["series"]
     assert len(series["train/reward_accuracy"]["step"]) == 2
     assert len(series["val/reward_accuracy"]["step"]) == 4 and len(series["val/reward_margin"]["value"]) == 4
@@ -101,17 +104,20 @@ def test_history_comes_from_the_checkpoint_run(run):
 
 
 def test_plots_are_written_and_labelled(run):
-    """The three PNGs open; every axes of the figures has x and y labels and a legend."""
+    """The three PNGs open; every plot panel has x and y labels and a legend (the step count bars'
+    twin axes has its own y label)."""
     assert set(run["report"]["plots"]) == PLOTS
     for name in PLOTS:
         with Image.open(run["folder"] / name) as image:
             assert image.format == "PNG" and image.width > 400 and image.height > 300
     good, bad = torch.tensor([0.2, 0.5, -0.1]), torch.tensor([-0.4, 0.1])
+    panels = {"step_accuracy_by_index": 1, "step_reward_distribution": 1, "training_curves": 2}
     for name, figure in report_figures(run["report"], good, bad, bins=10).items():
-        for axes in figure.axes:
-            assert axes.get_xlabel() and axes.get_ylabel(), name
-            legend = axes.get_legend()
-            assert legend is not None and [text.get_text() for text in legend.get_texts()], name
+        assert all(axes.get_ylabel() for axes in figure.axes), name
+        with_legend = [axes for axes in figure.axes if axes.get_legend() is not None]
+        assert len(with_legend) == panels[name], name
+        for axes in with_legend:
+            assert axes.get_xlabel() and all(text.get_text() for text in axes.get_legend().get_texts()), name
 
 
 def test_terminal_table(run):
