@@ -1,0 +1,394 @@
+"""Multi-process training from `train.py` on CPU (gloo, 2 processes): DDP and FSDP2 against one
+process, global validation metrics, checkpoints without the reference, SIGKILL / SIGTERM and
+resume, a 2-node torchrun layout, and a NaN loss on one rank.
+
+The runs share a tokenized-data cache and are reused across tests (module-scoped fixtures):
+one process (in this process), DDP and FSDP2 each train the same 8 steps (2 epochs of 16 pairs,
+global batch 4) and validate 7 pairs (odd, so a DDP shard is padded with a repeated row).
+`Probe` (below) is the callback the runs load from this file: it appends one JSON line per
+rank and step, so a killed run keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, TRAIN_PAIRS, VAL_PAIRS, GLOBAL_BATCH = 8, 16, 7, 4
+STEPS_PER_EPOCH = TRAIN_PAIRS // GLOBAL_BATCH
+RUN_TIMEOUT = 240
+
+
+class Probe(L.Callback):
+    """Per rank and training step: the loss, a draw from the global RNG (so a resumed run can be
+    checked to continue the RNG stream), the policy's weight sum and the skipped-step count; at the
+    end, whether the reference's weights (this rank's shards) are unchanged and out of the optimizer.
+
+    Args:
+        out_dir: Folder of the `rank<r>.jsonl` files.
+        nan_step: Global step (1-based) whose loss is made NaN (a step score set to NaN), or None.
+        nan_rank: The rank that gets the NaN.
+        hold_after: Once this many steps are done (and checkpointed), write a `held` record and
+            wait until the file `<out_dir>/release` exists (at most `RUN_TIMEOUT` seconds), so a
+            test can signal the run at a known step.
+    """
+
+    def __init__(self, out_dir: str, nan_step: int | None = None, nan_rank: int = 1, hold_after: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.nan_step = nan_step
+        self.nan_rank = nan_rank
+        self.hold_after = hold_after
+
+    def write(self, trainer: L.Trainer, record: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reference_before = [local(p).clone() for p in pl_module.reference_model.parameters()]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer, {"event": "start", "world_size": trainer.world_size, "node_rank": trainer.node_rank,
+                             "num_nodes": trainer.num_nodes, "start_step": trainer.global_step})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.hold_after:
+            self.write(trainer, {"event": "held", "step": trainer.global_step})
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not (self.out_dir / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.draw = torch.rand(()).item()
+        if trainer.global_step + 1 == self.nan_step and trainer.global_rank == self.nan_rank:
+            batch["step_scores"][0, 0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        weight_sum = sum(local(p).double().sum().item() for p in pl_module.policy.parameters())
+        self.write(trainer, {"event": "step", "step": trainer.global_step, "loss": float(outputs["loss"]),
+                             "draw": self.draw, "weight_sum": weight_sum, "nonfinite": pl_module.nonfinite_steps})
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """This rank's own (not yet reduced) state of `val/chosen_logps`."""
+        mean = pl_module.val_metrics.pair_means["chosen_logps"]
+        self.write(trainer, {"event": "val", "weighted_sum": mean.weighted_sum.item(), "total_weight": mean.total_weight.item()})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reference = list(pl_module.reference_model.parameters())
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.write(trainer, {
+            "event": "end",
+            "reference_unchanged": all(torch.equal(local(p), b) for p, b in zip(reference, self.reference_before)),
+            "reference_grads": any(p.grad is not None for p in reference),
+            "reference_in_optimizer": any(id(p) in optimized for p in reference),
+            "reference_sharded": any(type(p).__name__ == "DTensor" for p in reference),
+        })
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (the local shard of an FSDP2 DTensor)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+# ------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Run:
+    root: Path
+
+    def records(self, rank: int = 0, event: str = "step", last_start: bool = False) -> list[dict]:
+        """The probe's records of one kind; with `last_start`, only those since the last (re)start."""
+        path = self.root / "probe" / f"rank{rank}.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        if last_start:
+            records = records[max(i for i, r in enumerate(records) if r["event"] == "start") :]
+        return [r for r in records if r["event"] == event]
+
+    def losses(self, world_size: int) -> dict[int, float]:
+        """Mean loss over ranks (each rank's loss is its share's mean; shares are equal) per step."""
+        per_rank = [{r["step"]: r["loss"] for r in self.records(rank)} for rank in range(world_size)]
+        return {step: sum(rank[step] for rank in per_rank) / world_size for step in per_rank[0]}
+
+    def metrics(self) -> dict[str, float]:
+        """The last logged value of each column of the CSV log."""
+        import csv
+
+        values: dict[str, float] = {}
+        for path in sorted((self.root / "csv").glob("version_*/metrics.csv")):
+            for row in csv.DictReader(path.open()):
+                values.update({k: float(v) for k, v in row.items() if v != ""})
+        return values
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.root / "export" / "model.safetensors")
+
+
+def write_config(
+    root: Path, cache: Path, *, devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
+    checkpoint_every: int = 1, **probe,
+) -> Path:
+    """A fit config for the tiny model: `STEPS` steps of the global batch, a checkpoint every
+    `checkpoint_every` steps, the `Probe`."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": devices, "num_nodes": num_nodes, "strategy": strategy, "precision": 32,
+            "max_steps": STEPS, "default_root_dir": str(root), "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "gradient_clip_val": 1.0,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"save_last": True, "every_n_train_steps": checkpoint_every}},
+                {"class_path": "test_distributed.Probe", "init_args": {"out_dir": str(root / "probe"), **probe}},
+            ],
+        },
+        "model": {
+            "tiny_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001, "weight_decay": 0.0}},
+        },
+        "data": {
+            "path": "synthetic", "synthetic_train_size": TRAIN_PAIRS, "synthetic_val_size": VAL_PAIRS,
+            "max_length": 1024, "batch_size": GLOBAL_BATCH // (devices * num_nodes), "seed": 0,
+            "cache_dir": str(cache),
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def environment() -> dict[str, str]:
+    """This file importable (for `Probe`), the repository first on the path."""
+    paths = [str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def start(config: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Starts `train.py fit` in a new session (so the whole process group can be signalled)."""
+    log_path = config.parent / f"train-{time.monotonic_ns()}.log"
+    command = [sys.executable, *launcher, str(REPO / "train.py"), "fit", "--config", str(config), *args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=config.parent, env=environment(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    process.log_path = log_path
+    return process
+
+
+def finish(process: subprocess.Popen, expect: int = 0) -> None:
+    try:
+        code = process.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        code = "timeout"
+    if code != expect:
+        log = process.log_path.read_text()
+        pytest.fail(f"train.py exited with {code}, expected {expect}:\n{log[-4000:]}")
+
+
+def fit(config: Path, *args: str) -> Run:
+    finish(start(config, *args))
+    return Run(config.parent)
+
+
+def wait_until_held(run: Run, process: subprocess.Popen, ranks: int) -> int:
+    """Waits until every rank's `Probe` holds (see `hold_after`) and returns the step."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        try:
+            held = [run.records(rank, "held") for rank in range(ranks)]
+        except FileNotFoundError:
+            held = [[]]
+        if all(held):
+            return held[0][-1]["step"]
+        assert process.poll() is None, process.log_path.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the run never reached the step to hold at"
+        time.sleep(0.05)
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def fit_here(config: Path, *args: str) -> Run:
+    """`train.py fit` in this process (one-process runs; saves starting Python)."""
+    from stepwise_lit.cli import main
+
+    main(["fit", "--config", str(config), *args])
+    return Run(config.parent)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache) -> Run:
+    """One process, batch 4 (the reference for every comparison)."""
+    return fit_here(write_config(tmp_path_factory.mktemp("single"), cache))
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, cache) -> Run:
+    return fit(write_config(tmp_path_factory.mktemp("ddp"), cache, devices=2, strategy="ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory, cache) -> Run:
+    root = tmp_path_factory.mktemp("fsdp2")
+    return fit(write_config(root, cache, devices=2), "--config", str(REPO / "configs" / "fsdp.yaml"))
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_losses_match_one_process(single, ddp, fsdp2):
+    """Per-step losses of DDP and FSDP2 (2 ranks x 2 pairs) equal one process (4 pairs) on the
+    same global batches, through the first epoch and an optimizer update each step."""
+    reference = single.losses(world_size=1)
+    assert len(reference) == STEPS
+    for run in (ddp, fsdp2):
+        losses = run.losses(world_size=2)
+        for step in range(1, STEPS_PER_EPOCH + 1):
+            assert losses[step] == pytest.approx(reference[step], abs=1e-4), (run.root.name, step)
+    assert len(set(reference.values())) > 1, "the loss never changed: nothing was trained"
+
+
+@pytest.mark.slow
+def test_validation_metrics_are_global_and_skip_padding_rows(single, ddp, fsdp2):
+    """The 7 validation pairs split 4 + 4 over 2 ranks (one repeated row). The logged metrics,
+    reduced across ranks, equal one process's; `val/chosen_logps` differs per row, so a metric
+    from one rank, or one counting the repeat, would differ."""
+    expected = single.metrics()
+    for run in (ddp, fsdp2):
+        values = run.metrics()
+        for name in ("val/chosen_logps", "val/rejected_logps", "val/reward_accuracy", "val/reward_margin"):
+            assert values[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-5), (run.root.name, name)
+        local = [run.records(rank, "val")[-1] for rank in (0, 1)]
+        assert [r["total_weight"] for r in local] == [4.0, 3.0]  # rank 1's fourth row is the repeat
+        means = [r["weighted_sum"] / r["total_weight"] for r in local]
+        assert abs(means[0] - means[1]) > 1.0  # the value differs per rank
+        global_mean = sum(r["weighted_sum"] for r in local) / VAL_PAIRS
+        assert values["val/chosen_logps"] == pytest.approx(global_mean, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_reference_is_in_no_checkpoint_and_never_changes(single, ddp, fsdp2):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for run in (single, ddp):
+        checkpoint = torch.load(run.root / "checkpoints" / "last.ckpt", weights_only=False)
+        assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"policy"}
+        assert checkpoint["state_dict"].keys() == {f"policy.{k}" for k in run.weights()}
+    sharded = FileSystemReader(str(fsdp2.root / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
+    weights = [k for k in sharded if k.startswith("state_dict.")]
+    assert weights and all(k.startswith("state_dict.policy.") for k in weights)
+    assert "optimizer_0.state.policy.model.embed_tokens.weight.exp_avg" in sharded
+    assert not any("reference" in k for k in sharded)
+    for run, ranks in ((single, 1), (ddp, 2), (fsdp2, 2)):
+        for rank in range(ranks):
+            (end,) = run.records(rank, "end")
+            assert end["reference_unchanged"] and not end["reference_grads"] and not end["reference_in_optimizer"]
+    assert fsdp2.records(0, "end")[0]["reference_sharded"]
+
+
+def assert_resumed_like(resumed: Run, uninterrupted: Run, stop_step: int, ranks: int) -> None:
+    """Equal final weights; the resumed steps saw the uninterrupted run's losses and RNG draws."""
+    assert max_abs_diff(resumed.weights(), uninterrupted.weights()) <= 1e-6, f"stopped after step {stop_step}"
+    for rank in range(ranks):
+        (start_record,) = resumed.records(rank, "start", last_start=True)
+        assert start_record["start_step"] == stop_step, (start_record, stop_step)
+        expected = {r["step"]: r for r in uninterrupted.records(rank)}
+        steps = resumed.records(rank, last_start=True)
+        assert [r["step"] for r in steps] == list(range(stop_step + 1, STEPS + 1))
+        for record in steps:
+            assert (record["loss"], record["draw"]) == (expected[record["step"]]["loss"], expected[record["step"]]["draw"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2], ids=["one-process", "ddp"])
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(single, ddp, tmp_path, cache, devices):
+    """SIGKILL (the whole process group) mid-epoch or in the second epoch, after a random step's
+    checkpoint; `--ckpt_path last` ends on the same weights, losses and RNG draws."""
+    uninterrupted, strategy = (single, "auto") if devices == 1 else (ddp, "ddp")
+    config = write_config(tmp_path, cache, devices=devices, strategy=strategy, hold_after=random.randint(2, STEPS - 2))
+    process = start(config)
+    kill_step = wait_until_held(Run(tmp_path), process, ranks=devices)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    (tmp_path / "probe" / "release").touch()  # the resumed run starts at the held step: do not hold again
+    resumed = fit(config, "--ckpt_path", "last") if devices > 1 else fit_here(config, "--ckpt_path", "last")
+    assert_resumed_like(resumed, uninterrupted, kill_step, ranks=devices)
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_saves_a_checkpoint_of_the_step_reached_ddp(ddp, tmp_path, cache):
+    """SIGTERM to rank 0 only, while both ranks wait before step 5: both finish step 5 and stop,
+    `last.ckpt` (the only checkpoint: the periodic ones are off) holds the weights and loader
+    position the uninterrupted run had after step 5, and the run exits 143."""
+    config = write_config(tmp_path, cache, devices=2, strategy="ddp", checkpoint_every=1000, hold_after=4)
+    process = start(config)
+    wait_until_held(Run(tmp_path), process, ranks=2)
+    process.send_signal(signal.SIGTERM)
+    (tmp_path / "probe" / "release").touch()
+    finish(process, expect=128 + signal.SIGTERM)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 5
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    weight_sum = sum(v.double().sum().item() for v in checkpoint["state_dict"].values())
+    assert weight_sum == ddp.records(0)[4]["weight_sum"]
+    assert [r["step"] for r in Run(tmp_path).records(1)] == [1, 2, 3, 4, 5]
+
+
+def free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_layout_skips_a_nan_step_on_every_rank(tmp_path, cache):
+    """Two `torchrun --nnodes=2` launchers (one process each) on this machine: the CLI accepts
+    `--trainer.num_nodes=2`. Rank 1's loss is NaN at step 2 under `nonfinite_loss: skip`: both
+    ranks skip that optimizer step (weights unchanged, count 1), stay identical, and go on."""
+    config = write_config(tmp_path, cache, devices=1, num_nodes=2, strategy="ddp", nan_step=2, nan_rank=1)
+    torchrun = ("-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}")
+    nodes = [start(config, "--trainer.max_steps=4", "--model.nonfinite_loss=skip", launcher=(*torchrun, f"--node_rank={n}"))
+             for n in (0, 1)]
+    for node in nodes:
+        finish(node)
+    run = Run(tmp_path)
+    starts = [run.records(rank, "start")[0] for rank in (0, 1)]
+    assert [(s["world_size"], s["num_nodes"], s["node_rank"]) for s in starts] == [(2, 2, 0), (2, 2, 1)]
+    steps = [run.records(rank) for rank in (0, 1)]
+    assert [r["weight_sum"] for r in steps[0]] == [r["weight_sum"] for r in steps[1]]
+    for records in steps:
+        sums = [r["weight_sum"] for r in records]
+        assert sums[1] == sums[0] and sums[2] != sums[1] and sums[3] != sums[2]
+        assert [r["nonfinite"] for r in records] == [0, 1, 1, 1]
+    assert math.isnan(steps[1][1]["loss"]) and math.isfinite(steps[0][1]["loss"])
+    assert (tmp_path / "export" / "model.safetensors").is_file()
