@@ -39,6 +39,7 @@ from stepwise_lit.losses import (
 )
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
+from stepwise_lit.precompute import PrecomputedReference
 from stepwise_lit.rewards.base import StepScorer
 from stepwise_lit.tokenizer import load_tokenizer
 
@@ -156,6 +157,7 @@ class StepwiseDPOModule(L.LightningModule):
         self.nonfinite_steps = 0
         self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
         self._reference_replicated = False  # DDP: rank 0's reference copied to every rank
+        self.reference_fingerprint: str | None = None  # reference: precomputed (kept in checkpoints)
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -231,8 +233,12 @@ class StepwiseDPOModule(L.LightningModule):
         self._place_frozen_models()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """A checkpoint on SIGTERM (see `stepwise_lit.distributed.CheckpointOnSigterm`)."""
-        return [CheckpointOnSigterm()]
+        """A checkpoint on SIGTERM (see `stepwise_lit.distributed.CheckpointOnSigterm`) and, with
+        `reference: precomputed`, the reference pass and lookup (`stepwise_lit.precompute`)."""
+        callbacks = [CheckpointOnSigterm()]
+        if self.hparams.reference == "precomputed":  # fills batch["reference_step_logps"]
+            callbacks.append(PrecomputedReference())
+        return callbacks
 
     def configure_optimizers(self):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -405,10 +411,12 @@ class StepwiseDPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = gather_rng_states()
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        checkpoint["reference_fingerprint"] = self.reference_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the skipped-step count and, with as many ranks as saved it, each rank's RNG."""
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        self.reference_fingerprint = checkpoint.get("reference_fingerprint")
         states = checkpoint.get("rng_states", [])
         if len(states) == self.trainer.world_size:
             set_rng_state(states[self.global_rank])
