@@ -325,15 +325,17 @@ class StepwiseDPOModule(L.LightningModule):
             mask[chosen], mask[rejected], beta=hp.step_beta, loss_type=hp.step_loss_type,
             alpha=hp.step_reward_scale, divergence=batch["first_divergence"],
         )
-        loss = hp.step_loss_weight * step_losses.mean() + hp.outcome_loss_weight * outcome_losses.mean()
-        chosen_tokens = (batch["step_ids"][chosen, 1:] > 0).sum()
-        sft_loss = -policy_step_logps[chosen].sum() / chosen_tokens.clamp(min=1)
+        weights = batch.get("pair_weights")  # [B]; 0 for rows that only pad a distributed evaluation shard
+        step_loss_mean, outcome_loss_mean = _pair_mean(step_losses, weights), _pair_mean(outcome_losses, weights)
+        loss = hp.step_loss_weight * step_loss_mean + hp.outcome_loss_weight * outcome_loss_mean
+        chosen_tokens = (batch["step_ids"][chosen, 1:] > 0).sum(-1).float()  # [B]
+        sft_loss = -_pair_mean(policy_step_logps[chosen].sum(-1), weights) / _pair_mean(chosen_tokens, weights).clamp(min=1)
         if hp.sft_weight:
             loss = loss + hp.sft_weight * sft_loss
         return {
             "loss": loss,
-            "step_loss": step_losses.mean().detach(),
-            "outcome_loss": outcome_losses.mean().detach(),
+            "step_loss": step_loss_mean.detach(),
+            "outcome_loss": outcome_loss_mean.detach(),
             "sft_loss": sft_loss.detach(),
             "policy_step_logps": policy_step_logps.detach(),
             "step_logratios": step_logratios.detach(),
@@ -436,7 +438,10 @@ class StepwiseDPOModule(L.LightningModule):
         """Logs the losses and updates the metrics; returns the metric inputs (callbacks such
         as `stepwise_lit.reports.StepRewardReport` get them as `outputs`)."""
         out = self._shared_step(batch)
-        batch_size = batch["first_divergence"].shape[0]
+        # Weighted by the rows that count: Lightning sums value x batch_size and batch_size over
+        # the epoch and across ranks, so the logged value is the mean over every real row.
+        weights = batch.get("pair_weights")
+        batch_size = batch["first_divergence"].shape[0] if weights is None else float(weights.sum())
         self.log_dict(
             {f"{stage}/{k}": out[k] for k in ("loss", "step_loss", "outcome_loss", "sft_loss")},
             batch_size=batch_size, sync_dist=True,
@@ -558,6 +563,13 @@ class StepwiseDPOModule(L.LightningModule):
         policy = apply_lora(base, hp.lora)
         policy.load_state_dict(state_dict)
         return policy
+
+
+def _pair_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over pairs, weighted by the batch's `pair_weights` when it has them (0 when all are 0)."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
 
 
 def _check_settings(hp) -> None:
