@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 log = logging.getLogger("stepwise_lit")
@@ -193,6 +194,19 @@ def reshard_frozen(model: torch.nn.Module) -> None:
 
     if isinstance(model, FSDPModule):
         model.reshard()
+
+
+class CausalLMWrapPolicy(ModuleWrapPolicy):
+    """FSDP1 auto-wrap policy for any Hugging Face causal LM: each decoder layer (a transformers
+    `GradientCheckpointingLayer`) and each `*ForCausalLM` model (a `GenerationMixin`) becomes its
+    own FSDP unit, whatever the architecture. Give it to `FSDPStrategy(auto_wrap_policy=...)`.
+    """
+
+    def __init__(self) -> None:
+        from transformers import GenerationMixin
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        super().__init__({GradientCheckpointingLayer, GenerationMixin})
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

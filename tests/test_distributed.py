@@ -278,13 +278,14 @@ def test_ddp_and_fsdp2_losses_match_one_process(single, ddp, fsdp2):
 
 @pytest.mark.slow
 def test_validation_metrics_are_global_and_skip_padding_rows(single, ddp, fsdp2):
-    """The 7 validation pairs split 4 + 4 over 2 ranks (one repeated row). The logged metrics,
-    reduced across ranks, equal one process's; `val/chosen_logps` differs per row, so a metric
-    from one rank, or one counting the repeat, would differ."""
+    """The 7 validation pairs split 4 + 4 over 2 ranks (one repeated row, weight 0). The logged
+    metrics and losses, reduced across ranks, equal one process's; `val/chosen_logps` differs per
+    row and per rank, so a figure from one rank, or one counting the repeat, would differ."""
     expected = single.metrics()
     for run in (ddp, fsdp2):
         values = run.metrics()
-        for name in ("val/chosen_logps", "val/rejected_logps", "val/reward_accuracy", "val/reward_margin"):
+        for name in ("val/chosen_logps", "val/rejected_logps", "val/reward_accuracy", "val/reward_margin",
+                     "val/loss", "val/sft_loss"):
             assert values[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-5), (run.root.name, name)
         local = [run.records(rank, "val")[-1] for rank in (0, 1)]
         assert [r["total_weight"] for r in local] == [4.0, 3.0]  # rank 1's fourth row is the repeat

@@ -13,7 +13,13 @@ import pytest
 import torch
 import yaml
 
-from stepwise_lit.distributed import MarkedRows, PaddedShardSampler, PairWeightCollator, decoder_layers
+from stepwise_lit.distributed import (
+    CausalLMWrapPolicy,
+    MarkedRows,
+    PaddedShardSampler,
+    PairWeightCollator,
+    decoder_layers,
+)
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora
 from stepwise_lit.module import StepwiseDPOModule
@@ -79,6 +85,17 @@ def test_decoder_layers_are_found_with_and_without_peft(lora):
 # ------------------------------------------------------------------------------ FSDP1
 
 
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=2, alpha=4, target_modules=["q_proj"])])
+def test_fsdp1_wrap_policy_picks_decoder_layers_and_the_causal_lm_of_any_architecture(lora):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2))
+    model = model if lora is None else apply_lora(model, lora)
+    targets = CausalLMWrapPolicy()._run_policy(model, ignored_modules=set(), root_kwargs={})
+    assert sorted(type(m).__name__ for m in targets) == ["MistralDecoderLayer"] * 2 + ["MistralForCausalLM"]
+
+
 @pytest.fixture
 def fsdp1_on_cpu(monkeypatch):
     """A 1-process gloo group, and FSDP1 told to compute on the CPU: Lightning passes the device
@@ -122,7 +139,7 @@ def fsdp1_strategy(capsys):
     assert options.state_dict_type == "full"
     return FSDPStrategy(
         parallel_devices=[torch.device("cpu")],
-        auto_wrap_policy={import_class(path) for path in options.auto_wrap_policy},
+        auto_wrap_policy=import_class(options.auto_wrap_policy["class_path"])(),
         activation_checkpointing_policy={import_class(path) for path in options.activation_checkpointing_policy},
         sharding_strategy=options.sharding_strategy,
         state_dict_type=options.state_dict_type,
