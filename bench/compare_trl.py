@@ -1,27 +1,37 @@
 """Side-by-side training benchmark: this package vs TRL's ``DPOTrainer``.
 
-Both train the same ~20M-parameter Llama-architecture model (built from a config,
-the package's byte-level tokenizer, same initial weights) on the same GSM8K pairs
-(ground truth vs the strongest model's incorrect solution, from
-``../shared/data/gsm8k/example_model_solutions.jsonl``; synthetic pairs when the file
-is absent), in the same order (no shuffling, so step k sees the same batch in both),
-with the same batch size, sequence length limit (pairs that do not fit are left out
-on both sides, so neither truncates), fp32 on CPU, AdamW (same hyper-parameters,
-torch's fused kernel: TRL's default, ``fused=True`` for the package), gradient clipping at 1.0, no gradient checkpointing (TRL's
-default is on; it is switched off here because the package's default is off), a live
-frozen reference copy and no logging, evaluation or checkpoints.
+Both train the same ~19M-parameter Llama-architecture model (built from a config with the
+package's byte-level tokenizer, same initial weights) on the same GSM8K pairs (ground truth
+vs the strongest model's incorrect solution, from
+``../shared/data/gsm8k/example_model_solutions.jsonl``; synthetic pairs when it is absent),
+in the same order (no shuffling: step k sees the same batch on every side), with the same
+batch size and length limit (pairs that do not fit are left out, so nobody truncates),
+fp32 on the CPU, AdamW with the same hyper-parameters and torch's fused kernel (TRL's
+default), gradient clipping at 1.0, no gradient checkpointing (TRL's default is on, the
+package's off), a live frozen reference copy, and no logging, evaluation or checkpoints.
 
-What is timed: each side's own full trainer loop (Lightning ``Trainer.fit`` with the
-package's ``StepwiseDPOModule``; ``DPOTrainer.train``), step end to step end, so a
-step's time covers data loading, both forwards, backward, clipping, the optimizer
-and the trainer's own per-step work. The first ``--warmup`` steps are left out. The
-package computes more per step (step-level and outcome-level losses, per-step
-log-probs, step metrics); TRL computes sigmoid DPO.
+Each side runs its own full trainer: a Lightning ``Trainer.fit`` of ``StepwiseDPOModule``
+fed by ``StepwiseDataModule`` (in file order), and ``DPOTrainer.train``. The package does
+more per step (per-step log-probs, the step-level and the outcome-level loss, step metrics);
+TRL computes sigmoid DPO. Variants:
 
-Each measurement is a fresh subprocess (clean peak RSS); variants alternate
-A B A B; medians and ratios come from this one run.
+- ``ours``: the package, live frozen copy as reference;
+- ``trl``: TRL's ``DPOTrainer``, live reference;
+- ``ours_precomputed``: the package with ``reference: precomputed`` (the reference pass runs
+  in the warm-up step; the cache is cleared first so it does);
+- ``ours_shared_prefix``: bench experiment ``shared_prefix.py`` (each pair packed into one row).
 
-    python bench/compare_trl.py                   # ours vs trl, training steps
+Timing: all workers run at once, but only one computes at a time: each runs a warm-up step,
+then the driver releases them one training step each, in turn, round after round (A B C D,
+D C B A, ...), so load from other users of the machine falls on all of them alike. A step's
+time runs from its release to the end of the optimizer step (data loading included). After
+each round the driver times an fp32 2048² matmul, the machine's ceiling under the same load,
+for the model FLOPs utilisation (MFU): 6·N·T FLOPs per step for the policy (forward and
+backward) plus 2·N·T for a live reference forward, N the parameters outside the input
+embedding, T the batch's real (non-pad) tokens. Peak resident memory is each worker's
+``ru_maxrss``.
+
+    python bench/compare_trl.py                   # ours vs trl (+ precomputed, shared prefix)
     python bench/compare_trl.py --mode logps      # one-pass per-step log-probs vs prefix forwards
 
 The last stdout line is JSON: ``{"step_time_ratio": ours/TRL, "peak_memory_ratio": ours/TRL, ...}``.
@@ -33,13 +43,14 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from harness import alternate, matmul_gflops, median, peak_rss_mib, print_table, rss_mib
+from harness import StepGate, lockstep, matmul_gflops, median, peak_rss_mib, print_table, rss_mib
 
 GSM8K_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediate_size": 1376,
@@ -47,6 +58,8 @@ BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediat
 """About 19.2M parameters with the byte-level vocabulary (259 tokens)."""
 LEARNING_RATE = 1e-5
 BETA = 0.1
+VARIANTS = ("ours", "trl", "ours_precomputed", "ours_shared_prefix")
+LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_shared_prefix": True}
 
 
 # ----------------------------------------------------------------------------- data
@@ -89,10 +102,13 @@ def load_pairs(path: Path, count: int, max_length: int, seed: int = 0) -> list[d
     return selected
 
 
-def trl_rows(pairs: list[dict]) -> list[dict]:
-    """TRL's ``{prompt, chosen, rejected}`` text rows for the same pairs."""
-    return [{"prompt": p["prompt"], "chosen": "".join(p["chosen_steps"]), "rejected": "".join(p["rejected_steps"])}
-            for p in pairs]
+def token_rows(pairs: list[dict], max_length: int) -> list[dict]:
+    """The package's token rows (``stepwise_lit.data.tokenize.tokenize_row``) for the pairs."""
+    from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
+    from stepwise_lit.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    return [tokenize_row(pair, tokenizer, TokenizeSettings(max_length=max_length)) for pair in pairs]
 
 
 def build_model():
@@ -105,29 +121,8 @@ def build_model():
 
 
 # -------------------------------------------------------------------------- workers
-class StepClock:
-    """Step-end timestamps and the resident size when training starts."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-        self.rss_at_start = 0.0
-
-    def start(self) -> None:
-        self.rss_at_start = rss_mib()
-
-    def step_end(self) -> None:
-        self.ends.append(time.perf_counter())
-
-    def result(self, warmup: int, tokens: list[int], padded: list[int]) -> dict:
-        """Step times after ``warmup`` (end of step k-1 to end of step k) and memory."""
-        times = [b - a for a, b in zip(self.ends[warmup - 1 :], self.ends[warmup:])]
-        measured = slice(warmup, warmup + len(times))
-        return {"step_times": times, "tokens": tokens[measured], "padded_tokens": padded[measured],
-                "peak_rss_mib": peak_rss_mib(), "rss_at_train_start_mib": self.rss_at_start}
-
-
-def trl_worker(args: argparse.Namespace) -> dict:
-    """Train with TRL's DPOTrainer; one timestamp per optimizer step."""
+def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
+    """Train with TRL's ``DPOTrainer`` (sequential sampler), pausing at every step end."""
     import datasets
     import transformers
     from transformers import TrainerCallback
@@ -137,16 +132,18 @@ def trl_worker(args: argparse.Namespace) -> dict:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    clock = StepClock()
+    memory = {}
 
-    class Clock(TrainerCallback):
+    class Gate(TrainerCallback):
         def on_train_begin(self, *_, **__):
-            clock.start()
+            memory["rss_at_train_start_mib"] = rss_mib()
 
         def on_step_end(self, *_, **__):
-            clock.step_end()
+            gate.step_end()
 
     pairs = load_pairs(args.data, args.pairs_per_batch * args.total_steps, args.max_length)
+    rows = [{"prompt": p["prompt"], "chosen": "".join(p["chosen_steps"]), "rejected": "".join(p["rejected_steps"])}
+            for p in pairs]
     model = build_model()
     config = DPOConfig(
         output_dir=os.path.join(args.scratch, "trl"), per_device_train_batch_size=args.pairs_per_batch,
@@ -157,100 +154,138 @@ def trl_worker(args: argparse.Namespace) -> dict:
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=0,
     )
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config,
-                         train_dataset=datasets.Dataset.from_list(trl_rows(pairs)),
-                         processing_class=load_tokenizer(None), callbacks=[Clock()])
-    tokens, padded = [], []
-    for batch in trainer.get_train_dataloader():
-        tokens.append(int(batch["attention_mask"].sum()))
-        padded.append(batch["attention_mask"].numel())
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=load_tokenizer(None),
+                         callbacks=[Gate()])
+    masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
     trainer.train()
-    return clock.result(args.warmup, tokens, padded)
+    return {"tokens": [int(m.sum()) for m in masks], "padded_tokens": [m.numel() for m in masks], **memory}
 
 
-def token_rows(pairs: list[dict], max_length: int) -> list[dict]:
-    """The package's token rows (``stepwise_lit.data.tokenize.tokenize_row``) for the pairs."""
-    from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
-    from stepwise_lit.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
-    return [tokenize_row(pair, tokenizer, TokenizeSettings(max_length=max_length)) for pair in pairs]
-
-
-def ours_worker(args: argparse.Namespace) -> dict:
-    """Train with ``StepwiseDPOModule`` under a Lightning ``Trainer``; one timestamp per step."""
-    import lightning as L
+def ours_datamodule(args: argparse.Namespace):
+    """``StepwiseDataModule`` over the bench pairs (written as a ``stepwise`` jsonl file), with
+    the training rows in file order, as TRL's sequential sampler gives them."""
     from torch.utils.data import DataLoader
 
-    from stepwise_lit.data.collate import StepwiseCollator
-    from stepwise_lit.models import TinyModelConfig
+    from stepwise_lit.data.datamodule import StepwiseDataModule
+
+    class SequentialDataModule(StepwiseDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False,
+                              collate_fn=self.collator())
+
+    path = Path(args.scratch) / f"pairs-{args.pairs_per_batch * args.total_steps}-{args.max_length}.jsonl"
+    if not path.exists():
+        pairs = load_pairs(args.data, args.pairs_per_batch * args.total_steps, args.max_length)
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+        os.replace(staging, path)
+    return SequentialDataModule(path=str(path), format="stepwise", val_fraction=0.0, max_length=args.max_length,
+                                max_prompt_length=None, batch_size=args.pairs_per_batch,
+                                cache_dir=os.path.join(args.scratch, "cache"))
+
+
+def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
+    """Train ``StepwiseDPOModule`` (or the shared-prefix experiment) under a Lightning ``Trainer``,
+    pausing at every step end."""
+    import lightning as L
+
     from shared_prefix import SharedPrefixModule
+    from stepwise_lit.models import TinyModelConfig
     from stepwise_lit.module import StepwiseDPOModule
 
-    clock = StepClock()
+    memory = {}
 
-    class Clock(L.Callback):
+    class Gate(L.Callback):
         def on_train_start(self, *_):
-            clock.start()
+            memory["rss_at_train_start_mib"] = rss_mib()
 
         def on_train_batch_end(self, *_):
-            clock.step_end()
+            gate.step_end()
 
-    rows = token_rows(load_pairs(args.data, args.pairs_per_batch * args.total_steps, args.max_length), args.max_length)
-    loader = DataLoader(rows, batch_size=args.pairs_per_batch, shuffle=False, collate_fn=StepwiseCollator(0))
+    datamodule = ours_datamodule(args)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    masks = [batch["attention_mask"] for batch in datamodule.train_dataloader()]
     module_class = SharedPrefixModule if args.variant == "ours_shared_prefix" else StepwiseDPOModule
     module = module_class(
-        tiny_model=TinyModelConfig(**BENCH_MODEL), reference="copy", export_on_fit_end=False,
+        tiny_model=TinyModelConfig(**BENCH_MODEL), export_on_fit_end=False,
+        reference="precomputed" if args.variant == "ours_precomputed" else "copy",
         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True),
         step_beta=BETA, outcome_beta=BETA,
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=32, max_steps=args.total_steps, gradient_clip_val=1.0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[Clock()], default_root_dir=os.path.join(args.scratch, "ours"),
+        num_sanity_val_steps=0, callbacks=[Gate()], default_root_dir=os.path.join(args.scratch, args.variant),
     )
-    tokens = [int(batch["attention_mask"].sum()) for batch in loader]
-    padded = [batch["attention_mask"].numel() for batch in loader]
     torch.manual_seed(0)
-    trainer.fit(module, train_dataloaders=loader)
-    return clock.result(args.warmup, tokens, padded)
+    trainer.fit(module, datamodule=datamodule)
+    return {"tokens": [int(m.sum()) for m in masks], "padded_tokens": [m.numel() for m in masks], **memory}
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Dispatch to the variant's worker and add the model size."""
-    result = trl_worker(args) if args.variant == "trl" else ours_worker(args)
-    result["matmul_gflops"] = median([matmul_gflops(repeats=1) for _ in range(5)])  # under the load of this run
+    """One variant's training run, paced by the driver; its memory, tokens and model size."""
+    gate = StepGate()
+    result = trl_worker(args, gate) if args.variant == "trl" else ours_worker(args, gate)
     model = build_model()
     result["params"] = sum(p.numel() for p in model.parameters())
     result["matmul_params"] = result["params"] - model.get_input_embeddings().weight.numel()
+    result["peak_rss_mib"] = peak_rss_mib()
     return result
 
 
+# ------------------------------------------------------------------- mode: train
+def train_driver(args: argparse.Namespace) -> dict:
+    """Run the variants in lockstep; print the table; return the ratios."""
+    shutil.rmtree(os.path.join(args.scratch, "cache", "reference"), ignore_errors=True)
+    ours_datamodule(args)  # writes the pairs file once, before the workers start
+    common = ["--worker", f"--data={args.data}", f"--pairs-per-batch={args.pairs_per_batch}",
+              f"--max-length={args.max_length}", f"--steps={args.steps}", f"--scratch={args.scratch}"]
+    variants = {name: [f"--variant={name}", *common] for name in args.variants}
+    times, warmup, results, ceilings = lockstep(variants, __file__, args.steps, os.path.join(args.scratch, "logs"),
+                                                between=partial(matmul_gflops, repeats=1))
+    ceiling = median(ceilings)
+    stats = {}
+    for name, result in results.items():
+        tokens = result["tokens"][1 : 1 + args.steps]
+        flops_per_token = (8 if LIVE_REFERENCE[name] else 6) * result["matmul_params"]
+        stats[name] = {
+            "step_time_s": median(times[name]),
+            "tokens_per_s": sum(tokens) / sum(times[name]),
+            "peak_rss_mib": result["peak_rss_mib"],
+            "train_rss_mib": result["peak_rss_mib"] - result["rss_at_train_start_mib"],
+            "mfu": flops_per_token * sum(tokens) / sum(times[name]) / 1e9 / ceiling,
+            "warmup_step_s": warmup[name],
+        }
+    first = results[args.variants[0]]
+    print(f"{first['params'] / 1e6:.2f}M parameters, {args.pairs_per_batch} pairs per batch, "
+          f"{median(first['tokens'])} real / {median(first['padded_tokens'])} padded tokens per step (median), "
+          f"{args.steps} steps per variant; matmul ceiling {ceiling:.1f} GFLOP/s (median over rounds)")
+    print_table(
+        ["variant", "step time (s, median)", "vs trl", "tokens/s", "peak RSS (MiB)", "vs trl",
+         "peak − RSS at train start (MiB)", "MFU", "warm-up step (s)"],
+        [[name, s["step_time_s"], s["step_time_s"] / stats["trl"]["step_time_s"], s["tokens_per_s"],
+          s["peak_rss_mib"], s["peak_rss_mib"] / stats["trl"]["peak_rss_mib"], s["train_rss_mib"], s["mfu"],
+          s["warmup_step_s"]] for name, s in stats.items()],
+    )
+    ours, trl = stats["ours"], stats["trl"]
+    summary = {
+        "step_time_ratio": ours["step_time_s"] / trl["step_time_s"],
+        "peak_memory_ratio": ours["peak_rss_mib"] / trl["peak_rss_mib"],
+        "throughput_ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
+        "training_memory_ratio": ours["train_rss_mib"] / trl["train_rss_mib"],
+    }
+    if "ours_precomputed" in stats:
+        summary["precomputed_throughput_vs_ours"] = stats["ours_precomputed"]["tokens_per_s"] / ours["tokens_per_s"]
+    if "ours_shared_prefix" in stats:
+        summary["shared_prefix_step_time_ratio"] = stats["ours_shared_prefix"]["step_time_s"] / trl["step_time_s"]
+        summary["shared_prefix_peak_memory_ratio"] = stats["ours_shared_prefix"]["peak_rss_mib"] / trl["peak_rss_mib"]
+    summary["matmul_gflops"] = ceiling
+    summary["variants"] = stats
+    return summary
+
+
 # ------------------------------------------------------------------- mode: logps
-def step_token_rows(rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
-    """``[chosen; rejected]`` token ids and step ids (``<s>`` prompt, steps, ``</s>`` in the last step).
-
-    The byte-level tokenizer maps every byte to one token, so tokenizing the steps one by
-    one gives exactly the tokens of the whole response.
-    """
-    from stepwise_lit.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
-    ids, step_ids = [], []
-    for side in ("chosen", "rejected"):
-        for row in rows:
-            row_ids = tokenizer(row["prompt"]).input_ids
-            row_steps = [0] * len(row_ids)
-            steps = row[f"{side}_steps"]
-            for number, step in enumerate(steps, start=1):
-                step_tokens = tokenizer(step, add_special_tokens=False).input_ids
-                step_tokens += [tokenizer.eos_token_id] if number == len(steps) else []
-                row_ids += step_tokens
-                row_steps += [number] * len(step_tokens)
-            ids.append(row_ids)
-            step_ids.append(row_steps)
-    return ids, step_ids
-
-
 def padded(rows: list[list[int]]) -> torch.Tensor:
     """Right-pad with 0 (the pad id and the prompt/pad step id) to a ``[N, L]`` long tensor."""
     out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
@@ -264,8 +299,7 @@ def one_pass_step_logps(model, ids: list[list[int]], step_ids: list[list[int]], 
     from stepwise_lit.logps import step_logps
 
     input_ids = padded(ids)
-    mask = padded([[1] * len(row) for row in ids])
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    logits = model(input_ids=input_ids, attention_mask=padded([[1] * len(row) for row in ids]), use_cache=False).logits
     return step_logps(logits, input_ids, padded(step_ids), num_steps)
 
 
@@ -290,15 +324,16 @@ def logps_driver(args: argparse.Namespace) -> dict:
     from stepwise_lit.data.synthetic import generate_pairs
 
     num_steps = args.num_steps
-    rows = generate_pairs(args.pairs_per_batch, seed=0, min_steps=num_steps, max_steps=num_steps)
-    ids, step_ids = step_token_rows(rows)
+    rows = token_rows(generate_pairs(args.pairs_per_batch, seed=0, min_steps=num_steps, max_steps=num_steps), 1024)
+    ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
+    step_ids = [row[f"{side}_step_ids"] for side in ("chosen", "rejected") for row in rows]
     model = build_model()
     methods = {"one_pass": one_pass_step_logps, "per_prefix": prefix_step_logps}
     summary, table = {}, []
     for mode in ("no_grad", "train"):
         times = {name: [] for name in methods}
         values = {}
-        for round_index in range(args.warmup + args.steps):
+        for round_index in range(1 + args.steps):
             for name, method in methods.items():
                 model.zero_grad(set_to_none=True)
                 started = time.perf_counter()
@@ -306,7 +341,7 @@ def logps_driver(args: argparse.Namespace) -> dict:
                     out = method(model, ids, step_ids, num_steps)
                     if mode == "train":
                         out.sum().backward()
-                if round_index >= args.warmup:
+                if round_index:  # the first round warms up
                     times[name].append(time.perf_counter() - started)
                 values[name] = out.detach()
         speedup = median(times["per_prefix"]) / median(times["one_pass"])
@@ -314,66 +349,11 @@ def logps_driver(args: argparse.Namespace) -> dict:
         table.append([mode, median(times["one_pass"]), median(times["per_prefix"]), speedup, diff])
         summary[f"{mode}_speedup"] = speedup
         summary[f"{mode}_max_abs_diff"] = diff
-    tokens = sum(map(len, ids))
     print(f"{len(ids)} rows ({args.pairs_per_batch} synthetic pairs), {num_steps} steps each, "
-          f"{tokens / len(ids):.0f} tokens per row on average, model {BENCH_MODEL}")
+          f"{sum(map(len, ids)) / len(ids):.0f} tokens per row on average, model {BENCH_MODEL}")
     print_table(["mode", "one pass (s, median)", "per-prefix forwards (s, median)", "speed-up",
                  "max |Δ step logp|"], table)
     return {"one_pass_speedup": summary["train_speedup"], **summary}
-
-
-# --------------------------------------------------------------------------- driver
-def summarize(results: list[dict], live_reference: bool) -> dict:
-    """Medians over all measured steps of all repeats, and model FLOPs per second."""
-    times = [t for r in results for t in r["step_times"]]
-    tokens = [t for r in results for t in r["tokens"]]
-    padded = [t for r in results for t in r["padded_tokens"]]
-    step_time = median(times)
-    flops_per_token = (6 + (2 if live_reference else 0)) * results[0]["matmul_params"]
-    return {
-        "step_time_s": step_time,
-        "tokens_per_step": median(tokens),
-        "padded_tokens_per_step": median(padded),
-        "tokens_per_s": sum(tokens) / sum(times),
-        "peak_rss_mib": median([r["peak_rss_mib"] for r in results]),
-        "rss_at_train_start_mib": median([r["rss_at_train_start_mib"] for r in results]),
-        "model_gflops_per_s": flops_per_token * sum(tokens) / sum(times) / 1e9,
-    }
-
-
-def train_driver(args: argparse.Namespace) -> dict:
-    """Alternate the variants, print the table, return the ratios (ours / TRL)."""
-    common = ["--worker", f"--data={args.data}", f"--pairs-per-batch={args.pairs_per_batch}",
-              f"--max-length={args.max_length}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-              f"--scratch={args.scratch}"]
-    variants = {name: [f"--variant={name}", *common] for name in args.variants}
-    results = alternate(variants, __file__, args.repeats)
-    peak_gflops = median([r["matmul_gflops"] for rs in results.values() for r in rs])
-    stats = {name: summarize(results[name], live_reference=True) for name in variants}
-    rows = []
-    for name, s in stats.items():
-        mfu = s["model_gflops_per_s"] / peak_gflops
-        rows.append([name, s["step_time_s"], s["tokens_per_s"], s["tokens_per_step"], s["padded_tokens_per_step"],
-                     s["peak_rss_mib"], s["peak_rss_mib"] - s["rss_at_train_start_mib"], mfu])
-    print_table(["variant", "step time (s, median)", "tokens/s", "tokens/step", "padded tokens/step",
-                 "peak RSS (MiB)", "peak − RSS at train start (MiB)", "MFU"], rows)
-    print(f"matmul ceiling: {peak_gflops:.1f} GFLOP/s (fp32 2048² product, median over the workers); params "
-          f"{results['ours'][0]['params'] / 1e6:.2f}M")
-    ours, trl = stats["ours"], stats["trl"]
-    summary = {
-        "step_time_ratio": ours["step_time_s"] / trl["step_time_s"],
-        "peak_memory_ratio": ours["peak_rss_mib"] / trl["peak_rss_mib"],
-        "training_memory_ratio": (ours["peak_rss_mib"] - ours["rss_at_train_start_mib"])
-        / (trl["peak_rss_mib"] - trl["rss_at_train_start_mib"]),
-        "throughput_ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
-    }
-    for name in stats.keys() - {"ours", "trl"}:
-        summary[f"{name}_step_time_ratio"] = stats[name]["step_time_s"] / trl["step_time_s"]
-        summary[f"{name}_peak_memory_ratio"] = stats[name]["peak_rss_mib"] / trl["peak_rss_mib"]
-    summary["step_time_s"] = {name: s["step_time_s"] for name, s in stats.items()}
-    summary["matmul_gflops"] = peak_gflops
-    summary["mfu"] = {name: s["model_gflops_per_s"] / peak_gflops for name, s in stats.items()}
-    return summary
 
 
 def main() -> None:
@@ -382,17 +362,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=GSM8K_PATH)
     parser.add_argument("--pairs-per-batch", type=int, default=4, help="pairs per batch (2B rows)")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=1, help="steps left out at the start of each run")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of A B")
-    parser.add_argument("--variants", nargs="+", default=["ours", "trl", "ours_shared_prefix"],
-                        choices=["ours", "trl", "ours_shared_prefix"])
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per variant (after one warm-up step)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--num-steps", type=int, default=8, help="steps per response (--mode logps)")
     parser.add_argument("--scratch", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "stepwise_bench"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.total_steps = args.warmup + args.steps
+    args.total_steps = 1 + args.steps
     if args.worker:
         print(json.dumps(worker(args)))
     elif args.mode == "logps":

@@ -2,9 +2,14 @@
 
 Every measurement runs in a fresh Python subprocess (a "worker"), so its peak
 resident memory (``ru_maxrss``) belongs to that measurement alone. Workers print
-one JSON object as their last stdout line; the driver runs the variants in
-alternating order (A B A B ...) so that load from other users of the machine
-falls on every variant alike, and reports medians and ratios from that one run.
+one JSON object as their last stdout line; the driver reports medians and ratios
+from that one run. Two ways to alternate, so that load from other users of the
+machine falls on every variant alike:
+
+- :func:`alternate`: whole worker runs in the order A B A B ... (short runs);
+- :func:`lockstep`: all workers alive at once, released one training step at a
+  time, round-robin (A B A B ... at the granularity of a step, a few seconds),
+  while the others wait blocked on a pipe; each worker times its own step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 MIB = 1024 * 1024
+STEP_PREFIX = "STEP"
 
 
 def rss_mib() -> float:
@@ -75,6 +81,77 @@ def alternate(variants: dict[str, list[str]], script: str, repeats: int) -> dict
             results[name].append(run_worker(script, args))
             print(f"  round {round_index + 1}/{repeats} {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return results
+
+
+class StepGate:
+    """Worker side of :func:`lockstep`: at a step's end, report its seconds and wait to be released."""
+
+    def __init__(self) -> None:
+        self.released = time.perf_counter()
+
+    def step_end(self) -> None:
+        """Print ``STEP <seconds since released>`` and block until the driver writes a line."""
+        print(f"{STEP_PREFIX} {time.perf_counter() - self.released:.6f}", flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit("the bench driver has gone")
+        self.released = time.perf_counter()
+
+
+def read_step(name: str, process: subprocess.Popen) -> float:
+    """The seconds of the next ``STEP`` line of a worker (other stdout lines are skipped)."""
+    for line in process.stdout:
+        if line.startswith(STEP_PREFIX):
+            return float(line.split()[1])
+    raise RuntimeError(f"worker {name} ended before reporting a step (exit {process.wait()}); see its stderr log")
+
+
+def lockstep(variants: dict[str, list[str]], script: str, steps: int, log_dir: str, between=None):
+    """Run the variants' workers side by side, one training step at a time.
+
+    Every worker runs its first (warm-up) step as soon as it has started, then waits; the
+    driver releases them one step each, in turn (forward order on even rounds, reverse on
+    odd ones), ``steps`` rounds, then lets them all finish.
+
+    Args:
+        variants: Variant name -> worker arguments.
+        script: Path of the bench script that implements ``--worker`` with a :class:`StepGate`.
+        steps: Measured steps per worker.
+        log_dir: Folder for the workers' stderr logs.
+        between: Called after every round (e.g. to time a matmul under the same load); its
+            results are returned.
+
+    Returns:
+        ``(step seconds per variant, warm-up seconds per variant, worker results, between results)``.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    processes = {
+        name: subprocess.Popen([sys.executable, script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=open(os.path.join(log_dir, f"{name}.log"), "w"), text=True)
+        for name, args in variants.items()
+    }
+    warmup = {name: read_step(name, process) for name, process in processes.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    extra = []
+    for round_index in range(steps):
+        order = list(processes) if round_index % 2 == 0 else list(reversed(processes))
+        for name in order:
+            processes[name].stdin.write("go\n")
+            processes[name].stdin.flush()
+            times[name].append(read_step(name, processes[name]))
+        print(f"  step {round_index + 1}/{steps}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
+              file=sys.stderr)
+        if between is not None:
+            extra.append(between())
+    results = {}
+    for name, process in processes.items():
+        process.stdin.write("go\n")
+        process.stdin.close()
+    for name, process in processes.items():
+        lines = process.stdout.read().strip().splitlines()
+        if process.wait() != 0 or not lines:
+            raise RuntimeError(f"worker {name} failed ({process.returncode}); see {log_dir}/{name}.log")
+        results[name] = json.loads(lines[-1])
+    return times, warmup, results, extra
 
 
 def median(values: Sequence[float]) -> float:
