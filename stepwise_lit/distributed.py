@@ -1,5 +1,6 @@
 """Multi-process training: resumable data order, marked evaluation padding, FSDP2 sharding,
-full state dicts for export, and per-rank RNG state in checkpoints.
+the FSDP1 wrap policy, full state dicts for export, the SIGTERM checkpoint, and per-rank RNG
+state in checkpoints.
 
 The data helpers keep two promises. A resumed run sees the same batches as an uninterrupted
 one (`EpochRandomSampler` fixes each epoch's order by seed and epoch, `ResumableDataLoader`
@@ -23,6 +24,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
@@ -176,8 +179,6 @@ def fully_shard_causal_lm(model: torch.nn.Module, mesh) -> None:
     Raises:
         ValueError: When the model names no decoder layer class.
     """
-    from torch.distributed.fsdp import fully_shard
-
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
@@ -190,8 +191,6 @@ def reshard_frozen(model: torch.nn.Module) -> None:
     """Frees the gathered weights of an FSDP2-sharded frozen model after its forward: FSDP2 keeps
     a root's weights (embeddings, head) gathered after forward for the backward that follows,
     and a frozen model has none. Nothing to do for other models."""
-    from torch.distributed.fsdp import FSDPModule
-
     if isinstance(model, FSDPModule):
         model.reshard()
 
@@ -211,8 +210,6 @@ class CausalLMWrapPolicy(ModuleWrapPolicy):
 
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether `module` holds FSDP1 or FSDP2 sharded parameters."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
     return any(isinstance(child, (FSDPModule, FullyShardedDataParallel)) for child in module.modules())
 
 
@@ -225,8 +222,6 @@ def full_state_dict(root: torch.nn.Module, prefix: str = "") -> dict[str, torch.
         root: The module to read, e.g. the strategy's wrapped model.
         prefix: Keep only keys under this prefix, e.g. `"policy."`.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 

@@ -175,9 +175,11 @@ def write_config(
 
 
 def environment() -> dict[str, str]:
-    """This file importable (for `Probe`), the repository first on the path."""
+    """This file importable (for `Probe`), the repository first on the path, and no seed left
+    by a run in this process (`seed_everything` exports `PL_GLOBAL_SEED`)."""
     paths = [str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    inherited = {k: v for k, v in os.environ.items() if k != "PL_GLOBAL_SEED"}
+    return {**inherited, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 def start(config: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -373,12 +375,16 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_node_torchrun_layout_skips_a_nan_step_on_every_rank(tmp_path, cache):
     """Two `torchrun --nnodes=2` launchers (one process each) on this machine: the CLI accepts
-    `--trainer.num_nodes=2`. Rank 1's loss is NaN at step 2 under `nonfinite_loss: skip`: both
-    ranks skip that optimizer step (weights unchanged, count 1), stay identical, and go on."""
+    `--trainer.num_nodes=2`. The two processes get different seeds, so each builds a different
+    embedded model: DDP gives every rank rank 0's policy and the module rank 0's reference, so
+    the first loss is log 2 on both. Rank 1's loss is NaN at step 2
+    under `nonfinite_loss: skip`: both ranks skip that optimizer step (weights unchanged, count
+    1), stay identical, and go on."""
     config = write_config(tmp_path, cache, devices=1, num_nodes=2, strategy="ddp", nan_step=2, nan_rank=1)
     torchrun = ("-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}")
-    nodes = [start(config, "--trainer.max_steps=4", "--model.nonfinite_loss=skip", launcher=(*torchrun, f"--node_rank={n}"))
+    options = ("--trainer.max_steps=4", "--model.nonfinite_loss=skip")
+    nodes = [start(config, *options, f"--seed_everything={n + 1}", launcher=(*torchrun, f"--node_rank={n}"))
              for n in (0, 1)]
     for node in nodes:
         finish(node)
@@ -391,5 +397,6 @@ def test_two_node_torchrun_layout_skips_a_nan_step_on_every_rank(tmp_path, cache
         sums = [r["weight_sum"] for r in records]
         assert sums[1] == sums[0] and sums[2] != sums[1] and sums[3] != sums[2]
         assert [r["nonfinite"] for r in records] == [0, 1, 1, 1]
+    assert [records[0]["loss"] for records in steps] == pytest.approx([math.log(2)] * 2)
     assert math.isnan(steps[1][1]["loss"]) and math.isfinite(steps[0][1]["loss"])
     assert (tmp_path / "export" / "model.safetensors").is_file()
