@@ -137,3 +137,8 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> torch.nn.Modul
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+# Checkpoints keep these in their hyper-parameters; allowing them lets `torch.load(..., weights_only=True)`
+# read a checkpoint of this package without unpickling arbitrary classes.
+torch.serialization.add_safe_globals([TinyModelConfig, LoraSettings])

@@ -89,6 +89,13 @@ class StepwiseDPOModule(L.LightningModule):
         step_loss_weight: Weight of the step loss in the total.
         outcome_loss_weight: Weight of the outcome loss in the total.
         sft_weight: Weight of the per-token NLL of the chosen response.
+        sft_warmup_steps: Optimizer steps of supervised fine-tuning on the chosen responses
+            (per-token NLL alone, no reference forward) before the preference losses start;
+            then the reference (`reference: copy`) is re-frozen from the policy, as in the usual
+            SFT → DPO recipe. Meant for a randomly initialised policy (the embedded default):
+            against a random reference, gains on a response's template text would swamp the
+            step rewards. The re-frozen reference goes into checkpoints, since it cannot be
+            rebuilt from its source.
         evaluate_step_accuracy: Compute step-level metrics (step accuracy, step AUROC).
         step_accuracy_metric: Which step metric is the headline `step_metric` in the progress bar:
             "accuracy" (sign of h_t agrees with the verifier's g_t) or "auroc".
@@ -127,6 +134,7 @@ class StepwiseDPOModule(L.LightningModule):
         step_loss_weight: float = 0.5,
         outcome_loss_weight: float = 0.5,
         sft_weight: float = 0.0,
+        sft_warmup_steps: int = 0,
         evaluate_step_accuracy: bool = True,
         step_accuracy_metric: str = "accuracy",
         reward_model: StepScorer | None = None,
@@ -156,6 +164,7 @@ class StepwiseDPOModule(L.LightningModule):
         self.val_metrics = PreferenceMetrics()
         self.nonfinite_steps = 0
         self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
+        self._reference_from_warmup = False  # the reference was re-frozen after the SFT warm-up
         self._reference_replicated = False  # DDP: rank 0's reference copied to every rank
         self.reference_fingerprint: str | None = None  # reference: precomputed (kept in checkpoints)
 
@@ -367,7 +376,32 @@ class StepwiseDPOModule(L.LightningModule):
             weight=batch.get("pair_weights"),
         )
 
+    def _in_sft_warmup(self) -> bool:
+        return self.global_step < self.hparams.sft_warmup_steps
+
+    def _sft_warmup_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-token NLL of the chosen responses alone (no reference forward)."""
+        num_pairs = batch["first_divergence"].shape[0]
+        chosen = {key: batch[key][:num_pairs] for key in ("input_ids", "attention_mask", "step_ids")}
+        chosen_logps = self._step_logps(self.policy, chosen, batch["step_mask"].shape[1]).sum(-1)  # [B]
+        chosen_tokens = (chosen["step_ids"][:, 1:] > 0).sum()
+        return {"loss": -chosen_logps.sum() / chosen_tokens.clamp(min=1)}
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """At the end of the SFT warm-up, re-freezes the reference from the policy (once)."""
+        warmup = self.hparams.sft_warmup_steps
+        if warmup and self.global_step == warmup and not self._reference_from_warmup:
+            self.reference_model.load_state_dict(self.policy.state_dict())
+            self._reference_from_warmup = True
+            log.info("SFT warm-up done after %d steps: the reference is now a frozen copy of the policy", warmup)
+
     def training_step(self, batch: dict, batch_idx: int):
+        if self._in_sft_warmup():
+            out = self._sft_warmup_step(batch)
+            if not self._finite_on_every_rank(out["loss"]):
+                return self._nonfinite_step(out["loss"], batch_idx)
+            self.log("train/sft_loss", out["loss"].detach(), batch_size=batch["first_divergence"].shape[0])
+            return out["loss"]
         out = self._shared_step(batch)
         if not self._finite_on_every_rank(out["loss"]):
             return self._nonfinite_step(out["loss"], batch_idx)
@@ -414,11 +448,16 @@ class StepwiseDPOModule(L.LightningModule):
         checkpoint["rng_states"] = gather_rng_states()
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint["reference_fingerprint"] = self.reference_fingerprint
+        if self._reference_from_warmup:
+            checkpoint["warmup_reference_state_dict"] = {k: v.cpu() for k, v in self.reference_model.state_dict().items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the skipped-step count and, with as many ranks as saved it, each rank's RNG."""
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         self.reference_fingerprint = checkpoint.get("reference_fingerprint")
+        if "warmup_reference_state_dict" in checkpoint:
+            self.reference_model.load_state_dict(checkpoint["warmup_reference_state_dict"])
+            self._reference_from_warmup = True
         states = checkpoint.get("rng_states", [])
         if len(states) == self.trainer.world_size:
             set_rng_state(states[self.global_rank])
@@ -607,6 +646,10 @@ def _check_settings(hp) -> None:
             raise bad("step_weights", f"is only used by aggregation_strategy: weighted_sum, not {hp.aggregation_strategy!r}")
     if not 0.0 < hp.discount_gamma <= 1.0:
         raise bad("discount_gamma", f"must lie in (0, 1], got {hp.discount_gamma}")
+    if hp.sft_warmup_steps < 0:
+        raise bad("sft_warmup_steps", f"must be >= 0, got {hp.sft_warmup_steps}")
+    if hp.sft_warmup_steps and hp.reference != "copy":
+        raise bad("sft_warmup_steps", f"needs reference: copy (the reference is re-frozen from the policy), not {hp.reference!r}")
     if hp.reference == "adapter" and hp.lora is None:
         raise bad("reference", "'adapter' needs LoRA (set model.lora): the reference is the policy with adapters disabled")
     if hp.dtype is not None and hp.dtype not in _DTYPES:

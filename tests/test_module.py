@@ -198,3 +198,38 @@ def test_lora_export_merges_weights_that_reload_and_keeps_the_adapter(batch, tmp
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
         with module.policy.disable_adapter():
             assert not torch.allclose(module.policy(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_sft_warmup_trains_nll_alone_then_refreezes_the_reference(tmp_path):
+    """With sft_warmup_steps=2: the first two steps are NLL only (the reference is untouched),
+    then the reference becomes a copy of the policy, so every log-ratio starts again at 0, and a
+    checkpoint carries that reference (it cannot be rebuilt from its source)."""
+    import lightning as L
+
+    datamodule = StepwiseDataModule(
+        path="synthetic", synthetic_train_size=12, synthetic_val_size=0, batch_size=3, max_length=256,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    torch.manual_seed(0)
+    module = StepwiseDPOModule(tiny_model=TINY, sft_warmup_steps=2, export_on_fit_end=False)
+    module.configure_model()
+    initial_reference = {k: v.clone() for k, v in module.reference_model.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule)
+    for name, value in module.reference_model.state_dict().items():
+        assert torch.equal(value, initial_reference[name]), "the warm-up changed the reference"
+
+    batch = next(iter(datamodule.train_dataloader()))
+    module.on_train_batch_start(batch, 0)  # global_step == 2: the warm-up is over
+    out = module._shared_step(clone(batch))
+    torch.testing.assert_close(out["step_logratios"], torch.zeros_like(out["step_logratios"]))
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=True)["warmup_reference_state_dict"]
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(saved[name], value)
+
+
+def test_sft_warmup_needs_a_copied_reference():
+    with pytest.raises(SettingError, match="model.sft_warmup_steps"):
+        StepwiseDPOModule(tiny_model=TINY, sft_warmup_steps=5, reference="none")
