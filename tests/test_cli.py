@@ -19,6 +19,7 @@ TINY_ARGS = [
     "--config", str(REPO / "configs" / "tiny.yaml"),
     "--model.tiny_model.hidden_size=32", "--model.tiny_model.num_layers=1",
     "--model.tiny_model.num_heads=2", "--model.tiny_model.intermediate_size=64",
+    "--model.sft_warmup_steps=1",  # fast_dev_run=2: one SFT step, then one stepwise DPO step
     "--data.synthetic_train_size=16", "--data.synthetic_val_size=8", "--data.batch_size=4",
     "--trainer.enable_progress_bar=false",
 ]
