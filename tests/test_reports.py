@@ -22,12 +22,17 @@ from stepwise_lit.reports import StepRewardReport, report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-DATA = {"synthetic_train_size": 16, "synthetic_val_size": 8, "batch_size": 4}
+DATA = {
+    "synthetic_train_size": 16, "synthetic_val_size": 8, "batch_size": 4,
+    "max_length": 512, "max_prompt_length": 32, "synthetic_max_value": 10,
+}
 TINY_ARGS = [
     "--config", str(REPO / "configs" / "tiny.yaml"),
     *(f"--model.tiny_model.{name}={value}" for name, value in TINY_SHAPE.items()),
     *(f"--data.{name}={value}" for name, value in DATA.items()),
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    # the schedule the tests read, pinned here rather than taken from the main job's recipe
+    "--trainer.max_epochs=2", "--trainer.val_check_interval=0.5", "--model.sft_warmup_steps=0",
 ]
 PLOTS = {"step_accuracy_by_index.png", "step_reward_distribution.png", "training_curves.png"}
 
@@ -77,7 +82,7 @@ def test_report_metrics_are_the_logged_validation_metrics(run):
 
 def test_step_counts_and_indices_match_the_validation_data(run):
     """Good/bad step counts are the val set's steps with g > 0 / g < 0; one accuracy per step index."""
-    data = StepwiseDataModule(path="synthetic", max_length=512, seed=0, **DATA)
+    data = StepwiseDataModule(path="synthetic", seed=0, **DATA)
     data.setup("validate")
     scores = [s for side in ("chosen", "rejected") for row in data.val_dataset[f"{side}_step_scores"] for s in row]
     report = run["report"]
@@ -143,7 +148,7 @@ def test_switched_off_writes_nothing(tmp_path):
 
 def test_test_stage_report_without_history(tmp_path):
     """`trainer.test` writes a `test` report; without a checkpoint there are no training curves."""
-    data = StepwiseDataModule(path="synthetic", max_length=512, seed=0, **DATA)
+    data = StepwiseDataModule(path="synthetic", seed=0, **DATA)
     data.setup("validate")
     L.seed_everything(0)
     trainer = L.Trainer(
