@@ -82,6 +82,23 @@ def test_decoder_layers_are_found_with_and_without_peft(lora):
     assert [type(layer).__name__ for layer in decoder_layers(model)] == ["LlamaDecoderLayer"] * TINY.num_layers
 
 
+def test_lora_policy_rebuilt_from_a_gathered_state_dict_merges_like_the_policy():
+    """Under FSDP the merged LoRA export rebuilds the policy from its settings and the gathered
+    weights (a sharded model cannot be deep-copied): it merges to the same weights."""
+    torch.manual_seed(0)
+    module = StepwiseDPOModule(tiny_model=TINY, reference="adapter", lora=LoraSettings(r=2, alpha=4, target_modules=["q_proj"]))
+    module.configure_model()
+    with torch.no_grad():
+        for name, parameter in module.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # B starts at 0: make the adapter change the weights
+    expected = module._whole_policy_copy(None).merge_and_unload().state_dict()
+    torch.manual_seed(1)  # the rebuilt model's own initialisation must not matter
+    rebuilt = module._whole_policy_copy(module.policy.state_dict()).merge_and_unload().state_dict()
+    assert rebuilt.keys() == expected.keys()
+    assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)
+
+
 # ------------------------------------------------------------------------------ FSDP1
 
 
