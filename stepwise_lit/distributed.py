@@ -24,7 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
@@ -224,6 +224,22 @@ def full_state_dict(root: torch.nn.Module, prefix: str = "") -> dict[str, torch.
     """
     state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict, whole and on the CPU. When FSDP shards `model` it is gathered on
+    rank 0 (a collective: every rank calls it; the others get an empty dict)."""
+    if is_sharded(model):
+        return full_state_dict(model)
+    return {key: value.cpu() for key, value in model.state_dict().items()}
+
+
+def load_whole_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads what `whole_state_dict` returned (on every rank), sharding it as `model` is."""
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

@@ -25,8 +25,10 @@ from stepwise_lit.distributed import (
     fully_shard_causal_lm,
     gather_rng_states,
     is_sharded,
+    load_whole_state_dict,
     reshard_frozen,
     set_rng_state,
+    whole_state_dict,
 )
 from stepwise_lit.logps import step_logps
 from stepwise_lit.losses import (
@@ -449,14 +451,14 @@ class StepwiseDPOModule(L.LightningModule):
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint["reference_fingerprint"] = self.reference_fingerprint
         if self._reference_from_warmup:
-            checkpoint["warmup_reference_state_dict"] = {k: v.cpu() for k, v in self.reference_model.state_dict().items()}
+            checkpoint["warmup_reference_state_dict"] = whole_state_dict(self.reference_model)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the skipped-step count and, with as many ranks as saved it, each rank's RNG."""
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         self.reference_fingerprint = checkpoint.get("reference_fingerprint")
         if "warmup_reference_state_dict" in checkpoint:
-            self.reference_model.load_state_dict(checkpoint["warmup_reference_state_dict"])
+            load_whole_state_dict(self.reference_model, checkpoint["warmup_reference_state_dict"])
             self._reference_from_warmup = True
         states = checkpoint.get("rng_states", [])
         if len(states) == self.trainer.world_size:
