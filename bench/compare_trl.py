@@ -29,7 +29,7 @@ each round the driver times an fp32 2048² matmul, the machine's ceiling under t
 for the model FLOPs utilisation (MFU): 6·N·T FLOPs per step for the policy (forward and
 backward) plus 2·N·T for a live reference forward, N the parameters outside the input
 embedding, T the batch's real (non-pad) tokens. Peak resident memory is each worker's
-``ru_maxrss``.
+``VmHWM`` (see ``harness.peak_rss_mib``).
 
     python bench/compare_trl.py                   # ours vs trl (+ precomputed, shared prefix)
     python bench/compare_trl.py --mode logps      # one-pass per-step log-probs vs prefix forwards

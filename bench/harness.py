@@ -1,7 +1,7 @@
 """Measurement helpers shared by the bench scripts.
 
 Every measurement runs in a fresh Python subprocess (a "worker"), so its peak
-resident memory (``ru_maxrss``) belongs to that measurement alone. Workers print
+resident memory (``VmHWM``) belongs to that measurement alone. Workers print
 one JSON object as their last stdout line; the driver reports medians and ratios
 from that one run. Two ways to alternate, so that load from other users of the
 machine falls on every variant alike:
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,10 @@ from collections.abc import Sequence
 import torch
 
 MIB = 1024 * 1024
+TENSOR_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"""glibc: every allocation of 64 KiB or more is its own mapping, returned to the OS when freed,
+so a process's RSS follows its live tensors instead of what the heap kept (the default
+threshold rises to 32 MiB after frees, and freed heap memory stays resident)."""
 STEP_PREFIX = "STEP"
 
 
@@ -37,17 +40,24 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (``ru_maxrss``, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process since it started, MiB (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries the parent's resident size at fork over into a child's
+    ``ru_maxrss`` across exec, so a worker would report at least its driver's size.
+    """
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
-def run_worker(script: str, args: Sequence[str], timeout: float = 900) -> dict:
+def run_worker(script: str, args: Sequence[str], timeout: float = 900, env: dict[str, str] | None = None) -> dict:
     """Run ``python script --worker ...`` in a fresh process and parse its last stdout line.
 
     Args:
         script: Path of the bench script.
         args: Command-line arguments for the worker.
         timeout: Seconds before the worker is killed.
+        env: Extra environment variables for the worker.
 
     Returns:
         The JSON object the worker printed last.
@@ -56,20 +66,23 @@ def run_worker(script: str, args: Sequence[str], timeout: float = 900) -> dict:
         RuntimeError: The worker failed; the message carries its stderr tail.
     """
     command = [sys.executable, script, *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"worker failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-4000:]}")
     return json.loads(lines[-1])
 
 
-def alternate(variants: dict[str, list[str]], script: str, repeats: int) -> dict[str, list[dict]]:
+def alternate(
+    variants: dict[str, list[str]], script: str, repeats: int, env: dict[str, str] | None = None
+) -> dict[str, list[dict]]:
     """Run each variant's worker ``repeats`` times in the order A B A B ...
 
     Args:
         variants: Variant name -> worker arguments.
         script: Path of the bench script that implements ``--worker``.
         repeats: Rounds; each round runs every variant once, in the given order.
+        env: Extra environment variables for the workers.
 
     Returns:
         Variant name -> the workers' results, in run order.
@@ -78,7 +91,7 @@ def alternate(variants: dict[str, list[str]], script: str, repeats: int) -> dict
     for round_index in range(repeats):
         for name, args in variants.items():
             started = time.perf_counter()
-            results[name].append(run_worker(script, args))
+            results[name].append(run_worker(script, args, env=env))
             print(f"  round {round_index + 1}/{repeats} {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return results
 
