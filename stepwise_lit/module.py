@@ -30,7 +30,7 @@ from stepwise_lit.distributed import (
     set_rng_state,
     whole_state_dict,
 )
-from stepwise_lit.logps import step_logps
+from stepwise_lit.logps import step_logps, step_logps_from_hidden
 from stepwise_lit.losses import (
     AGGREGATION_STRATEGIES,
     OUTCOME_LOSS_TYPES,
@@ -55,6 +55,8 @@ class SettingError(ValueError):
 
 STEP_ACCURACY_METRICS = ("accuracy", "auroc")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LEAN_CHUNK_ELEMENTS = 2**25
+"""`lean_logps`: LM-head outputs per chunk (positions x vocabulary): 128 MiB in fp32."""
 
 
 class StepwiseDPOModule(L.LightningModule):
@@ -104,6 +106,11 @@ class StepwiseDPOModule(L.LightningModule):
         reward_model: A step scorer (see `stepwise_lit.rewards`) that fills step scores for rows
             that have none, under no_grad; kept out of the optimizer and the checkpoint.
         gradient_checkpointing: Recompute activations in backward to save memory.
+        lean_logps: Log-probs from the final hidden states, the LM head applied to completion
+            positions a chunk at a time (`stepwise_lit.logps.step_logps_from_hidden`): no
+            `[2B, L, V]` logits tensor exists, which matters for large vocabularies (at 128k,
+            under a third of the plain way's peak; see BENCHMARKS.md). For LM heads without
+            bias, softcapping or logit scaling (Llama, Mistral, Qwen2...); not under FSDP.
         nonfinite_loss: On a NaN/inf loss, "error" stops with a message; "skip" skips the
             optimizer step and counts it (logged as `train/nonfinite_steps`).
         export_dir: Where `export_hf` writes at the end of fit; None: `<default_root_dir>/export`.
@@ -141,6 +148,7 @@ class StepwiseDPOModule(L.LightningModule):
         step_accuracy_metric: str = "accuracy",
         reward_model: StepScorer | None = None,
         gradient_checkpointing: bool = False,
+        lean_logps: bool = False,
         nonfinite_loss: Literal["error", "skip"] = "error",
         export_dir: str | None = None,
         export_on_fit_end: bool = True,
@@ -191,6 +199,9 @@ class StepwiseDPOModule(L.LightningModule):
             if hp.lora is not None:
                 policy.enable_input_require_grads()
         self.policy = policy
+        if hp.lean_logps:
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            _check_lean_head(base, sharded=self.device_mesh is not None or isinstance(strategy, FSDPStrategy))
         if self.device_mesh is not None:
             self._fully_shard_models()
 
@@ -261,6 +272,13 @@ class StepwiseDPOModule(L.LightningModule):
 
     # --------------------------------------------------------------- log-probs
     def _step_logps(self, model: torch.nn.Module, batch: dict, num_steps: int) -> torch.Tensor:
+        if self.hparams.lean_logps:  # the decoder's hidden states, then the LM head in chunks
+            hidden = model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            weight = model.get_output_embeddings().weight
+            chunk_size = max(1, LEAN_CHUNK_ELEMENTS // weight.shape[0])
+            return step_logps_from_hidden(hidden, weight, batch["input_ids"], batch["step_ids"], num_steps, chunk_size)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return step_logps(logits, batch["input_ids"], batch["step_ids"], num_steps)
 
@@ -437,6 +455,13 @@ class StepwiseDPOModule(L.LightningModule):
         self._skip_optimizer_step = True
         return loss
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Steps, then frees the gradients at once: Lightning zeroes them inside the next step's
+        closure, after its forward, so they would sit through that forward (one copy of the
+        trainable weights more at the memory peak)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._skip_optimizer_step:
             return
@@ -611,6 +636,21 @@ def _pair_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tens
     if weights is None:
         return values.mean()
     return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def _check_lean_head(model: torch.nn.Module, sharded: bool) -> None:
+    """`lean_logps` applies the LM-head weight itself: fail on heads it would get wrong, and under
+    FSDP (the root's weights are gathered only inside the model's own forward)."""
+    config = model.config
+    if sharded:
+        raise SettingError("model.lean_logps: not supported with FSDP strategies; set it to false")
+    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
+        getattr(config, "logit_scale", None) not in (None, 1.0)
+    ):
+        raise SettingError(
+            f"model.lean_logps: {type(model).__name__}'s LM head has a bias, logit softcapping or logit "
+            "scaling, which the lean path does not apply; set it to false"
+        )
 
 
 def _check_settings(hp) -> None:
