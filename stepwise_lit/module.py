@@ -617,7 +617,6 @@ class StepwiseDPOModule(L.LightningModule):
         (folder / "stepwise_config.json").write_text(json.dumps(config, indent=2, default=str))
         torch.save(json.loads(json.dumps(config, default=str)), folder / "stepwise_config.pt")
 
-
     def _whole_policy_copy(self, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         """An unsharded copy of the policy: a deep copy, or, when FSDP shards it, the policy
         rebuilt from its settings and loaded with the gathered `state_dict`."""
