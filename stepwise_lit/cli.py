@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,10 +34,19 @@ class StepwiseCLI(LightningCLI):
             compute_fn=lambda tokenizer, model: tokenizer or model,
         )
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_argument(
+            "--num_threads",
+            type=int | None,
+            default=None,
+            help="Intra-op CPU threads for torch (torch.set_num_threads); null keeps torch's default. "
+            "1 is fastest for tiny models, whose matrices are too small to split across cores.",
+        )
         parser.add_lightning_class_args(StepRewardReport, "report")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         root = config.trainer.default_root_dir or os.getcwd()
         _fix_checkpoint_folders(config.trainer.callbacks, os.path.join(root, CHECKPOINT_FOLDER))
         if config.trainer.logger in (None, True):

@@ -41,6 +41,7 @@ def fitted(tmp_path_factory) -> Path:
 
 def test_fit_fast_dev_run_exports_a_reloadable_model(fitted):
     """The export at the end of fit reloads with the Auto classes and generates text."""
+    assert torch.get_num_threads() == 1, "tiny.yaml's num_threads: 1 was not applied"
     export = fitted / "export"
     assert (export / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(export)
