@@ -147,6 +147,9 @@ def write_config(
     `checkpoint_every` steps, the `Probe`."""
     config = {
         "seed_everything": 0,
+        # one thread in every run, in-process or not: float sums then reduce in one order, and the
+        # resumed runs' losses can be compared bit for bit (an earlier in-process fit may have set it)
+        "num_threads": 1,
         "trainer": {
             "accelerator": "cpu", "devices": devices, "num_nodes": num_nodes, "strategy": strategy, "precision": 32,
             "max_steps": STEPS, "default_root_dir": str(root), "log_every_n_steps": 1,
