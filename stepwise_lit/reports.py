@@ -192,7 +192,7 @@ def _evaluated_step(trainer: L.Trainer) -> int:
     """The training step of the evaluated weights: the local checkpoint's ``global_step``
     (``validate``/``test`` do not restore the trainer's), else the trainer's."""
     if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
-        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         return int(checkpoint.get("global_step", trainer.global_step))
     return trainer.global_step
 

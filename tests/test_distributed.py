@@ -305,7 +305,7 @@ def test_reference_is_in_no_checkpoint_and_never_changes(single, ddp, fsdp2):
     from torch.distributed.checkpoint import FileSystemReader
 
     for run in (single, ddp):
-        checkpoint = torch.load(run.root / "checkpoints" / "last.ckpt", weights_only=False)
+        checkpoint = torch.load(run.root / "checkpoints" / "last.ckpt", weights_only=True)
         assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"policy"}
         assert checkpoint["state_dict"].keys() == {f"policy.{k}" for k in run.weights()}
     sharded = FileSystemReader(str(fsdp2.root / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
@@ -361,7 +361,7 @@ def test_sigterm_to_rank_0_saves_a_checkpoint_of_the_step_reached_ddp(ddp, tmp_p
     (tmp_path / "probe" / "release").touch()
     finish(process, expect=128 + signal.SIGTERM)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 5
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
     weight_sum = sum(v.double().sum().item() for v in checkpoint["state_dict"].values())

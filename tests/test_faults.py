@@ -91,7 +91,7 @@ def test_sigterm_saves_last_checkpoint_then_stops(tmp_path):
         train(tmp_path, max_steps=10, recorder=recorder)
     assert signal.getsignal(signal.SIGTERM) == previous
     assert len(recorder.weights) == 4
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     saved = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items()}
     assert all(torch.equal(saved[k], v) for k, v in recorder.weights[3].items())

@@ -61,7 +61,7 @@ def train(reference: str, cache: Path, root: Path, max_steps: int = STEPS, ckpt_
                         enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=STEPS,
                         default_root_dir=str(root), callbacks=[probe, L.pytorch.callbacks.ModelCheckpoint(
                             dirpath=str(root / "checkpoints"), save_last=True, every_n_train_steps=1)])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # hparams hold TinyModelConfig
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # our config dataclasses are registered safe globals
     precomputed = next((c for c in trainer.callbacks if isinstance(c, PrecomputedReference)), None)
     assert (module.reference_model is None) == (reference == "precomputed")
     return probe, precomputed
