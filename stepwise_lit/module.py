@@ -522,10 +522,12 @@ class StepwiseDPOModule(L.LightningModule):
         num_pairs = batch["first_divergence"].shape[0]
         num_steps = batch["step_mask"].shape[1]
         step_logratios = self._step_logps(self.policy, batch, num_steps) - self._reference_step_logps(batch, num_steps)
-        step_rewards = self.hparams.step_beta * step_logratios * batch["step_mask"]
+        step_logratios = step_logratios * batch["step_mask"]  # ρ_t, zero past a response's steps, [2B, S]
+        rewards = self.hparams.outcome_beta * step_logratios.sum(-1)  # [2B]
+        step_rewards = self.hparams.step_beta * step_logratios  # h_t, [2B, S]
         return {
-            "chosen_rewards": self.hparams.outcome_beta * step_logratios[:num_pairs].mul(batch["step_mask"][:num_pairs]).sum(-1),
-            "rejected_rewards": self.hparams.outcome_beta * step_logratios[num_pairs:].mul(batch["step_mask"][num_pairs:]).sum(-1),
+            "chosen_rewards": rewards[:num_pairs],
+            "rejected_rewards": rewards[num_pairs:],
             "chosen_step_rewards": step_rewards[:num_pairs],
             "rejected_step_rewards": step_rewards[num_pairs:],
         }

@@ -233,3 +233,16 @@ def test_sft_warmup_trains_nll_alone_then_refreezes_the_reference(tmp_path):
 def test_sft_warmup_needs_a_copied_reference():
     with pytest.raises(SettingError, match="model.sft_warmup_steps"):
         StepwiseDPOModule(tiny_model=TINY, sft_warmup_steps=5, reference="none")
+
+
+def test_predict_gives_the_training_paths_implicit_rewards(batch):
+    """predict_step's pair rewards are β_o ρ(y) and its step rewards β_s ρ_t, as in the loss path."""
+    module = make_module(reference="none")
+    num_pairs = batch["first_divergence"].shape[0]
+    with torch.no_grad():
+        predicted = module.predict_step(clone(batch), 0)
+        out = module._shared_step(clone(batch))
+    torch.testing.assert_close(predicted["chosen_rewards"], 0.1 * out["logratios"][:num_pairs])
+    torch.testing.assert_close(predicted["rejected_rewards"], 0.1 * out["logratios"][num_pairs:])
+    torch.testing.assert_close(predicted["chosen_step_rewards"], 0.1 * out["step_logratios"][:num_pairs])
+    torch.testing.assert_close(predicted["rejected_step_rewards"], 0.1 * out["step_logratios"][num_pairs:])
