@@ -15,11 +15,13 @@ fed by ``StepwiseDataModule`` (in file order), and ``DPOTrainer.train``. The pac
 more per step (per-step log-probs, the step-level and the outcome-level loss, step metrics);
 TRL computes sigmoid DPO. Variants:
 
-- ``ours``: the package, live frozen copy as reference;
+- ``ours``: the package with its defaults (``data.pack_pairs: true``: each pair is one row,
+  ``[shared prefix | chosen rest | rejected rest]``), live frozen copy as reference;
 - ``trl``: TRL's ``DPOTrainer``, live reference;
-- ``ours_precomputed``: the package with ``reference: precomputed`` (the reference pass runs
+- ``ours_precomputed``: ``ours`` with ``reference: precomputed`` (the reference pass runs
   in the warm-up step; the cache is cleared first so it does);
-- ``ours_shared_prefix``: bench experiment ``shared_prefix.py`` (each pair packed into one row).
+- ``ours_unpacked``: ``ours`` with ``data.pack_pairs: false`` (``[chosen; rejected]`` rows,
+  TRL's layout), to show what packing gains.
 
 Timing: all workers run at once, but only one computes at a time: each runs a warm-up step,
 then the driver releases them one training step each, in turn, round after round (A B C D,
@@ -30,10 +32,12 @@ per-step ratios (batches differ in length); the throughput ratio is total tokens
 each round the driver times an fp32 2048² matmul, the machine's ceiling under the same load,
 for the model FLOPs utilisation (MFU): 6·N·T FLOPs per step for the policy (forward and
 backward) plus 2·N·T for a live reference forward, N the parameters outside the input
-embedding, T the batch's real (non-pad) tokens. Peak resident memory is each worker's
+embedding, T the real (non-pad) tokens the variant's forward passes run (packed rows run
+fewer than the pairs hold). Throughput counts every variant's pairs alike: the real tokens of
+the pairs as ``[chosen; rejected]`` rows, prompt on both sides (TRL's count). Peak resident memory is each worker's
 ``VmHWM`` (see ``harness.peak_rss_mib``).
 
-    python bench/compare_trl.py                   # ours vs trl (+ precomputed, shared prefix)
+    python bench/compare_trl.py                   # ours vs trl (+ precomputed, unpacked)
     python bench/compare_trl.py --mode logps      # one-pass per-step log-probs vs prefix forwards
 
 The last stdout line is JSON: ``{"step_time_ratio": ours/TRL, "peak_memory_ratio": ours/TRL, ...}``.
@@ -60,8 +64,8 @@ BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediat
 """About 19.2M parameters with the byte-level vocabulary (259 tokens)."""
 LEARNING_RATE = 1e-5
 BETA = 0.1
-VARIANTS = ("ours", "trl", "ours_precomputed", "ours_shared_prefix")
-LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_shared_prefix": True}
+VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked")
+LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_unpacked": True}
 
 
 # ----------------------------------------------------------------------------- data
@@ -160,10 +164,11 @@ def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
                          callbacks=[Gate()])
     masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
     trainer.train()
-    return {"tokens": [int(m.sum()) for m in masks], "padded_tokens": [m.numel() for m in masks], **memory}
+    tokens = [int(m.sum()) for m in masks]
+    return {"tokens": tokens, "computed_tokens": tokens, "padded_tokens": [m.numel() for m in masks], **memory}
 
 
-def ours_datamodule(args: argparse.Namespace):
+def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True):
     """``StepwiseDataModule`` over the bench pairs (written as a ``stepwise`` jsonl file), with
     the training rows in file order, as TRL's sequential sampler gives them."""
     from torch.utils.data import DataLoader
@@ -182,16 +187,15 @@ def ours_datamodule(args: argparse.Namespace):
         staging.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
         os.replace(staging, path)
     return SequentialDataModule(path=str(path), format="stepwise", val_fraction=0.0, max_length=args.max_length,
-                                max_prompt_length=None, batch_size=args.pairs_per_batch,
+                                max_prompt_length=None, batch_size=args.pairs_per_batch, pack_pairs=pack_pairs,
                                 cache_dir=os.path.join(args.scratch, "cache"))
 
 
 def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
-    """Train ``StepwiseDPOModule`` (or the shared-prefix experiment) under a Lightning ``Trainer``,
-    pausing at every step end."""
+    """Train ``StepwiseDPOModule`` under a Lightning ``Trainer``, pausing at every step end."""
     import lightning as L
 
-    from shared_prefix import SharedPrefixModule
+    from stepwise_lit.data.collate import StepwiseCollator
     from stepwise_lit.models import TinyModelConfig
     from stepwise_lit.module import StepwiseDPOModule
 
@@ -204,12 +208,15 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
         def on_train_batch_end(self, *_):
             gate.step_end()
 
-    datamodule = ours_datamodule(args)
+    datamodule = ours_datamodule(args, pack_pairs=args.variant != "ours_unpacked")
     datamodule.prepare_data()
     datamodule.setup("fit")
-    masks = [batch["attention_mask"] for batch in datamodule.train_dataloader()]
-    module_class = SharedPrefixModule if args.variant == "ours_shared_prefix" else StepwiseDPOModule
-    module = module_class(
+    computed = [batch["attention_mask"] for batch in datamodule.train_dataloader()]
+    unpacked = StepwiseCollator(datamodule.tokenizer.pad_token_id, pack_pairs=False)
+    rows = datamodule.train_dataset
+    masks = [unpacked([rows[i] for i in range(start, min(start + datamodule.batch_size, len(rows)))])["attention_mask"]
+             for start in range(0, len(rows), datamodule.batch_size)]
+    module = StepwiseDPOModule(
         tiny_model=TinyModelConfig(**BENCH_MODEL), export_on_fit_end=False,
         reference="precomputed" if args.variant == "ours_precomputed" else "copy",
         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True),
@@ -222,7 +229,8 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     )
     torch.manual_seed(0)
     trainer.fit(module, datamodule=datamodule)
-    return {"tokens": [int(m.sum()) for m in masks], "padded_tokens": [m.numel() for m in masks], **memory}
+    return {"tokens": [int(m.sum()) for m in masks], "computed_tokens": [int(m.sum()) for m in computed],
+            "padded_tokens": [m.numel() for m in computed], **memory}
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -250,6 +258,7 @@ def train_driver(args: argparse.Namespace) -> dict:
     stats = {}
     for name, result in results.items():
         tokens = result["tokens"][1 : 1 + args.steps]
+        computed_tokens = result["computed_tokens"][1 : 1 + args.steps]
         flops_per_token = (8 if LIVE_REFERENCE[name] else 6) * result["matmul_params"]
         stats[name] = {
             "step_time_s": median(times[name]),
@@ -257,7 +266,9 @@ def train_driver(args: argparse.Namespace) -> dict:
             "tokens_per_s": sum(tokens) / sum(times[name]),
             "peak_rss_mib": result["peak_rss_mib"],
             "train_rss_mib": result["peak_rss_mib"] - result["rss_at_train_start_mib"],
-            "mfu": flops_per_token * sum(tokens) / sum(times[name]) / 1e9 / ceiling,
+            "computed_tokens": median(computed_tokens),
+            "padded_tokens": median(result["padded_tokens"][1 : 1 + args.steps]),
+            "mfu": flops_per_token * sum(computed_tokens) / sum(times[name]) / 1e9 / ceiling,
             "warmup_step_s": warmup[name],
         }
     first = results[args.variants[0]]
@@ -265,10 +276,11 @@ def train_driver(args: argparse.Namespace) -> dict:
           f"{median(first['tokens'])} real / {median(first['padded_tokens'])} padded tokens per step (median), "
           f"{args.steps} steps per variant; matmul ceiling {ceiling:.1f} GFLOP/s (median over rounds)")
     print_table(
-        ["variant", "step time (s, median)", "step time vs trl (median of per-step ratios)", "tokens/s",
-         "throughput vs trl", "peak RSS (MiB)", "vs trl", "peak − RSS at train start (MiB)", "MFU",
-         "warm-up step (s)"],
-        [[name, s["step_time_s"], s["paired_vs_trl"], s["tokens_per_s"], s["tokens_per_s"] / stats["trl"]["tokens_per_s"],
+        ["variant", "tokens run per step (real / padded)", "step time (s, median)",
+         "step time vs trl (median of per-step ratios)", "pair tokens/s", "throughput vs trl", "peak RSS (MiB)",
+         "vs trl", "peak − RSS at train start (MiB)", "MFU", "warm-up step (s)"],
+        [[name, f"{s['computed_tokens']} / {s['padded_tokens']}", s["step_time_s"], s["paired_vs_trl"],
+          s["tokens_per_s"], s["tokens_per_s"] / stats["trl"]["tokens_per_s"],
           s["peak_rss_mib"], s["peak_rss_mib"] / stats["trl"]["peak_rss_mib"], s["train_rss_mib"], s["mfu"],
           s["warmup_step_s"]] for name, s in stats.items()],
     )
@@ -281,9 +293,9 @@ def train_driver(args: argparse.Namespace) -> dict:
     }
     if "ours_precomputed" in stats:
         summary["precomputed_throughput_vs_ours"] = stats["ours_precomputed"]["tokens_per_s"] / ours["tokens_per_s"]
-    if "ours_shared_prefix" in stats:
-        summary["shared_prefix_step_time_ratio"] = stats["ours_shared_prefix"]["paired_vs_trl"]
-        summary["shared_prefix_peak_memory_ratio"] = stats["ours_shared_prefix"]["peak_rss_mib"] / trl["peak_rss_mib"]
+    if "ours_unpacked" in stats:
+        summary["unpacked_step_time_ratio"] = stats["ours_unpacked"]["paired_vs_trl"]
+        summary["unpacked_peak_memory_ratio"] = stats["ours_unpacked"]["peak_rss_mib"] / trl["peak_rss_mib"]
     summary["matmul_gflops"] = ceiling
     summary["variants"] = stats
     return summary

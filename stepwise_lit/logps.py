@@ -1,5 +1,10 @@
 """Token and per-step log-probabilities from one forward pass.
 
+Rows are either unpacked (one response per row, each position predicting the
+next token) or packed (one pair per row, see ``stepwise_lit.data.packing``):
+both reduce to "position p predicts token ``target_ids[p, k]`` of response k",
+which :func:`target_step_logps` sums per step.
+
 The same functions serve the policy (with gradients) and the reference (called
 under ``torch.no_grad()``), so the label shift can never differ between them.
 
@@ -19,17 +24,17 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 def _gathered_minus_logsumexp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-prob of ``labels`` under ``logits`` in fp32.
+    """Log-probs of ``labels`` under ``logits`` in fp32.
 
     Args:
         logits: ``[P, V]`` logits of any float dtype.
-        labels: ``[P]`` target token ids.
+        labels: ``[P, K]`` target token ids, K per position.
 
     Returns:
-        ``[P]`` float32 log-probs.
+        ``[P, K]`` float32 log-probs.
     """
     logits = logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return logits.gather(-1, labels) - logits.logsumexp(-1, keepdim=True)
 
 
 def _project_and_score(
@@ -40,10 +45,10 @@ def _project_and_score(
     Args:
         hidden: ``[P, H]`` final hidden states.
         lm_head_weight: ``[V, H]`` LM-head weight.
-        labels: ``[P]`` target token ids.
+        labels: ``[P, K]`` target token ids.
 
     Returns:
-        ``[P]`` float32 log-probs.
+        ``[P, K]`` float32 log-probs.
     """
     return _gathered_minus_logsumexp(hidden @ lm_head_weight.T, labels)
 
@@ -56,14 +61,14 @@ def _chunked(score_fn, rows: torch.Tensor, labels: torch.Tensor, chunk_size: int
     exists at a time in backward as well as in forward.
 
     Args:
-        score_fn: maps ``([P, D], *params, [P])`` to ``[P]`` float32 log-probs.
+        score_fn: maps ``([P, D], *params, [P, K])`` to ``[P, K]`` float32 log-probs.
         rows: ``[P, D]`` logits or hidden states, flattened over positions.
-        labels: ``[P]`` target token ids.
+        labels: ``[P, K]`` target token ids.
         chunk_size: positions per chunk (> 0).
         *params: extra tensors passed to every chunk (the LM-head weight).
 
     Returns:
-        ``[P]`` float32 log-probs.
+        ``[P, K]`` float32 log-probs.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -76,7 +81,7 @@ def _chunked(score_fn, rows: torch.Tensor, labels: torch.Tensor, chunk_size: int
         else:
             chunks.append(score_fn(*args))
     if not chunks:
-        return rows.new_zeros(0, dtype=torch.float32)
+        return rows.new_zeros(labels.shape, dtype=torch.float32)
     return torch.cat(chunks)
 
 
@@ -99,26 +104,71 @@ def token_logps(
     """
     vocab_size = logits.shape[-1]
     flat = _chunked(
-        _gathered_minus_logsumexp, logits.reshape(-1, vocab_size), labels.reshape(-1), chunk_size
+        _gathered_minus_logsumexp, logits.reshape(-1, vocab_size), labels.reshape(-1, 1), chunk_size
     )
     return flat.view(labels.shape)
 
 
-def _sum_by_step(token_logps: torch.Tensor, step_ids: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """Sum token log-probs per step with one ``scatter_add_``.
+def target_step_logps(
+    rows: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_step_ids: torch.Tensor,
+    num_steps: int,
+    lm_head_weight: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Per-step sums of the log-probs of the tokens each position predicts.
+
+    The logits at position ``p`` of row ``n`` predict, for each of K responses,
+    the token ``target_ids[n, p, k]``, which belongs to step
+    ``target_step_ids[n, p, k]`` of response k (0: ``p`` predicts nothing for it).
+    An unpacked row predicts for one response (K = 1, the next token); a packed
+    row for two (``stepwise_lit.data.packing``). Only positions that predict a
+    step token are scored, ``chunk_size`` at a time in fp32.
 
     Args:
-        token_logps: ``[N, P]`` float32 log-probs of the predicted tokens.
-        step_ids: ``[N, P]`` step of each predicted token, 0 for prompt/pad,
-            ``1..num_steps`` for completion steps.
-        num_steps: S, the number of step columns.
+        rows: ``[N, L, V]`` logits, or, with ``lm_head_weight``, ``[N, L, H]``
+            final hidden states (after the final norm): the LM head is then
+            applied to scored positions only, a chunk at a time, and the full
+            logits never exist (for an LM head without bias, softcapping or
+            logit scaling: Llama, Mistral, Qwen2 and the like).
+        target_ids: ``[N, L, K]`` predicted token ids (any valid id where the step is 0).
+        target_step_ids: ``[N, L, K]`` step (1-based) of each predicted token, at
+            most ``num_steps``; 0 where nothing is predicted.
+        num_steps: S, the number of step columns of the batch.
+        lm_head_weight: ``[V, H]`` when ``rows`` are hidden states; None for logits.
+        chunk_size: positions per chunk.
 
     Returns:
-        ``[N, S]`` float32; column ``t - 1`` is step ``t``.
+        ``[N, K, S]`` float32; ``[n, k, t - 1]`` is the log-prob of step ``t`` of
+        row n's response k (0 for steps it does not have).
     """
-    sums = token_logps.new_zeros(token_logps.shape[0], num_steps + 1)  # column 0 = prompt/pad
-    sums.scatter_add_(1, step_ids, token_logps)
-    return sums[:, 1:]
+    is_scored = (target_step_ids > 0).any(-1)  # [N, L]
+    params = () if lm_head_weight is None else (lm_head_weight,)
+    score_fn = _gathered_minus_logsumexp if lm_head_weight is None else _project_and_score
+    scored = _chunked(score_fn, rows[is_scored], target_ids[is_scored], chunk_size, *params)  # [P, K]
+    token_logps = torch.zeros(target_ids.shape, dtype=torch.float32, device=rows.device).masked_scatter(
+        is_scored.unsqueeze(-1).expand_as(target_ids), scored
+    )  # [N, L, K]; zeros where nothing is predicted
+    sums = token_logps.new_zeros(target_ids.shape[0], target_ids.shape[2], num_steps + 1)  # column 0: no step
+    sums.scatter_add_(2, target_step_ids.transpose(1, 2), token_logps.transpose(1, 2))
+    return sums[..., 1:]
+
+
+def next_token_targets(input_ids: torch.Tensor, step_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets of unpacked rows: position ``j`` predicts token ``j + 1``.
+
+    Args:
+        input_ids: ``[N, L]`` token ids.
+        step_ids: ``[N, L]`` 0 for prompt/pad, ``t`` for a token of step ``t``.
+
+    Returns:
+        ``target_ids`` and ``target_step_ids``, each ``[N, L, 1]`` (the last
+        position predicts nothing).
+    """
+    target_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1)).unsqueeze(-1)
+    target_step_ids = torch.nn.functional.pad(step_ids[:, 1:], (0, 1)).unsqueeze(-1)
+    return target_ids, target_step_ids
 
 
 def step_logps(
@@ -128,7 +178,7 @@ def step_logps(
     num_steps: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Per-step sums of token log-probs from one forward pass's logits.
+    """Per-step sums of token log-probs of unpacked rows from one forward pass's logits.
 
     The logits at position ``j - 1`` predict ``input_ids[:, j]``, which belongs
     to step ``step_ids[:, j]``. Step 0 (prompt and padding) is discarded, as is
@@ -147,8 +197,7 @@ def step_logps(
         ``[N, S]`` float32; column ``t - 1`` is the log-prob of step ``t``
         (0 for steps a row does not have).
     """
-    predicted_logps = token_logps(logits[:, :-1], input_ids[:, 1:], chunk_size)  # [N, L-1]
-    return _sum_by_step(predicted_logps, step_ids[:, 1:], num_steps)
+    return target_step_logps(logits, *next_token_targets(input_ids, step_ids), num_steps, None, chunk_size)[:, 0]
 
 
 def step_logps_from_hidden(
@@ -159,14 +208,12 @@ def step_logps_from_hidden(
     num_steps: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Per-step log-probs from final hidden states, applying the LM head in chunks.
+    """Per-step log-probs of unpacked rows from final hidden states, the LM head applied in chunks.
 
     Same result as ``step_logps(hidden @ lm_head_weight.T, ...)`` but the full
-    ``[N, L, V]`` logits never exist: only completion positions (target step
-    > 0) are projected, ``chunk_size`` at a time, each chunk checkpointed so
-    backward recomputes it. Gradients flow to ``hidden`` and ``lm_head_weight``.
-    For an LM head without bias, softcapping or logit scaling (Llama, Mistral,
-    Qwen2 and the like).
+    ``[N, L, V]`` logits never exist: only completion positions are projected,
+    ``chunk_size`` at a time, each chunk checkpointed so backward recomputes it.
+    Gradients flow to ``hidden`` and ``lm_head_weight``.
 
     Args:
         hidden: ``[N, L, H]`` final hidden states (after the final norm).
@@ -179,17 +226,5 @@ def step_logps_from_hidden(
     Returns:
         ``[N, S]`` float32; column ``t - 1`` is the log-prob of step ``t``.
     """
-    target_step_ids = step_ids[:, 1:]  # [N, L-1]
-    is_completion = target_step_ids > 0
-    completion_logps = _chunked(
-        _project_and_score,
-        hidden[:, :-1][is_completion],  # [P, H], P = completion tokens in the batch
-        input_ids[:, 1:][is_completion],
-        chunk_size,
-        lm_head_weight,
-    )
-    # Scatter back to [N, L-1] (zeros at prompt/pad, which land in column 0).
-    predicted_logps = torch.zeros(
-        target_step_ids.shape, dtype=torch.float32, device=hidden.device
-    ).masked_scatter(is_completion, completion_logps)
-    return _sum_by_step(predicted_logps, target_step_ids, num_steps)
+    targets = next_token_targets(input_ids, step_ids)
+    return target_step_logps(hidden, *targets, num_steps, lm_head_weight, chunk_size)[:, 0]

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from stepwise_lit.distributed import (
     CheckpointOnSigterm,
     broadcast_module,
+    decoder_layers,
     full_state_dict,
     fully_shard_causal_lm,
     gather_rng_states,
@@ -30,7 +31,8 @@ from stepwise_lit.distributed import (
     set_rng_state,
     whole_state_dict,
 )
-from stepwise_lit.logps import step_logps, step_logps_from_hidden
+from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask
+from stepwise_lit.logps import next_token_targets, target_step_logps
 from stepwise_lit.losses import (
     AGGREGATION_STRATEGIES,
     OUTCOME_LOSS_TYPES,
@@ -106,6 +108,9 @@ class StepwiseDPOModule(L.LightningModule):
         reward_model: A step scorer (see `stepwise_lit.rewards`) that fills step scores for rows
             that have none, under no_grad; kept out of the optimizer and the checkpoint.
         gradient_checkpointing: Recompute activations in backward to save memory.
+        compile: Compile each decoder layer of the policy and the reference with
+            `torch.compile(dynamic=True)` (one graph for every batch length; the first steps
+            pay the compilation). Not with FSDP1 (`FSDPStrategy`), which wraps the layers later.
         lean_logps: Log-probs from the final hidden states, the LM head applied to completion
             positions a chunk at a time (`stepwise_lit.logps.step_logps_from_hidden`): no
             `[2B, L, V]` logits tensor exists, which matters for large vocabularies (at 128k,
@@ -148,6 +153,7 @@ class StepwiseDPOModule(L.LightningModule):
         step_accuracy_metric: str = "accuracy",
         reward_model: StepScorer | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         lean_logps: bool = False,
         nonfinite_loss: Literal["error", "skip"] = "error",
         export_dir: str | None = None,
@@ -204,6 +210,13 @@ class StepwiseDPOModule(L.LightningModule):
             _check_lean_head(base, sharded=self.device_mesh is not None or isinstance(strategy, FSDPStrategy))
         if self.device_mesh is not None:
             self._fully_shard_models()
+        if hp.compile:
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            if isinstance(strategy, FSDPStrategy):
+                raise SettingError("model.compile: not supported with FSDPStrategy (FSDP1); use ModelParallelStrategy (FSDP2)")
+            for model in (self.policy, self.reference_model):
+                for layer in decoder_layers(model) if model is not None else ():
+                    layer.compile(dynamic=True)
 
     def _fully_shard_models(self) -> None:
         """FSDP2 (`ModelParallelStrategy`): shards the decoder layers of the policy and of the
@@ -272,15 +285,27 @@ class StepwiseDPOModule(L.LightningModule):
 
     # --------------------------------------------------------------- log-probs
     def _step_logps(self, model: torch.nn.Module, batch: dict, num_steps: int) -> torch.Tensor:
+        """Per-step log-probs ``[2B, S]`` (chosen rows, then rejected) of an unpacked or a
+        packed batch (``data.pack_pairs``), from one forward pass of ``model``."""
+        if "segment_ids" in batch:  # one row per pair, [prefix | chosen rest | rejected rest]
+            inputs = {
+                "input_ids": batch["input_ids"],
+                "position_ids": batch["position_ids"],
+                "attention_mask": _packed_mask_for(model, batch),  # [B, 1, L, L]
+            }
+            target_ids, target_step_ids = batch["target_ids"], batch["target_step_ids"]  # [B, L, 2]
+        else:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            target_ids, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
         if self.hparams.lean_logps:  # the decoder's hidden states, then the LM head in chunks
-            hidden = model.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
+            hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
             weight = model.get_output_embeddings().weight
             chunk_size = max(1, LEAN_CHUNK_ELEMENTS // weight.shape[0])
-            return step_logps_from_hidden(hidden, weight, batch["input_ids"], batch["step_ids"], num_steps, chunk_size)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return step_logps(logits, batch["input_ids"], batch["step_ids"], num_steps)
+            logps = target_step_logps(hidden, target_ids, target_step_ids, num_steps, weight, chunk_size)
+        else:
+            logits = model(**inputs, use_cache=False).logits
+            logps = target_step_logps(logits, target_ids, target_step_ids, num_steps)
+        return logps.transpose(0, 1).reshape(-1, num_steps)  # [N, K, S] -> [K·N, S]
 
     @torch.no_grad()
     def _reference_step_logps(self, batch: dict, num_steps: int) -> torch.Tensor:
@@ -299,7 +324,7 @@ class StepwiseDPOModule(L.LightningModule):
                     "run the reference pass first (see README, 'Precomputed reference')."
                 )
             return batch["reference_step_logps"][:, :num_steps].float()
-        return torch.zeros(batch["input_ids"].shape[0], num_steps, device=self.device)
+        return torch.zeros(batch["step_mask"].shape[0], num_steps, device=self.device)
 
     # ----------------------------------------------------------------- rewards
     def _fill_missing_scores(self, batch: dict) -> None:
@@ -357,8 +382,7 @@ class StepwiseDPOModule(L.LightningModule):
         weights = batch.get("pair_weights")  # [B]; 0 for rows that only pad a distributed evaluation shard
         step_loss_mean, outcome_loss_mean = _pair_mean(step_losses, weights), _pair_mean(outcome_losses, weights)
         loss = hp.step_loss_weight * step_loss_mean + hp.outcome_loss_weight * outcome_loss_mean
-        chosen_tokens = (batch["step_ids"][chosen, 1:] > 0).sum(-1).float()  # [B]
-        sft_loss = -_pair_mean(policy_step_logps[chosen].sum(-1), weights) / _pair_mean(chosen_tokens, weights).clamp(min=1)
+        sft_loss = _sft_loss(policy_step_logps[chosen].sum(-1), _chosen_token_counts(batch), weights)
         if hp.sft_weight:
             loss = loss + hp.sft_weight * sft_loss
         return {
@@ -401,11 +425,8 @@ class StepwiseDPOModule(L.LightningModule):
 
     def _sft_warmup_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-token NLL of the chosen responses alone (no reference forward)."""
-        num_pairs = batch["first_divergence"].shape[0]
-        chosen = {key: batch[key][:num_pairs] for key in ("input_ids", "attention_mask", "step_ids")}
-        chosen_logps = self._step_logps(self.policy, chosen, batch["step_mask"].shape[1]).sum(-1)  # [B]
-        chosen_tokens = (chosen["step_ids"][:, 1:] > 0).sum()
-        return {"loss": -chosen_logps.sum() / chosen_tokens.clamp(min=1)}
+        chosen_logps = self._step_logps(self.policy, _chosen_side(batch), batch["step_mask"].shape[1]).sum(-1)  # [B]
+        return {"loss": _sft_loss(chosen_logps, _chosen_token_counts(batch), None)}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         """At the end of the SFT warm-up, re-freezes the reference from the policy (once)."""
@@ -637,6 +658,57 @@ def _pair_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tens
     if weights is None:
         return values.mean()
     return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def _sft_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-token NLL of the chosen responses: −Σ log p / Σ tokens over (weighted) pairs.
+
+    Args:
+        chosen_logps: ``[B]`` sequence log-probs of the chosen responses.
+        chosen_tokens: ``[B]`` their numbers of response tokens.
+        weights: ``[B]`` pair weights, or None.
+    """
+    return -_pair_mean(chosen_logps, weights) / _pair_mean(chosen_tokens.float(), weights).clamp(min=1)
+
+
+def _chosen_token_counts(batch: dict) -> torch.Tensor:
+    """Response tokens of each chosen side, ``[B]``, in an unpacked or a packed batch."""
+    if "segment_ids" in batch:
+        return (batch["target_step_ids"][..., 0] > 0).sum(-1)
+    num_pairs = batch["first_divergence"].shape[0]
+    return (batch["step_ids"][:num_pairs, 1:] > 0).sum(-1)
+
+
+def _chosen_side(batch: dict) -> dict[str, torch.Tensor]:
+    """The token tensors of the chosen responses alone. Packed, the chosen side is each row's
+    first ``c_end`` positions (prefix + chosen rest), so the rows are cut to the longest of those."""
+    if "segment_ids" in batch:
+        width = int((batch["segment_ids"] <= CHOSEN_REST).sum(-1).max())
+        chosen = {key: batch[key][:, :width] for key in ("input_ids", "position_ids", "segment_ids")}
+        chosen.update({key: batch[key][:, :width, :1] for key in ("target_ids", "target_step_ids")})
+        return chosen
+    num_pairs = batch["first_divergence"].shape[0]
+    return {key: batch[key][:num_pairs] for key in ("input_ids", "attention_mask", "step_ids")}
+
+
+def _packed_mask_for(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The 4D mask of a packed batch in the form `model`'s attention takes; fails, naming
+    `data.pack_pairs`, for attention that takes no 4D mask or a sliding window the rows exceed."""
+    config = model.config
+    attention = config._attn_implementation
+    if attention not in ("sdpa", "eager"):
+        raise SettingError(
+            f"data.pack_pairs: packed rows need a 4D attention mask, which {attention!r} attention does not "
+            "take (sdpa and eager do); set data.pack_pairs: false"
+        )
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window is not None and int(batch["position_ids"].max()) >= window:
+        raise SettingError(
+            f"data.pack_pairs: a response is longer than the model's sliding window ({window} tokens), which "
+            "the packed mask does not apply; set data.pack_pairs: false"
+        )
+    dtype = None if attention == "sdpa" else next(model.parameters()).dtype
+    return packed_attention_mask(batch["segment_ids"], dtype)
 
 
 def _check_lean_head(model: torch.nn.Module, sharded: bool) -> None:

@@ -13,10 +13,11 @@ from stepwise_lit.data.synthetic import generate_pairs
 GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K data not found at {GSM8K}")
 BATCH_KEYS = {
-    "input_ids", "attention_mask", "step_ids", "step_scores", "step_mask", "has_step_scores",
+    "input_ids", "attention_mask", "step_scores", "step_mask", "has_step_scores",
     "outcome_scores", "has_outcome_scores", "first_divergence", "prompts", "reference_solutions", "steps",
     "row_index",
 }
+PACKED_KEYS = {"position_ids", "segment_ids", "target_ids", "target_step_ids"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -36,8 +37,9 @@ def test_synthetic_default(tmp_path):
     assert (len(datamodule.train_dataset), len(datamodule.val_dataset)) == (12, 4)
     assert not set(prompts(datamodule.train_dataset)) & set(prompts(datamodule.val_dataset))
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == BATCH_KEYS
-    assert batch["input_ids"].shape[0] == 6 and batch["first_divergence"].shape == (3,)
+    assert set(batch) == BATCH_KEYS | PACKED_KEYS  # pack_pairs is on by default: one row per pair
+    assert batch["input_ids"].shape[0] == 3 and batch["first_divergence"].shape == (3,)
+    assert batch["target_ids"].shape == (*batch["input_ids"].shape, 2)
     assert batch["has_step_scores"].all()
     assert len(list(datamodule.val_dataloader())) == 2  # 4 rows, eval batch size 3
 

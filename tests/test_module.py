@@ -14,11 +14,22 @@ from stepwise_lit.module import SettingError, StepwiseDPOModule
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
-@pytest.fixture(scope="module")
-def batch() -> dict:
-    datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=6, synthetic_val_size=2, batch_size=3, max_length=256)
+def make_batch(pack_pairs: bool) -> dict:
+    datamodule = StepwiseDataModule(
+        path="synthetic", synthetic_train_size=6, synthetic_val_size=2, batch_size=3, max_length=256, pack_pairs=pack_pairs
+    )
     datamodule.setup("fit")
     return next(iter(datamodule.train_dataloader()))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["unpacked", "packed"])
+def batch(request) -> dict:
+    return make_batch(request.param)
+
+
+@pytest.fixture(scope="module")
+def unpacked_batch() -> dict:
+    return make_batch(pack_pairs=False)
 
 
 def make_module(**settings) -> StepwiseDPOModule:
@@ -95,16 +106,17 @@ def test_gradients_reach_only_the_policy_and_reference_is_unchanged(batch, lora)
                 assert torch.equal(value, base_before[name]), name
 
 
-def test_one_pass_step_logps_equal_per_prefix_forwards(batch):
-    """Step t's log-prob from one forward equals log p(prefix through step t) − log p(prefix through
-    step t−1), each from a separate forward of the policy on that prefix alone."""
+def test_one_pass_step_logps_equal_per_prefix_forwards(batch, unpacked_batch):
+    """Step t's log-prob from one forward (of the unpacked or the packed batch) equals
+    log p(prefix through step t) − log p(prefix through step t−1), each from a separate forward
+    of the policy on that prefix alone."""
     module = make_module()
     num_steps = batch["step_mask"].shape[1]
     with torch.no_grad():
         one_pass = module._step_logps(module.policy, batch, num_steps)
-        for row in range(batch["input_ids"].shape[0]):
-            length = int(batch["attention_mask"][row].sum())
-            ids, step_ids = batch["input_ids"][row, :length], batch["step_ids"][row, :length]
+        for row in range(unpacked_batch["input_ids"].shape[0]):
+            length = int(unpacked_batch["attention_mask"][row].sum())
+            ids, step_ids = unpacked_batch["input_ids"][row, :length], unpacked_batch["step_ids"][row, :length]
             previous = 0.0
             for step in range(1, int(step_ids.max()) + 1):
                 end = int((step_ids <= step).nonzero().max()) + 1  # tokens through step `step`
@@ -115,8 +127,9 @@ def test_one_pass_step_logps_equal_per_prefix_forwards(batch):
                 previous = response_logp
 
 
-def test_swapping_chosen_and_rejected_negates_the_margin(batch):
+def test_swapping_chosen_and_rejected_negates_the_margin(unpacked_batch):
     """Swapping the halves of the batch swaps ρ(y_c) and ρ(y_r), so the reward margin changes sign."""
+    batch = unpacked_batch
     module = make_module(reference="none")
     out = module._shared_step(clone(batch))
     num_pairs = batch["first_divergence"].shape[0]
@@ -246,3 +259,27 @@ def test_predict_gives_the_training_paths_implicit_rewards(batch):
     torch.testing.assert_close(predicted["rejected_rewards"], 0.1 * out["logratios"][num_pairs:])
     torch.testing.assert_close(predicted["chosen_step_rewards"], 0.1 * out["step_logratios"][:num_pairs])
     torch.testing.assert_close(predicted["rejected_step_rewards"], 0.1 * out["step_logratios"][num_pairs:])
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients(batch):
+    """model.compile compiles each decoder layer (dynamic shapes) of the policy and the reference:
+    the loss and the policy gradients equal the uncompiled module's, and a second batch length
+    runs without error on the same compiled graphs."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        module = make_module(compile=compiled)
+        loss = module._shared_step(clone(batch))["loss"]
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    shorter = {k: v[..., :-8] if k in ("input_ids", "attention_mask", "step_ids", "position_ids", "segment_ids") else v
+               for k, v in clone(batch).items()}
+    if "target_ids" in shorter:
+        shorter["target_ids"], shorter["target_step_ids"] = batch["target_ids"][:, :-8], batch["target_step_ids"][:, :-8]
+    with torch.no_grad():
+        assert torch.isfinite(module._shared_step(shorter)["loss"])

@@ -10,17 +10,21 @@ import torch
 from torch.utils.data import BatchSampler, Sampler
 
 from stepwise_lit.data.formats import SIDES
+from stepwise_lit.data.packing import PADDING, pack_pair
 
 
 class StepwiseCollator:
-    """Stack B token rows as ``[chosen; rejected]``: ``2B`` right-padded rows.
+    """Stack B token rows as ``[chosen; rejected]``: ``2B`` right-padded rows, or,
+    packed, B rows ``[shared prefix | chosen rest | rejected rest]``.
 
     Args:
         pad_token_id: Id that fills ``input_ids`` past each row's end.
+        pack_pairs: Lay each pair out as one packed row (``stepwise_lit.data.packing``).
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, pack_pairs: bool = False) -> None:
         self.pad_token_id = pad_token_id
+        self.pack_pairs = pack_pairs
 
     def __call__(self, rows: Sequence[dict]) -> dict:
         """Collate token rows (see ``stepwise_lit.data.tokenize.tokenize_row``).
@@ -35,17 +39,18 @@ class StepwiseCollator:
             ``steps`` (2B lists of step texts). Rows ``0..B-1`` are chosen,
             ``B..2B-1`` rejected. Rows with a ``row_index`` (their position in the
             split, see ``StepwiseDataModule``) also give ``row_index`` long ``[B]``.
+
+            Packed (``pack_pairs``), the token tensors have one row per pair:
+            ``input_ids``, ``attention_mask``, ``position_ids``, ``segment_ids``
+            long ``[B, L]``, and ``target_ids``, ``target_step_ids`` long
+            ``[B, L, 2]`` (see ``stepwise_lit.data.packing``) instead of ``step_ids``.
         """
-        input_ids = [row[f"{side}_input_ids"] for side in SIDES for row in rows]
-        step_ids = [row[f"{side}_step_ids"] for side in SIDES for row in rows]
         step_scores = [row[f"{side}_step_scores"] for side in SIDES for row in rows]
         outcome_scores = torch.tensor([row[f"{side}_score"] for side in SIDES for row in rows], dtype=torch.float32)
         has_step_scores = torch.tensor([not any(map(math.isnan, scores)) for scores in step_scores])
         scores_tensor, step_mask = pad_step_scores(step_scores)  # [2B, S]
         batch = {
-            "input_ids": right_pad(input_ids, self.pad_token_id),  # [2B, L]
-            "attention_mask": right_pad([[1] * len(ids) for ids in input_ids], 0),  # [2B, L]
-            "step_ids": right_pad(step_ids, 0),  # [2B, L]
+            **(self._packed_tokens(rows) if self.pack_pairs else self._tokens(rows)),
             "step_scores": scores_tensor,
             "step_mask": step_mask,
             "has_step_scores": has_step_scores,  # [2B]
@@ -60,13 +65,35 @@ class StepwiseCollator:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)  # [B]
         return batch
 
+    def _tokens(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        input_ids = [row[f"{side}_input_ids"] for side in SIDES for row in rows]
+        return {
+            "input_ids": right_pad(input_ids, self.pad_token_id),  # [2B, L]
+            "attention_mask": right_pad([[1] * len(ids) for ids in input_ids], 0),  # [2B, L]
+            "step_ids": right_pad([row[f"{side}_step_ids"] for side in SIDES for row in rows], 0),  # [2B, L]
+        }
 
-def right_pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """Long tensor ``[N, max length]`` of the sequences, right-padded with ``value``."""
-    padded = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    return padded
+    def _packed_tokens(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        packed = [
+            pack_pair(row["chosen_input_ids"], row["chosen_step_ids"], row["rejected_input_ids"], row["rejected_step_ids"])
+            for row in rows
+        ]
+        return {
+            "input_ids": right_pad([p["input_ids"] for p in packed], self.pad_token_id),  # [B, L]
+            "attention_mask": right_pad([[1] * len(p["input_ids"]) for p in packed], 0),  # [B, L]
+            "position_ids": right_pad([p["position_ids"] for p in packed], 0),  # [B, L]
+            "segment_ids": right_pad([p["segment_ids"] for p in packed], PADDING),  # [B, L]
+            "target_ids": right_pad([p["target_ids"] for p in packed], 0),  # [B, L, 2]
+            "target_step_ids": right_pad([p["target_step_ids"] for p in packed], 0),  # [B, L, 2]
+        }
+
+
+def right_pad(sequences: Sequence[Sequence], value: int) -> torch.Tensor:
+    """Long tensor ``[N, max length, ...]`` of the sequences, right-padded with ``value``.
+
+    Elements may be ints, or equal-length lists of ints (a trailing dimension)."""
+    tensors = [torch.tensor(sequence, dtype=torch.long) for sequence in sequences]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value)
 
 
 def pad_step_scores(step_scores: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:

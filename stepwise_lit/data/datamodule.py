@@ -87,6 +87,11 @@ class StepwiseDataModule(L.LightningDataModule):
         seed: Seed for shuffling, the validation split, synthetic data and GSM8K
             corruptions.
         group_by_length: Batch rows of similar length together to cut padding.
+        pack_pairs: One row per pair, ``[shared prefix | chosen rest | rejected rest]``
+            (``stepwise_lit.data.packing``): the prompt, and whatever the two responses
+            begin with alike, is computed once, and nothing pads a chosen row to its
+            rejected row. Same log-probs up to float rounding. Needs a model with sdpa or
+            eager attention (4D masks; the module names this setting if not).
         synthetic_train_size: Synthetic training pairs.
         synthetic_val_size: Synthetic validation pairs (problems distinct from the
             training ones); 0 for no validation.
@@ -123,6 +128,7 @@ class StepwiseDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         seed: int = 0,
         group_by_length: bool = False,
+        pack_pairs: bool = True,
         synthetic_train_size: int = 2000,
         synthetic_val_size: int = 200,
         synthetic_max_value: int = 99,
@@ -159,6 +165,7 @@ class StepwiseDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.seed = seed
         self.group_by_length = group_by_length
+        self.pack_pairs = pack_pairs
         self.synthetic_train_size = synthetic_train_size
         self.synthetic_val_size = synthetic_val_size
         self.synthetic_max_value = synthetic_max_value
@@ -290,7 +297,7 @@ class StepwiseDataModule(L.LightningDataModule):
 
     def collator(self) -> StepwiseCollator:
         """The batch collator, padding with the tokenizer's pad id."""
-        return StepwiseCollator(self.tokenizer.pad_token_id)
+        return StepwiseCollator(self.tokenizer.pad_token_id, self.pack_pairs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, optionally grouped by length.

@@ -1,0 +1,151 @@
+"""Pair packing: the packed layout by hand, and packed log-probs, losses and gradients equal to
+the unpacked batch's (module level, plain and lean log-probs, sdpa and eager attention)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from stepwise_lit.data.collate import StepwiseCollator
+from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.data.packing import pack_pair, packed_attention_mask
+from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.module import SettingError, StepwiseDPOModule, _packed_mask_for
+
+TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
+
+
+def test_pack_pair_layout_by_hand():
+    """chosen  = [5, 6, 10, 11, 12, 9], steps [0, 0, 1, 1, 2, 2]
+    rejected = [5, 6, 10, 13, 9],      steps [0, 0, 1, 1, 2]
+    They share 3 tokens, so the row is [5 6 10 | 11 12 9 | 13 9]: the rejected rest restarts at
+    position 3. Chosen token j is predicted at position j − 1. Rejected tokens 1, 2 are predicted
+    at positions 0, 1 (prefix), token 3 (13) at the last prefix position 2, token 4 (9) at the
+    position of token 3 in the packed row, 6."""
+    packed = pack_pair([5, 6, 10, 11, 12, 9], [0, 0, 1, 1, 2, 2], [5, 6, 10, 13, 9], [0, 0, 1, 1, 2])
+    assert packed["input_ids"] == [5, 6, 10, 11, 12, 9, 13, 9]
+    assert packed["position_ids"] == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert packed["segment_ids"] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert [t[0] for t in packed["target_ids"]] == [6, 10, 11, 12, 9, 0, 0, 0]
+    assert [t[0] for t in packed["target_step_ids"]] == [0, 1, 1, 2, 2, 0, 0, 0]
+    assert [t[1] for t in packed["target_ids"]] == [6, 10, 13, 0, 0, 0, 9, 0]
+    assert [t[1] for t in packed["target_step_ids"]] == [0, 1, 1, 0, 0, 0, 2, 0]
+
+
+def test_pack_pair_edge_cases():
+    """A rejected side that is a prefix of the chosen one has no rest; sides that share no token
+    restart positions at 0 and nothing predicts the rejected side's first token."""
+    prefix = pack_pair([1, 2, 3, 4], [0, 1, 1, 2], [1, 2, 3], [0, 1, 1])
+    assert prefix["input_ids"] == [1, 2, 3, 4] and prefix["segment_ids"] == [0, 0, 0, 1]
+    assert [t[1] for t in prefix["target_ids"]] == [2, 3, 0, 0]
+    disjoint = pack_pair([1, 2], [0, 1], [7, 8], [0, 1])
+    assert disjoint["input_ids"] == [1, 2, 7, 8] and disjoint["position_ids"] == [0, 1, 0, 1]
+    assert [t[1] for t in disjoint["target_ids"]] == [0, 0, 8, 0]
+
+
+def test_packed_attention_mask_by_hand():
+    """Segments [0 0 0 1 1 1 2 2 3]: the chosen rest (3..5) sees the prefix and itself causally;
+    the rejected rest (6, 7) sees the prefix and itself, never positions 3..5; padding (8) sees
+    the prefix and itself. The additive form is 0 where the boolean one is True."""
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 3]])
+    mask = packed_attention_mask(segments)
+    assert mask.shape == (1, 1, 9, 9) and mask.dtype == torch.bool
+    visible = {query: mask[0, 0, query].nonzero().flatten().tolist() for query in range(9)}
+    assert visible[2] == [0, 1, 2]
+    assert visible[4] == [0, 1, 2, 3, 4]
+    assert visible[6] == [0, 1, 2, 6]
+    assert visible[7] == [0, 1, 2, 6, 7]
+    assert visible[8] == [0, 1, 2, 8]
+    additive = packed_attention_mask(segments, torch.float32)
+    assert torch.equal(additive == 0, mask)
+    assert (additive[~mask] == torch.finfo(torch.float32).min).all()
+
+
+def batches(tmp_path, source: str) -> tuple[dict, dict]:
+    """The same pairs collated unpacked and packed."""
+    if source == "synthetic":
+        datamodule = StepwiseDataModule(
+            path="synthetic", synthetic_train_size=8, synthetic_val_size=0, batch_size=4, max_length=256,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    else:  # ground truth vs a model's incorrect solution: pairs that share only the question
+        datamodule = StepwiseDataModule(
+            path=str(GSM8K), format="gsm8k", val_fraction=0.0, batch_size=4, max_length=512, require_scores=False,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    datamodule.setup("fit")
+    rows = [datamodule.train_dataset[i] for i in range(4)]
+    unpacked, packed = StepwiseCollator(0, pack_pairs=False)(rows), StepwiseCollator(0, pack_pairs=True)(rows)
+    for batch in (unpacked, packed):
+        batch["has_step_scores"][:] = True  # scores are not what these tests are about
+    return unpacked, packed
+
+
+def make_module(**settings) -> StepwiseDPOModule:
+    torch.manual_seed(0)
+    module = StepwiseDPOModule(tiny_model=TINY, **settings)
+    module.configure_model()
+    with torch.no_grad():  # a policy different from the reference, so log-ratios are not all 0
+        for parameter in module.policy.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return module
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("source", ["synthetic", "gsm8k"])
+@pytest.mark.parametrize("attention, lean", [("sdpa", False), ("sdpa", True), ("eager", False)])
+def test_packed_batch_gives_the_unpacked_log_probs_loss_and_gradients(tmp_path, source, attention, lean):
+    """Synthetic pairs share their steps up to the slip; GSM8K pairs share only the question.
+    Packed or not, the per-step log-probs agree within 1e-5 (relative), and so do the loss and
+    every policy gradient; the packed rows hold fewer tokens. The log-ratios, differences of
+    two log-probs of ~100 in fp32, agree within 1e-4."""
+    unpacked, packed = batches(tmp_path, source)
+    assert packed["attention_mask"].sum() < unpacked["attention_mask"].sum()
+    module = make_module(lean_logps=lean)
+    for model in (module.policy, module.reference_model):
+        model.config._attn_implementation = attention
+    num_steps = unpacked["step_mask"].shape[1]
+    with torch.no_grad():
+        expected = module._step_logps(module.policy, unpacked, num_steps)
+        actual = module._step_logps(module.policy, packed, num_steps)
+    assert (expected[unpacked["step_mask"]] != 0).all()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+    gradients = []
+    for batch in (unpacked, packed):
+        module.policy.zero_grad()
+        out = module._shared_step(copy.deepcopy(batch))
+        out["loss"].backward()
+        gradients.append((out, {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
+    (out_unpacked, grads_unpacked), (out_packed, grads_packed) = gradients
+    assert out_unpacked["step_logratios"].abs().max() > 0
+    for key in ("loss", "sft_loss"):
+        torch.testing.assert_close(out_packed[key], out_unpacked[key], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_packed["step_logratios"], out_unpacked["step_logratios"], atol=1e-4, rtol=1e-4)
+    for name, grad in grads_unpacked.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sft_warmup_loss_is_the_same_packed(tmp_path):
+    """The warm-up NLL uses the chosen side alone: the packed rows cut to the chosen width."""
+    unpacked, packed = batches(tmp_path, "synthetic")
+    module = make_module(sft_warmup_steps=1)
+    torch.testing.assert_close(
+        module._sft_warmup_step(packed)["loss"], module._sft_warmup_step(unpacked)["loss"], atol=1e-6, rtol=1e-6
+    )
+
+
+def test_packing_fails_naming_the_setting_for_attention_without_4d_masks():
+    segments = torch.zeros(1, 4, dtype=torch.long)
+    batch = {"segment_ids": segments, "position_ids": torch.arange(4)[None]}
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(SettingError, match="data.pack_pairs.*flash_attention_2"):
+        _packed_mask_for(flash, batch)
+    windowed = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", sliding_window=3))
+    with pytest.raises(SettingError, match="data.pack_pairs.*sliding window"):
+        _packed_mask_for(windowed, batch)
