@@ -13,7 +13,7 @@ splits each step, using only public hooks, into:
 
 The last step also runs under ``torch.profiler``, for the operators that take the time.
 
-    python bench/profile_step.py [--steps 3] [--reference copy|none]
+    python bench/profile_step.py [--steps 3] [--reference copy|none] [--unpacked]
 
 The last stdout line is JSON: the median seconds of every phase.
 """
@@ -100,11 +100,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--reference", choices=("copy", "none"), default="copy")
+    parser.add_argument("--unpacked", action="store_true", help="[chosen; rejected] rows (data.pack_pairs: false)")
     args = parser.parse_args()
 
     total_steps = args.steps + 2  # a warm-up step, the timed steps, a profiled step
     rows = token_rows(load_pairs(GSM8K_PATH, args.pairs_per_batch * total_steps, args.max_length), args.max_length)
-    loader = DataLoader(rows, batch_size=args.pairs_per_batch, shuffle=False, collate_fn=StepwiseCollator(0))
+    loader = DataLoader(rows, batch_size=args.pairs_per_batch, shuffle=False, collate_fn=StepwiseCollator(0, pack_pairs=not args.unpacked))
     module = StepwiseDPOModule(tiny_model=TinyModelConfig(**BENCH_MODEL), reference=args.reference,
                                export_on_fit_end=False,
                                optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True))
@@ -118,7 +119,8 @@ def main() -> None:
     timed = timer.steps[1:-1]
     medians = {phase: median([step.get(phase, 0.0) for step in timed]) for phase in PHASES}
     total = sum(medians.values())
-    print(f"{args.pairs_per_batch} pairs per batch, model {BENCH_MODEL}, reference {args.reference}, "
+    print(f"{args.pairs_per_batch} pairs per batch ({'unpacked' if args.unpacked else 'packed'}), "
+          f"model {BENCH_MODEL}, reference {args.reference}, "
           f"median of {len(timed)} steps")
     print_table(["phase", "seconds", "share"],
                 [[p, medians[p], f"{medians[p] / total:.0%}"] for p in PHASES] + [["total", total, "100%"]])
