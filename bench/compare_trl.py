@@ -21,7 +21,9 @@ TRL computes sigmoid DPO. Variants:
 - ``ours_precomputed``: ``ours`` with ``reference: precomputed`` (the reference pass runs
   in the warm-up step; the cache is cleared first so it does);
 - ``ours_unpacked``: ``ours`` with ``data.pack_pairs: false`` (``[chosen; rejected]`` rows,
-  TRL's layout), to show what packing gains.
+  TRL's layout), to show what packing gains;
+- ``ours_compiled`` (only when named in ``--variants``): ``ours`` with ``model.compile: true``
+  (the compilation runs in the warm-up step).
 
 Timing: all workers run at once, but only one computes at a time: each runs a warm-up step,
 then the driver releases them one training step each, in turn, round after round (A B C D,
@@ -64,8 +66,9 @@ BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediat
 """About 19.2M parameters with the byte-level vocabulary (259 tokens)."""
 LEARNING_RATE = 1e-5
 BETA = 0.1
-VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked")
-LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_unpacked": True}
+VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked", "ours_compiled")
+DEFAULT_VARIANTS = VARIANTS[:4]
+LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_unpacked": True, "ours_compiled": True}
 
 
 # ----------------------------------------------------------------------------- data
@@ -220,7 +223,7 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
         tiny_model=TinyModelConfig(**BENCH_MODEL), export_on_fit_end=False,
         reference="precomputed" if args.variant == "ours_precomputed" else "copy",
         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True),
-        step_beta=BETA, outcome_beta=BETA,
+        step_beta=BETA, outcome_beta=BETA, compile=args.variant == "ours_compiled",
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=32, max_steps=args.total_steps, gradient_clip_val=1.0,
@@ -379,7 +382,7 @@ def main() -> None:
     parser.add_argument("--pairs-per-batch", type=int, default=4, help="pairs per batch (2B rows)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after one warm-up step)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--num-steps", type=int, default=8, help="steps per response (--mode logps)")
     parser.add_argument("--scratch", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "stepwise_bench"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

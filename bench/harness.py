@@ -144,14 +144,19 @@ def lockstep(variants: dict[str, list[str]], script: str, steps: int, log_dir: s
     }
     warmup = {name: read_step(name, process) for name, process in processes.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    crosstalk: dict[str, list[float]] = {name: [] for name in variants}  # CPU s the idle workers used
     extra = []
     for round_index in range(steps):
         order = list(processes) if round_index % 2 == 0 else list(reversed(processes))
         for name in order:
+            before = {n: cpu_seconds(p.pid) for n, p in processes.items()}
             processes[name].stdin.write("go\n")
             processes[name].stdin.flush()
             times[name].append(read_step(name, processes[name]))
-        print(f"  step {round_index + 1}/{steps}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
+            others = sum(cpu_seconds(p.pid) - before[n] for n, p in processes.items() if n != name)
+            crosstalk[name].append(others)
+        print(f"  step {round_index + 1}/{steps}: "
+              + ", ".join(f"{n} {t[-1]:.2f} s (others' CPU {crosstalk[n][-1]:.2f} s)" for n, t in times.items()),
               file=sys.stderr)
         if between is not None:
             extra.append(between())
@@ -165,6 +170,13 @@ def lockstep(variants: dict[str, list[str]], script: str, steps: int, log_dir: s
             raise RuntimeError(f"worker {name} failed ({process.returncode}); see {log_dir}/{name}.log")
         results[name] = json.loads(lines[-1])
     return times, warmup, results, extra
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median(values: Sequence[float]) -> float:
