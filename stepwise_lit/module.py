@@ -363,7 +363,7 @@ class StepwiseDPOModule(L.LightningModule):
         num_pairs = batch["first_divergence"].shape[0]
         num_steps = batch["step_mask"].shape[1]
         # The reference first: its buffers come and go before the policy's activations pile up
-        # (measured: its forward ran 0.64 s this way vs 0.67-1.03 s after the policy's, bench model).
+        # (bench model: lower peak RSS and faster steps than the other order, see BENCHMARKS.md).
         reference_step_logps = self._reference_step_logps(batch, num_steps)  # [2B, S]
         policy_step_logps = self._step_logps(self.policy, batch, num_steps)  # [2B, S]
         step_logratios = (policy_step_logps - reference_step_logps) * batch["step_mask"]  # ρ_t, [2B, S]

@@ -1,6 +1,7 @@
 """StepwiseDataModule in one process: sources, splits, caching, shuffling, errors."""
 
 import json
+import math
 import logging
 from pathlib import Path
 
@@ -136,3 +137,25 @@ def test_bad_settings_fail_at_construction(tmp_path):
     missing = StepwiseDataModule(path=str(tmp_path / "nope.jsonl"), cache_dir=str(tmp_path))
     with pytest.raises(DataFormatError, match="nope.jsonl: data file not found"):
         missing.prepare_data()
+
+
+@pytest.mark.skipif(not (GSM8K.parent / "prm800k").is_dir(), reason="PRM800K data not found")
+def test_val_fraction_holds_out_whole_problems(tmp_path):
+    """PRM800K records give several pairs each (one per step with a +1 and a −1 completion):
+    the held-out share is counted in problems, and no problem has pairs on both sides."""
+    path = str(GSM8K.parent / "prm800k" / "prm800k_found_records.jsonl")
+    datamodule = StepwiseDataModule(path=path, format="prm800k", val_fraction=0.3, cache_dir=str(tmp_path))
+    datamodule.setup("fit")
+    train, val = prompts(datamodule.train_dataset), prompts(datamodule.val_dataset)
+    assert len(train) + len(val) == 24 and not set(map(json.dumps, train)) & set(map(json.dumps, val))
+    num_problems = len(set(map(json.dumps, train + val)))
+    assert len(set(map(json.dumps, val))) == math.ceil(0.3 * num_problems)
+    assert len(val) > len(set(map(json.dumps, val))) or len(train) > len(set(map(json.dumps, train)))
+
+
+def test_val_fraction_with_a_single_prompt_is_an_error(tmp_path):
+    rows = [{**pair, "prompt": "the same problem"} for pair in generate_pairs(4, seed=2)]
+    datamodule = StepwiseDataModule(path=write_jsonl(tmp_path / "one.jsonl", rows), format="stepwise",
+                                    val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataFormatError, match="val_fraction 0.25.*1 distinct prompt"):
+        datamodule.prepare_data()

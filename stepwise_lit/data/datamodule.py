@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import random
 import shutil
 import tempfile
 from functools import cached_property
@@ -61,8 +63,9 @@ class StepwiseDataModule(L.LightningDataModule):
         val_path: Validation data, read like ``path``; None splits ``val_fraction`` of
             the training rows off (or, for synthetic data, generates
             ``synthetic_val_size`` further pairs).
-        val_fraction: Share of training rows (files and hub datasets) held out for
-            validation when there is no ``val_path``; 0 for no validation.
+        val_fraction: Share of the training data's distinct prompts (files and hub
+            datasets) held out, with all their pairs, for validation when there is no
+            ``val_path``; 0 for no validation.
         format: Input format: ``delimited``, ``stepwise``, ``preference``, ``gsm8k``,
             ``prm800k`` or ``synthetic`` (ignored for the embedded synthetic data).
         split: Split of a hub dataset given as ``path``.
@@ -199,6 +202,7 @@ class StepwiseDataModule(L.LightningDataModule):
                     self.require_scores,
                     self.truncation,
                     self.seed,
+                    "val split by prompt",
                 ),
                 "settings": self.settings,
                 "tokenizer": Hasher.hash(self.tokenizer),
@@ -235,8 +239,31 @@ class StepwiseDataModule(L.LightningDataModule):
             return {"train": train, "val": self.tokenize(val_rows, val_source, f"{self.fingerprint}-val")}
         if self.val_fraction == 0:
             return {"train": train}
-        held_out = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
-        return {"train": held_out["train"], "val": held_out["test"]}
+        return self.split_by_prompt(train)
+
+    def split_by_prompt(self, rows: Dataset) -> dict[str, Dataset]:
+        """Hold out ``val_fraction`` of the distinct prompts (seeded), with every pair of each:
+        pairs of one problem (several PRM800K steps, several model solutions) never land on
+        both sides."""
+        prompts = sorted(set(rows["prompt_json"]))
+        random.Random(self.seed).shuffle(prompts)
+        num_val = math.ceil(self.val_fraction * len(prompts))
+        if num_val >= len(prompts):
+            raise DataFormatError(
+                f"val_fraction {self.val_fraction}: the {len(rows)} pairs have {len(prompts)} distinct prompt(s), "
+                "too few to hold some out; set val_path, or val_fraction: 0",
+                source=self.source_name(self.path),
+            )
+        val_prompts = set(prompts[:num_val])
+        is_val = [prompt in val_prompts for prompt in rows["prompt_json"]]
+        splits = {
+            "train": rows.select([i for i, held_out in enumerate(is_val) if not held_out]),
+            "val": rows.select([i for i, held_out in enumerate(is_val) if held_out]),
+        }
+        logger.info(
+            "validation: %d of %d prompts held out (%d of %d pairs)", num_val, len(prompts), len(splits["val"]), len(rows)
+        )
+        return splits
 
     def canonical_splits(self) -> tuple[list[dict], list[dict] | None]:
         """Validated canonical rows for training and validation.
