@@ -144,13 +144,16 @@ def test_val_fraction_holds_out_whole_problems(tmp_path):
     """PRM800K records give several pairs each (one per step with a +1 and a −1 completion):
     the held-out share is counted in problems, and no problem has pairs on both sides."""
     path = str(GSM8K.parent / "prm800k" / "prm800k_found_records.jsonl")
+    everything = StepwiseDataModule(path=path, format="prm800k", val_fraction=0.0, cache_dir=str(tmp_path))
+    everything.setup("fit")
+    all_prompts = list(map(json.dumps, prompts(everything.train_dataset)))
+    assert len(set(all_prompts)) < len(all_prompts), "some problem should give several pairs"
     datamodule = StepwiseDataModule(path=path, format="prm800k", val_fraction=0.3, cache_dir=str(tmp_path))
     datamodule.setup("fit")
-    train, val = prompts(datamodule.train_dataset), prompts(datamodule.val_dataset)
-    assert len(train) + len(val) == 24 and not set(map(json.dumps, train)) & set(map(json.dumps, val))
-    num_problems = len(set(map(json.dumps, train + val)))
-    assert len(set(map(json.dumps, val))) == math.ceil(0.3 * num_problems)
-    assert len(val) > len(set(map(json.dumps, val))) or len(train) > len(set(map(json.dumps, train)))
+    train = list(map(json.dumps, prompts(datamodule.train_dataset)))
+    val = list(map(json.dumps, prompts(datamodule.val_dataset)))
+    assert sorted(train + val) == sorted(all_prompts) and not set(train) & set(val)
+    assert len(set(val)) == math.ceil(0.3 * len(set(all_prompts)))
 
 
 def test_val_fraction_with_a_single_prompt_is_an_error(tmp_path):
