@@ -9,8 +9,10 @@ the rejected steps are scored by the rule verifier ``ArithmeticStepVerifier``
 (with the ground truth as reference). Questions are split by a hash of their
 text: ``--test-fraction`` of them are held out for evaluation, never trained on.
 
-Runs. The same embedded tiny Llama (random init, reference = a frozen copy of
-it) is trained for ``--epochs`` on the training pairs with
+Runs. The same embedded tiny Llama (random init) is first trained with SFT on the
+chosen solutions for ``--sft-warmup-steps`` steps, after which the reference is
+re-frozen from it (``model.sft_warmup_steps``: DPO against the SFT model, the usual
+recipe), then trained on the preference losses to the end of ``--epochs`` with
 (a) plain DPO (``step_loss_weight: 0``, ``outcome_loss_type: sigmoid``),
 (b) the default stepwise loss (``reward_weighted`` step loss + ``soft_label``
 outcome loss, 0.5 / 0.5) and (c) ``step_bce`` (+ ``soft_label`` outcome loss),
@@ -65,7 +67,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "study", help="output folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of questions held out")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--sft-warmup-steps", type=int, default=100,
+                        help="SFT steps on the chosen solutions before the preference losses (0: none)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=384, help="tokens (bytes) per prompt + response")
@@ -123,7 +127,8 @@ def evaluate(
         intermediate_size=3 * args.hidden_size,
     )
     model = StepwiseDPOModule(
-        tiny_model=shape, export_on_fit_end=False, optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr), **settings
+        tiny_model=shape, export_on_fit_end=False, sft_warmup_steps=args.sft_warmup_steps if train else 0,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, fused=True), **settings
     )
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
