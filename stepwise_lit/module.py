@@ -566,8 +566,10 @@ class StepwiseDPOModule(L.LightningModule):
             headline = "step_accuracy" if self.hparams.step_accuracy_metric == "accuracy" else "step_auroc"
             if headline in values:
                 scalars[f"{stage}/step_metric"] = values[headline]
-        self.log_dict(scalars, prog_bar=False)
-        self.log(f"{stage}_reward_acc", values["reward_accuracy"], prog_bar=True, logger=False)
+        # Already global (torchmetrics syncs its states); sync_dist only averages equal values
+        # and spares Lightning's per-metric warning under DDP.
+        self.log_dict(scalars, prog_bar=False, sync_dist=True)
+        self.log(f"{stage}_reward_acc", values["reward_accuracy"], prog_bar=True, logger=False, sync_dist=True)
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
