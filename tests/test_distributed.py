@@ -185,10 +185,10 @@ def environment() -> dict[str, str]:
     return {**inherited, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def start(config: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Starts `train.py fit` in a new session (so the whole process group can be signalled)."""
+def start(config: Path, *args: str, launcher: tuple[str, ...] = (), subcommand: str = "fit") -> subprocess.Popen:
+    """Starts `train.py <subcommand>` in a new session (so the whole process group can be signalled)."""
     log_path = config.parent / f"train-{time.monotonic_ns()}.log"
-    command = [sys.executable, *launcher, str(REPO / "train.py"), "fit", "--config", str(config), *args]
+    command = [sys.executable, *launcher, str(REPO / "train.py"), subcommand, "--config", str(config), *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=config.parent, env=environment(), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -298,6 +298,28 @@ def test_validation_metrics_are_global_and_skip_padding_rows(single, ddp, fsdp2)
         assert abs(means[0] - means[1]) > 1.0  # the value differs per rank
         global_mean = sum(r["weighted_sum"] for r in local) / VAL_PAIRS
         assert values["val/chosen_logps"] == pytest.approx(global_mean, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluation_report_under_ddp_counts_every_pair_once(single, tmp_path, cache):
+    """`validate` of the one-process checkpoint with a 2-process DDP run writes one report (rank 0)
+    whose figures are global: 7 pairs (not rank 0's 4, nor 8 with the repeated padding row), the
+    same metrics and step-reward distributions as a one-process `validate`."""
+    from stepwise_lit.cli import main
+
+    checkpoint = str(single.root / "checkpoints" / "last.ckpt")
+    here = write_config(tmp_path / "one", cache)
+    main(["validate", "--config", str(here), "--ckpt_path", checkpoint])
+    ddp_config = write_config(tmp_path / "two", cache, devices=2, strategy="ddp")
+    finish(start(ddp_config, "--ckpt_path", checkpoint, subcommand="validate"))
+    expected = json.loads((tmp_path / "one" / "report" / "val" / "report.json").read_text())
+    actual = json.loads((tmp_path / "two" / "report" / "val" / "report.json").read_text())
+    assert expected["num_pairs"] == actual["num_pairs"] == VAL_PAIRS
+    for name, value in expected["metrics"].items():
+        assert actual["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert actual["step_accuracy_by_index"] == pytest.approx(expected["step_accuracy_by_index"], rel=1e-4)
+    for kind in ("good", "bad"):
+        assert actual["step_rewards"][kind] == pytest.approx(expected["step_rewards"][kind], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow
