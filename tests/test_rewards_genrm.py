@@ -77,7 +77,7 @@ def table_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_scorer():
-    return GenerativeStepScorer(None, batch_size=3)
+    return GenerativeStepScorer("embedded", batch_size=3)
 
 
 def test_p_yes_matches_the_hand_built_logit_table(table_model_dir):
@@ -141,7 +141,7 @@ def test_scorer_stays_in_eval_mode_and_records_no_gradients(tiny_scorer):
 )
 def test_bad_template_is_a_start_up_error(template, message):
     with pytest.raises(ValueError, match=message):
-        GenerativeStepScorer(None, template=template)
+        GenerativeStepScorer("embedded", template=template)
 
 
 def test_missing_model_path_is_a_start_up_error(tmp_path):
@@ -164,3 +164,13 @@ def test_score_steps_checks_its_arguments(tiny_scorer):
     with pytest.raises(ValueError, match="response 0 has no steps"):
         tiny_scorer.score_steps(["a"], [[]])
     assert tiny_scorer.score_steps([], []) == []
+
+
+def test_a_scoring_config_without_model_name_or_path_fails(capsys):
+    """Leaving the verifier model out is an error naming the setting, not a run with the random
+    demo verifier (that one is asked for by name: `model_name_or_path: embedded`)."""
+    from stepwise_lit.score import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--scorer", "stepwise_lit.rewards.GenerativeStepScorer", "--input", "a", "--output", "b"])
+    assert "required: model_name_or_path" in capsys.readouterr().err

@@ -31,6 +31,8 @@ DEFAULT_TEMPLATE = (
 TEMPLATE_FIELDS = frozenset({"problem", "previous_steps", "step"})
 NO_PREVIOUS_STEPS = "(none)"
 TINY_MODEL_SEED = 0
+EMBEDDED_VERIFIER = "embedded"
+"""The `model_name_or_path` that builds the embedded tiny random verifier."""
 
 
 def check_template(template: str) -> None:
@@ -113,7 +115,7 @@ class GenerativeStepScorer(StepScorer):
 
     def __init__(
         self,
-        model_name_or_path: str | None,
+        model_name_or_path: str,
         template: str = DEFAULT_TEMPLATE,
         use_chat_template: bool = True,
         yes_token: str = "Yes",
@@ -131,8 +133,9 @@ class GenerativeStepScorer(StepScorer):
 
         Args:
             model_name_or_path: Hugging Face causal LM (local folder or Hub id in the
-                local cache). None builds the embedded tiny random verifier (demos and
-                tests only; its scores mean nothing).
+                local cache), or ``"embedded"`` for the embedded tiny random verifier
+                (demos and tests only; its scores mean nothing). Required: a config
+                that leaves it out fails rather than score with the random model.
             template: The verification question, with ``{step}`` and optionally
                 ``{problem}`` and ``{previous_steps}``; literal braces doubled.
             use_chat_template: Wrap the question in the tokenizer's chat template when it has one.
@@ -160,8 +163,8 @@ class GenerativeStepScorer(StepScorer):
                 "need num_rationales >= 0, batch_size >= 1, max_new_tokens >= 1 and temperature > 0; got "
                 f"{num_rationales}, {batch_size}, {max_new_tokens}, {temperature}"
             )
-        if model_name_or_path is None:
-            logger.warning("GenerativeStepScorer: model_name_or_path is null, using the tiny random demo verifier")
+        if model_name_or_path == EMBEDDED_VERIFIER:
+            logger.warning("GenerativeStepScorer: model_name_or_path is %r, the tiny random demo verifier", EMBEDDED_VERIFIER)
             self.model, self.tokenizer = build_tiny_verifier(yes_token, no_token)
         else:
             self.model, self.tokenizer = load_pretrained(
