@@ -49,13 +49,19 @@ class LossProbe(L.Callback):
             (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def train(reference: str, cache: Path, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None):
-    """Fit the tiny model on synthetic pairs; returns the loss probe and the precompute callback (or None)."""
+def data_and_module(reference: str, cache: Path) -> tuple[StepwiseDataModule, StepwiseDPOModule]:
+    """The synthetic pairs and the tiny module, seeded as every run here is."""
     L.seed_everything(0)
     datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=TRAIN_PAIRS, synthetic_val_size=VAL_PAIRS,
                                     batch_size=BATCH, max_length=1024, cache_dir=str(cache))
     module = StepwiseDPOModule(tiny_model=TinyModelConfig(**TINY), reference=reference, export_on_fit_end=False,
                                optimizer=lambda params: torch.optim.AdamW(params, lr=LR))
+    return datamodule, module
+
+
+def train(reference: str, cache: Path, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None):
+    """Fit the tiny model on synthetic pairs; returns the loss probe and the precompute callback (or None)."""
+    datamodule, module = data_and_module(reference, cache)
     probe = LossProbe()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=STEPS,
@@ -108,6 +114,32 @@ def test_resumed_run_reads_the_cache_it_cannot_recompute(tmp_path, cache, precom
     torch.testing.assert_close(torch.tensor(probe.losses), torch.tensor(precomputed[0].losses[1:]), rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="no cached reference log-probs"):
         train("precomputed", tmp_path / "empty-cache", tmp_path / "again", ckpt_path=last)
+
+
+def test_standalone_validate_and_predict_use_the_cached_reference(tmp_path, cache, live, precomputed):
+    """`validate` and `predict` of a checkpoint written by a precomputed run read the cached
+    validation table (nothing recomputed): the validation loss equals the live copy's, and the
+    predicted implicit rewards equal those of a live frozen copy on the same checkpoint."""
+    train("precomputed", cache, tmp_path / "fit")
+    last = str(tmp_path / "fit" / "checkpoints" / "last.ckpt")
+
+    def evaluate(reference: str):
+        datamodule, module = data_and_module(reference, cache)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(tmp_path / reference))
+        (metrics,) = trainer.validate(module, datamodule=datamodule, ckpt_path=last, weights_only=True, verbose=False)
+        predictions = trainer.predict(module, datamodule=datamodule, ckpt_path=last, weights_only=True)
+        callback = next((c for c in trainer.callbacks if isinstance(c, PrecomputedReference)), None)
+        return metrics, predictions, callback, module
+
+    metrics, predictions, callback, module = evaluate("precomputed")
+    assert callback.computed == [] and module.reference_model is None
+    torch.testing.assert_close(torch.tensor(metrics["val/loss"]), torch.tensor(live.val_loss), rtol=0, atol=1e-5)
+    _, live_predictions, _, _ = evaluate("copy")
+    assert any(p["chosen_rewards"].abs().max() > 0 for p in live_predictions), "rewards all 0: nothing was trained"
+    for cached, copied in zip(predictions, live_predictions, strict=True):
+        for key, value in copied.items():
+            torch.testing.assert_close(cached[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow
