@@ -61,7 +61,7 @@ class StepwiseDataModule(L.LightningDataModule):
             a hub dataset id or data folder (read with ``datasets.load_dataset``), or
             None / ``"synthetic"`` for the embedded synthetic arithmetic pairs.
         val_path: Validation data, read like ``path``; None splits ``val_fraction`` of
-            the training rows off (or, for synthetic data, generates
+            the training prompts off (or, for synthetic data, generates
             ``synthetic_val_size`` further pairs).
         val_fraction: Share of the training data's distinct prompts (files and hub
             datasets) held out, with all their pairs, for validation when there is no
