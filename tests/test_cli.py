@@ -86,3 +86,21 @@ def test_bad_data_file_ends_with_the_data_error_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     shown = run_cli("fit", *TINY_ARGS, f"--data.path={bad}", "--show_traceback", cwd=tmp_path)
     assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [["zephyr_gsm8k.yaml"], ["tiny.yaml", "fsdp.yaml"], ["tiny.yaml", "fsdp1_gpu.yaml"]],
+    ids=["zephyr_gsm8k", "tiny+fsdp", "tiny+fsdp1_gpu"],
+)
+def test_the_documented_configs_parse(tmp_path, configs):
+    """The configs meant for users' machines (not run here) parse as the CLI reads them, with
+    every setting they name known (a renamed setting would fail here, not on a user's GPU)."""
+    args = [arg for name in configs for arg in ("--config", str(REPO / "configs" / name))]
+    result = run_cli("fit", *args, "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    for name in configs:
+        for section, settings in yaml.safe_load((REPO / "configs" / name).read_text()).items():
+            if isinstance(settings, dict) and section in ("model", "data"):
+                assert set(settings) <= set(printed[section]), (name, section)
