@@ -55,9 +55,10 @@ class WeightedMean(Metric):
 
 
 class StepIndexAccuracy(Metric):
-    """Weighted accuracy per step index: a vector ``[max_steps]``, NaN where no step was seen.
+    """Weighted accuracy per step index, and the weighted number of steps it counts.
 
-    Steps at index ``max_steps`` or later are not counted.
+    ``compute`` gives two vectors ``[max_steps]``: the accuracy (NaN where no step
+    was seen) and the count. Steps at index ``max_steps`` or later are not counted.
     """
 
     full_state_update = False
@@ -79,30 +80,8 @@ class StepIndexAccuracy(Metric):
         self.correct[:counted] += (correct * weights).sum(0)[:counted]
         self.total[:counted] += weights.float().sum(0)[:counted]
 
-    def compute(self) -> torch.Tensor:
-        return self.correct / self.total
-
-
-class StepIndexCount(Metric):
-    """Weighted number of counted steps per step index: a vector ``[max_steps]``.
-
-    Steps at index ``max_steps`` or later are not counted.
-    """
-
-    full_state_update = False
-
-    def __init__(self, max_steps: int = 16, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.max_steps = max_steps
-        self.add_state("total", torch.zeros(max_steps), dist_reduce_fx="sum")
-
-    def update(self, weights: torch.Tensor) -> None:
-        """Add per-step weights ``[N, S]`` (0 for steps that do not count)."""
-        counted = min(weights.shape[-1], self.max_steps)
-        self.total[:counted] += weights.float().sum(0)[:counted]
-
-    def compute(self) -> torch.Tensor:
-        return self.total.clone()
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.correct / self.total, self.total.clone()
 
 
 class StepAUROC(BinaryAUROC):
@@ -187,8 +166,6 @@ class PreferenceMetrics(torch.nn.Module):
         self.step_auroc = StepAUROC()
         self.chosen_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
         self.rejected_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
-        self.chosen_steps_by_index = StepIndexCount(max_step_index)
-        self.rejected_steps_by_index = StepIndexCount(max_step_index)
         self.first_error_accuracy = WeightedMean()
         self.first_error_distance = WeightedMean()
 
@@ -255,8 +232,6 @@ class PreferenceMetrics(torch.nn.Module):
         num_pairs = chosen_rewards.shape[0]
         self.chosen_step_accuracy_by_index.update(agreement[:num_pairs], step_weights[:num_pairs])
         self.rejected_step_accuracy_by_index.update(agreement[num_pairs:], step_weights[num_pairs:])
-        self.chosen_steps_by_index.update(step_weights[:num_pairs])
-        self.rejected_steps_by_index.update(step_weights[num_pairs:])
         distance, has_bad_step = _first_error_distance(rejected_step_rewards, rejected_step_scores, rejected_mask)
         self.first_error_accuracy.update((distance == 0).float(), weight * has_bad_step)
         self.first_error_distance.update(distance, weight * has_bad_step)
@@ -268,10 +243,9 @@ class PreferenceMetrics(torch.nn.Module):
             value = getattr(self, name).compute()
             if not torch.isnan(value):
                 values[name] = value
-        values["chosen_step_accuracy_by_index"] = self.chosen_step_accuracy_by_index.compute()
-        values["rejected_step_accuracy_by_index"] = self.rejected_step_accuracy_by_index.compute()
-        values["chosen_steps_by_index"] = self.chosen_steps_by_index.compute()
-        values["rejected_steps_by_index"] = self.rejected_steps_by_index.compute()
+        for side in ("chosen", "rejected"):
+            accuracy, count = getattr(self, f"{side}_step_accuracy_by_index").compute()
+            values[f"{side}_step_accuracy_by_index"], values[f"{side}_steps_by_index"] = accuracy, count
         return values
 
     def reset(self) -> None:
