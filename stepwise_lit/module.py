@@ -205,14 +205,13 @@ class StepwiseDPOModule(L.LightningModule):
             if hp.lora is not None:
                 policy.enable_input_require_grads()
         self.policy = policy
+        fsdp1 = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         if hp.lean_logps:
-            strategy = self._trainer.strategy if self._trainer is not None else None
-            _check_lean_head(base, sharded=self.device_mesh is not None or isinstance(strategy, FSDPStrategy))
+            _check_lean_head(base, sharded=self.device_mesh is not None or fsdp1)
         if self.device_mesh is not None:
             self._fully_shard_models()
         if hp.compile:
-            strategy = self._trainer.strategy if self._trainer is not None else None
-            if isinstance(strategy, FSDPStrategy):
+            if fsdp1:
                 raise SettingError("model.compile: not supported with FSDPStrategy (FSDP1); use ModelParallelStrategy (FSDP2)")
             for model in (self.policy, self.reference_model):
                 for layer in decoder_layers(model) if model is not None else ():
