@@ -197,6 +197,7 @@ def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True):
 def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     """Train ``StepwiseDPOModule`` under a Lightning ``Trainer``, pausing at every step end."""
     import lightning as L
+    from torch.utils.data import DataLoader
 
     from stepwise_lit.data.collate import StepwiseCollator
     from stepwise_lit.models import TinyModelConfig
@@ -215,10 +216,9 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     computed = [batch["attention_mask"] for batch in datamodule.train_dataloader()]
-    unpacked = StepwiseCollator(datamodule.tokenizer.pad_token_id, pack_pairs=False)
-    rows = datamodule.train_dataset
-    masks = [unpacked([rows[i] for i in range(start, min(start + datamodule.batch_size, len(rows)))])["attention_mask"]
-             for start in range(0, len(rows), datamodule.batch_size)]
+    unpacked = DataLoader(datamodule.train_dataset, batch_size=datamodule.batch_size,
+                          collate_fn=StepwiseCollator(datamodule.tokenizer.pad_token_id, pack_pairs=False))
+    masks = [batch["attention_mask"] for batch in unpacked]  # the pairs as [chosen; rejected] rows, TRL's count
     module = StepwiseDPOModule(
         tiny_model=TinyModelConfig(**BENCH_MODEL), export_on_fit_end=False,
         reference="precomputed" if args.variant == "ours_precomputed" else "copy",
