@@ -13,8 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.data.formats import DataFormatError
-from stepwise_lit.module import SettingError, StepwiseDPOModule
+from stepwise_lit.errors import UserError
+from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.reports import StepRewardReport
 
 TRACEBACK_FLAG = "--show_traceback"
@@ -84,7 +84,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=argv,
         )
-    except (DataFormatError, SettingError) as error:
+    except UserError as error:
         if show_traceback:
             raise
         print(f"error: {error}\n(run again with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)

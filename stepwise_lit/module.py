@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
+from stepwise_lit.errors import SettingError
 from stepwise_lit.distributed import (
     CheckpointOnSigterm,
     broadcast_module,
@@ -51,9 +52,6 @@ log = logging.getLogger("stepwise_lit")
 
 ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
 
-
-class SettingError(ValueError):
-    """A module setting the losses cannot use; the message names the setting."""
 
 STEP_ACCURACY_METRICS = ("accuracy", "auroc")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

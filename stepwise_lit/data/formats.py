@@ -27,6 +27,8 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from stepwise_lit.errors import DataFormatError
+
 logger = logging.getLogger(__name__)
 
 SCORE_COMMAND = "python -m stepwise_lit.score"
@@ -42,46 +44,6 @@ CANONICAL_KEYS = (
     "reference_solution",
 )
 SIDES = ("chosen", "rejected")
-
-
-class DataFormatError(ValueError):
-    """A data record that cannot be used, in one paragraph.
-
-    The message reads ``"<source> row <index>: field '<field>': <problem>"``, with
-    the parts that are unknown left out.
-
-    Args:
-        problem: What is wrong, in words.
-        source: The file or dataset the record came from.
-        index: 0-based row index of the record in the source.
-        field: The offending field.
-        line: 1-based line number, for errors in a text file before rows exist.
-    """
-
-    def __init__(
-        self,
-        problem: str,
-        source: str | None = None,
-        index: int | None = None,
-        field: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        self.problem = problem
-        self.source = source
-        self.index = index
-        self.field = field
-        self.line = line
-        location = " ".join(
-            part
-            for part in (
-                source,
-                None if index is None else f"row {index}",
-                None if line is None else f"line {line}",
-            )
-            if part
-        )
-        prefixes = [part for part in (location, None if field is None else f"field '{field}'") if part]
-        super().__init__(": ".join([*prefixes, problem]))
 
 
 class RecordSkipped(Exception):
