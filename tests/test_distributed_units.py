@@ -13,13 +13,8 @@ import pytest
 import torch
 import yaml
 
-from stepwise_lit.distributed import (
-    CausalLMWrapPolicy,
-    MarkedRows,
-    PaddedShardSampler,
-    PairWeightCollator,
-    decoder_layers,
-)
+from stepwise_lit.data.sampling import MarkedRows, PaddedShardSampler, PairWeightCollator
+from stepwise_lit.distributed import CausalLMWrapPolicy, decoder_layers
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora
 from stepwise_lit.module import StepwiseDPOModule
