@@ -20,18 +20,16 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from stepwise_lit.errors import SettingError
 from stepwise_lit.distributed import (
-    CheckpointOnSigterm,
     broadcast_module,
     decoder_layers,
     full_state_dict,
     fully_shard_causal_lm,
-    gather_rng_states,
     is_sharded,
     load_whole_state_dict,
     reshard_frozen,
-    set_rng_state,
     whole_state_dict,
 )
+from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
 from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask
 from stepwise_lit.logps import next_token_targets, target_step_logps
 from stepwise_lit.losses import (
@@ -265,9 +263,9 @@ class StepwiseDPOModule(L.LightningModule):
         self._place_frozen_models()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """A checkpoint on SIGTERM (see `stepwise_lit.distributed.CheckpointOnSigterm`) and, with
+        """A checkpoint on SIGTERM or SIGINT (see `stepwise_lit.faults.CheckpointOnSignal`) and, with
         `reference: precomputed`, the reference pass and lookup (`stepwise_lit.precompute`)."""
-        callbacks = [CheckpointOnSigterm()]
+        callbacks = [CheckpointOnSignal()]
         if self.hparams.reference == "precomputed":  # fills batch["reference_step_logps"]
             callbacks.append(PrecomputedReference())
         return callbacks
