@@ -97,7 +97,9 @@ def resolve_aggregation(name: str) -> str | AggregationFunction:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise SettingError(f"{AGGREGATION_SETTING}: cannot import module {module_name!r} of {name!r}: {error}") from None
+        raise SettingError(
+            f"{AGGREGATION_SETTING}: cannot import module {module_name!r} of {name!r}: {error}"
+        ) from None
     if not hasattr(module, attribute):
         raise SettingError(f"{AGGREGATION_SETTING}: module {module_name!r} has no attribute {attribute!r}")
     function = getattr(module, attribute)
@@ -199,7 +201,7 @@ def outcome_loss(
     chosen_reward: torch.Tensor,
     rejected_reward: torch.Tensor,
     beta: float,
-    loss_type: str = "soft_label",
+    loss_type: OutcomeLossType = "soft_label",
     tau: float = 1.0,
     gamma: float = 1.0,
 ) -> torch.Tensor:
@@ -253,7 +255,7 @@ def step_loss(
     chosen_mask: torch.Tensor,
     rejected_mask: torch.Tensor,
     beta: float,
-    loss_type: str = "reward_weighted",
+    loss_type: StepLossType = "reward_weighted",
     alpha: float = 0.5,
     divergence: torch.Tensor | None = None,
 ) -> torch.Tensor:

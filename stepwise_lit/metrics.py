@@ -207,7 +207,8 @@ class PreferenceMetrics(torch.nn.Module):
                             ("step_mask", step_mask), ("verifier_rewards", verifier_rewards), ("logps", logps)):
             if value.shape[0] != 2 * num_pairs:
                 raise ValueError(
-                    f"PreferenceMetrics.update: {name} has {value.shape[0]} rows, expected 2 * num_pairs = {2 * num_pairs}"
+                    f"PreferenceMetrics.update: {name} has {value.shape[0]} rows, "
+                    f"expected 2 * num_pairs = {2 * num_pairs}"
                 )
         chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
         rewards = rewards.float()
@@ -226,7 +227,9 @@ class PreferenceMetrics(torch.nn.Module):
         step_rewards = step_rewards.float()
         if self.step_metrics:
             self._update_step_metrics(step_rewards, step_scores.float(), step_mask, weight, num_pairs)
-        distance, has_bad_step = _first_error_distance(step_rewards[rejected], step_scores[rejected], step_mask[rejected])
+        distance, has_bad_step = _first_error_distance(
+            step_rewards[rejected], step_scores[rejected], step_mask[rejected]
+        )
         self.first_error_accuracy.update((distance == 0).float(), weight * has_bad_step)
         self.first_error_distance.update(distance, weight * has_bad_step)
 
