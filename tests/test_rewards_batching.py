@@ -14,5 +14,5 @@ def test_batches_are_longest_first_padded_and_point_back_to_their_sequences():
     first = batches[0][1]
     assert first["input_ids"].tolist() == [[4, 5, 6], [8, 9, 0]]
     assert first["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    (_, left), = [batch for batch in padded_batches(model, sequences[1:], 2, pad_id=0, side="left")]
+    ((_, left),) = list(padded_batches(model, sequences[1:], 2, pad_id=0, side="left"))
     assert left["input_ids"].tolist() == [[4, 5, 6], [0, 8, 9]] and left["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
