@@ -256,8 +256,8 @@ def build_report(
         history_source: The metrics.csv the curves come from.
 
     Returns:
-        ``stage``, ``num_pairs`` (an int unless a pair weight is fractional), ``checkpoint``, ``global_step``, ``metrics`` (scalars; None
-        for NaN), ``step_accuracy_by_index`` (``step``: 1-based step numbers up to the last
+        ``stage``, ``num_pairs`` (an int unless a pair weight is fractional), ``checkpoint``,
+        ``global_step``, ``metrics`` (scalars; None for NaN), ``step_accuracy_by_index`` (``step``: 1-based step numbers up to the last
         one seen; ``chosen``, ``rejected``: accuracies; ``chosen_count``,
         ``rejected_count``: steps counted, ints unless a pair weight is fractional),
         ``step_rewards`` (``good``, ``bad``: summaries),
