@@ -257,11 +257,11 @@ def build_report(
 
     Returns:
         ``stage``, ``num_pairs`` (an int unless a pair weight is fractional), ``checkpoint``,
-        ``global_step``, ``metrics`` (scalars; None for NaN), ``step_accuracy_by_index`` (``step``: 1-based step numbers up to the last
-        one seen; ``chosen``, ``rejected``: accuracies; ``chosen_count``,
-        ``rejected_count``: steps counted, ints unless a pair weight is fractional),
-        ``step_rewards`` (``good``, ``bad``: summaries),
-        ``history`` (``source``, ``series``) or None.
+        ``global_step``, ``metrics`` (scalars; None for NaN), ``step_accuracy_by_index``
+        (``step``: 1-based step numbers up to the last one seen; ``chosen``, ``rejected``:
+        accuracies; ``chosen_count``, ``rejected_count``: steps counted, ints unless a pair
+        weight is fractional), ``step_rewards`` (``good``, ``bad``: summaries), ``history``
+        (``source``, ``series``) or None.
     """
     counts = values["chosen_steps_by_index"].cpu(), values["rejected_steps_by_index"].cpu()
     seen = ((counts[0] > 0) | (counts[1] > 0)).nonzero()
