@@ -7,27 +7,33 @@ are targets, not predictions: they are detached inside the losses.
 Notation: ``logratio = policy log-prob - reference log-prob`` (per sequence or
 per step), ``h_t = beta * step_logratio_t`` the implicit step reward, ``g_t``
 the verifier score of step ``t`` in [-1, 1].
+
+The choices are ``Literal`` types (for settings, so ``--help`` lists them and the parser
+rejects a typo); the tuples of their values are derived from them. Besides the built-in
+aggregations, a user function given by import path aggregates scores (`resolve_aggregation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-AGGREGATION_STRATEGIES = (
-    "sum",
-    "mean",
-    "weighted_sum",
-    "min",
-    "max",
-    "last",
-    "product",
-    "discounted",
-)
-OUTCOME_LOSS_TYPES = ("sigmoid", "soft_label", "margin", "distill", "ipo")
-STEP_LOSS_TYPES = ("reward_weighted", "step_bce", "first_divergence")
+from stepwise_lit.errors import SettingError
+
+AggregationName = Literal["sum", "mean", "weighted_sum", "min", "max", "last", "product", "discounted"]
+OutcomeLossType = Literal["sigmoid", "soft_label", "margin", "distill", "ipo"]
+StepLossType = Literal["reward_weighted", "step_bce", "first_divergence"]
+AGGREGATION_STRATEGIES: tuple[str, ...] = get_args(AggregationName)
+OUTCOME_LOSS_TYPES: tuple[str, ...] = get_args(OutcomeLossType)
+STEP_LOSS_TYPES: tuple[str, ...] = get_args(StepLossType)
+
+AggregationFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A user aggregation: ``fn(scores [N, S] float32, mask [N, S] bool) -> rewards [N]`` (floating)."""
+AGGREGATION_SETTING = "model.aggregation_strategy"
 
 
 def _check_choice(setting: str, value: str, valid: Sequence[str]) -> None:
@@ -66,10 +72,49 @@ def _step_weights(
     return weights[columns]
 
 
+def resolve_aggregation(name: str) -> str | AggregationFunction:
+    """The aggregation a setting names: a built-in name unchanged, or the function at an import path.
+
+    Args:
+        name: One of :data:`AGGREGATION_STRATEGIES`, or ``package.module.function``: a callable
+            that `aggregate_rewards` calls with the scores and mask (see there).
+
+    Returns:
+        ``name`` itself for a built-in, else the function.
+
+    Raises:
+        SettingError: (message starting ``model.aggregation_strategy:``) for an unknown name, a
+            module that cannot be imported, a missing attribute or one that is not callable.
+    """
+    if name in AGGREGATION_STRATEGIES:
+        return name
+    module_name, _, attribute = name.rpartition(".")
+    if not module_name or not attribute:
+        raise SettingError(
+            f"{AGGREGATION_SETTING}: unknown value {name!r}; choose one of {', '.join(AGGREGATION_STRATEGIES)}, "
+            "or give a function as package.module.function"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SettingError(
+            f"{AGGREGATION_SETTING}: cannot import module {module_name!r} of {name!r}: {error}"
+        ) from None
+    if not hasattr(module, attribute):
+        raise SettingError(f"{AGGREGATION_SETTING}: module {module_name!r} has no attribute {attribute!r}")
+    function = getattr(module, attribute)
+    if not callable(function):
+        raise SettingError(
+            f"{AGGREGATION_SETTING}: {name!r} is not callable (type {type(function).__name__}); "
+            "give a function of (scores, mask)"
+        )
+    return function
+
+
 def aggregate_rewards(
     scores: torch.Tensor,
     mask: torch.Tensor,
-    strategy: str,
+    strategy: str | AggregationFunction,
     weights: Sequence[float] | torch.Tensor | None = None,
     gamma: float = 0.9,
 ) -> torch.Tensor:
@@ -86,19 +131,30 @@ def aggregate_rewards(
 
     Masked steps are ignored by every strategy; a row with no real step gets 0.
 
+    A function (see `resolve_aggregation`) is called as ``strategy(scores, mask)`` with the
+    scores as the built-ins see them: float32, detached, 0 on masked steps (so padding never
+    leaks in, whatever value it held), and the mask as bool. It must return a floating tensor
+    ``[N]`` of finite values; ``weights`` and ``gamma`` are not passed to it.
+
     Args:
         scores: ``[N, S]`` step scores in [-1, 1] (any value where masked).
         mask: ``[N, S]`` bool, True on real steps.
-        strategy: one of :data:`AGGREGATION_STRATEGIES`.
+        strategy: one of :data:`AGGREGATION_STRATEGIES`, or an aggregation function.
         weights: per-step weights for ``weighted_sum`` (length ≥ 1).
         gamma: discount for ``discounted``.
 
     Returns:
         ``[N]`` float32 rewards (no gradient).
+
+    Raises:
+        ValueError: for an unknown strategy name or empty ``weights``.
+        SettingError: when a function returns anything but finite floats of shape ``[N]``.
     """
-    _check_choice("aggregation strategy", strategy, AGGREGATION_STRATEGIES)
     mask = mask.bool()
     scores = torch.where(mask, scores.detach().float(), 0.0)  # [N, S], 0 on masked steps
+    if callable(strategy):
+        return _checked_reward(strategy, strategy(scores, mask), scores.shape[0])
+    _check_choice("aggregation strategy", strategy, AGGREGATION_STRATEGIES)
     num_real = mask.sum(-1)  # [N]
     has_steps = num_real > 0
     num_columns = scores.shape[-1]
@@ -122,13 +178,30 @@ def aggregate_rewards(
     return torch.where(has_steps, reward, 0.0)
 
 
+def _checked_reward(function: AggregationFunction, reward: object, num_responses: int) -> torch.Tensor:
+    """A user aggregation's result as float32 ``[N]``, or a `SettingError` naming the function."""
+    name = f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', repr(function))}"
+    expected = f"a floating tensor of shape [{num_responses}] (one reward per response)"
+    if not isinstance(reward, torch.Tensor):
+        problem = f"a {type(reward).__name__}"
+    elif not reward.is_floating_point():
+        problem = f"a {reward.dtype} tensor"
+    elif reward.shape != (num_responses,):
+        problem = f"shape {list(reward.shape)}"
+    elif not torch.isfinite(reward).all():
+        problem = "non-finite values"
+    else:
+        return reward.detach().float()
+    raise SettingError(f"{AGGREGATION_SETTING}: {name} returned {problem}; expected {expected}")
+
+
 def outcome_loss(
     chosen_logratio: torch.Tensor,
     rejected_logratio: torch.Tensor,
     chosen_reward: torch.Tensor,
     rejected_reward: torch.Tensor,
     beta: float,
-    loss_type: str = "soft_label",
+    loss_type: OutcomeLossType = "soft_label",
     tau: float = 1.0,
     gamma: float = 1.0,
 ) -> torch.Tensor:
@@ -182,7 +255,7 @@ def step_loss(
     chosen_mask: torch.Tensor,
     rejected_mask: torch.Tensor,
     beta: float,
-    loss_type: str = "reward_weighted",
+    loss_type: StepLossType = "reward_weighted",
     alpha: float = 0.5,
     divergence: torch.Tensor | None = None,
 ) -> torch.Tensor:

@@ -137,6 +137,15 @@ class PreferenceMetrics(torch.nn.Module):
     - ``reward_margin``, ``chosen_reward``, ``rejected_reward``: mean implicit rewards
     - ``chosen_logps``, ``rejected_logps``: mean policy sequence log-probs
     - ``verifier_agreement``: fraction of pairs with ``R_c > R_r``
+    - ``first_error_accuracy``: over rejected responses with a step the verifier
+      marks bad (``g_t < 0``; with -1/0/+1 labels, a -1 step), the fraction whose
+      lowest implicit step reward ``h_t`` (over its real steps; the first on ties)
+      is at the first bad step; absent when there is no such response
+    - ``first_error_distance``: over the same responses, the mean absolute
+      distance in steps between the lowest-``h_t`` step and the first bad step
+
+    and, with ``step_metrics`` (the step keys):
+
     - ``step_accuracy``: fraction of real steps with ``g_t != 0`` (both responses)
       where ``sign(h_t) == sign(g_t)``; absent when there is no such step
     - ``step_auroc``: AUROC of ``h_t`` for ``g_t > 0`` over the same steps;
@@ -146,82 +155,98 @@ class PreferenceMetrics(torch.nn.Module):
       NaN where no step was seen
     - ``chosen_steps_by_index``, ``rejected_steps_by_index``: vectors
       ``[max_step_index]``, the (weighted) number of steps those accuracies count
-    - ``first_error_accuracy``: over rejected responses with a step the verifier
-      marks bad (``g_t < 0``; with -1/0/+1 labels, a -1 step), the fraction whose
-      lowest implicit step reward ``h_t`` (over its real steps; the first on ties)
-      is at the first bad step; absent when there is no such response
-    - ``first_error_distance``: over the same responses, the mean absolute
-      distance in steps between the lowest-``h_t`` step and the first bad step
 
     AUROC counts a step when its pair weight is > 0 (it takes no fractional weights).
 
     Args:
-        max_step_index: length of the per-index step accuracy vectors.
+        max_step_index: Length of the per-index step accuracy vectors.
+        step_metrics: Compute the step keys; False skips their work (the AUROC alone keeps
+            every counted step's reward until ``compute``) and leaves them out of ``compute``.
     """
 
-    def __init__(self, max_step_index: int = 16) -> None:
+    def __init__(self, max_step_index: int = 16, step_metrics: bool = True) -> None:
         super().__init__()
+        self.step_metrics = step_metrics
         self.pair_means = torch.nn.ModuleDict({name: WeightedMean() for name in PAIR_METRICS})
-        self.step_accuracy = WeightedMean()
-        self.step_auroc = StepAUROC()
-        self.chosen_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
-        self.rejected_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
+        if step_metrics:
+            self.step_accuracy = WeightedMean()
+            self.step_auroc = StepAUROC()
+            self.chosen_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
+            self.rejected_step_accuracy_by_index = StepIndexAccuracy(max_step_index)
         self.first_error_accuracy = WeightedMean()
         self.first_error_distance = WeightedMean()
 
     @torch.no_grad()
     def update(
         self,
-        chosen_rewards: torch.Tensor,
-        rejected_rewards: torch.Tensor,
-        chosen_step_rewards: torch.Tensor,
-        rejected_step_rewards: torch.Tensor,
-        chosen_step_scores: torch.Tensor,
-        rejected_step_scores: torch.Tensor,
-        chosen_mask: torch.Tensor,
-        rejected_mask: torch.Tensor,
-        chosen_verifier_rewards: torch.Tensor,
-        rejected_verifier_rewards: torch.Tensor,
-        chosen_logps: torch.Tensor,
-        rejected_logps: torch.Tensor,
+        rewards: torch.Tensor,
+        step_rewards: torch.Tensor,
+        step_scores: torch.Tensor,
+        step_mask: torch.Tensor,
+        verifier_rewards: torch.Tensor,
+        logps: torch.Tensor,
+        num_pairs: int,
         weight: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch of N pairs.
+        """Add a batch of N pairs; every ``[2N, ...]`` tensor holds the N chosen rows, then the N rejected.
 
         Args:
-            chosen_rewards: ``[N]`` implicit reward ``beta_o * logratio`` of the chosen response.
-            rejected_rewards: ``[N]`` the same for the rejected response.
-            chosen_step_rewards: ``[N, S]`` implicit step rewards ``h_t`` of the chosen response.
-            rejected_step_rewards: ``[N, S]`` the same for the rejected response.
-            chosen_step_scores: ``[N, S]`` verifier step scores ``g_t`` of the chosen response.
-            rejected_step_scores: ``[N, S]`` the same for the rejected response.
-            chosen_mask: ``[N, S]`` bool, real steps of the chosen response.
-            rejected_mask: ``[N, S]`` bool, real steps of the rejected response.
-            chosen_verifier_rewards: ``[N]`` verifier outcome reward ``R_c``.
-            rejected_verifier_rewards: ``[N]`` verifier outcome reward ``R_r``.
-            chosen_logps: ``[N]`` policy sequence log-prob of the chosen response.
-            rejected_logps: ``[N]`` the same for the rejected response.
+            rewards: ``[2N]`` implicit reward ``beta_o * logratio`` of each response.
+            step_rewards: ``[2N, S]`` implicit step rewards ``h_t``.
+            step_scores: ``[2N, S]`` verifier step scores ``g_t``.
+            step_mask: ``[2N, S]`` bool, real steps.
+            verifier_rewards: ``[2N]`` verifier outcome rewards ``R``.
+            logps: ``[2N]`` policy sequence log-probs.
+            num_pairs: N.
             weight: ``[N]`` per-pair weight (0 for padding duplicates); default all 1.
+
+        Raises:
+            ValueError: When a tensor does not have ``2 * num_pairs`` rows.
         """
-        chosen_rewards, rejected_rewards = chosen_rewards.float(), rejected_rewards.float()
-        if weight is None:
-            weight = torch.ones_like(chosen_rewards)
-        weight = weight.float()
+        for name, value in (("rewards", rewards), ("step_rewards", step_rewards), ("step_scores", step_scores),
+                            ("step_mask", step_mask), ("verifier_rewards", verifier_rewards), ("logps", logps)):
+            if value.shape[0] != 2 * num_pairs:
+                raise ValueError(
+                    f"PreferenceMetrics.update: {name} has {value.shape[0]} rows, "
+                    f"expected 2 * num_pairs = {2 * num_pairs}"
+                )
+        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        rewards = rewards.float()
+        weight = torch.ones_like(rewards[chosen]) if weight is None else weight.float()  # [N]
         pair_values = {
-            "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
-            "reward_margin": chosen_rewards - rejected_rewards,
-            "chosen_reward": chosen_rewards,
-            "rejected_reward": rejected_rewards,
-            "chosen_logps": chosen_logps.float(),
-            "rejected_logps": rejected_logps.float(),
-            "verifier_agreement": (chosen_verifier_rewards > rejected_verifier_rewards).float(),
+            "reward_accuracy": (rewards[chosen] > rewards[rejected]).float(),
+            "reward_margin": rewards[chosen] - rewards[rejected],
+            "chosen_reward": rewards[chosen],
+            "rejected_reward": rewards[rejected],
+            "chosen_logps": logps[chosen].float(),
+            "rejected_logps": logps[rejected].float(),
+            "verifier_agreement": (verifier_rewards[chosen] > verifier_rewards[rejected]).float(),
         }
         for name, values in pair_values.items():
             self.pair_means[name].update(values, weight)
+        step_rewards = step_rewards.float()
+        if self.step_metrics:
+            self._update_step_metrics(step_rewards, step_scores.float(), step_mask, weight, num_pairs)
+        distance, has_bad_step = _first_error_distance(
+            step_rewards[rejected], step_scores[rejected], step_mask[rejected]
+        )
+        self.first_error_accuracy.update((distance == 0).float(), weight * has_bad_step)
+        self.first_error_distance.update(distance, weight * has_bad_step)
 
-        step_rewards = torch.cat([chosen_step_rewards, rejected_step_rewards]).float()  # [2N, S]
-        step_scores = torch.cat([chosen_step_scores, rejected_step_scores]).float()
-        counted = torch.cat([chosen_mask, rejected_mask]).bool() & (step_scores != 0)
+    def _update_step_metrics(
+        self, step_rewards: torch.Tensor, step_scores: torch.Tensor, step_mask: torch.Tensor, weight: torch.Tensor,
+        num_pairs: int,
+    ) -> None:
+        """Step accuracy (overall and by index) and AUROC over real steps with ``g_t != 0``.
+
+        Args:
+            step_rewards: ``[2N, S]`` float ``h_t``, chosen rows first.
+            step_scores: ``[2N, S]`` float ``g_t``.
+            step_mask: ``[2N, S]`` bool, real steps.
+            weight: ``[N]`` float pair weights.
+            num_pairs: N.
+        """
+        counted = step_mask.bool() & (step_scores != 0)
         step_weights = weight.repeat(2).unsqueeze(-1) * counted  # [2N, S]
         agreement = _sign_agreement(step_rewards, step_scores)  # [2N, S]
         self.step_accuracy.update(agreement, step_weights)
@@ -229,23 +254,21 @@ class PreferenceMetrics(torch.nn.Module):
         # sigmoid keeps AUROC's ranking and puts every batch in [0, 1], so torchmetrics
         # never applies its own per-batch sigmoid to some batches and not to others.
         self.step_auroc.update(torch.sigmoid(step_rewards).flatten(), auroc_target.flatten())
-        num_pairs = chosen_rewards.shape[0]
         self.chosen_step_accuracy_by_index.update(agreement[:num_pairs], step_weights[:num_pairs])
         self.rejected_step_accuracy_by_index.update(agreement[num_pairs:], step_weights[num_pairs:])
-        distance, has_bad_step = _first_error_distance(rejected_step_rewards, rejected_step_scores, rejected_mask)
-        self.first_error_accuracy.update((distance == 0).float(), weight * has_bad_step)
-        self.first_error_distance.update(distance, weight * has_bad_step)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Metric values (see the class docstring for the keys)."""
         values = {name: metric.compute() for name, metric in self.pair_means.items()}
-        for name in ("step_accuracy", "step_auroc", "first_error_accuracy", "first_error_distance"):
+        optional = ("step_accuracy", "step_auroc") if self.step_metrics else ()
+        for name in (*optional, "first_error_accuracy", "first_error_distance"):
             value = getattr(self, name).compute()
             if not torch.isnan(value):
                 values[name] = value
-        for side in ("chosen", "rejected"):
-            accuracy, count = getattr(self, f"{side}_step_accuracy_by_index").compute()
-            values[f"{side}_step_accuracy_by_index"], values[f"{side}_steps_by_index"] = accuracy, count
+        if self.step_metrics:
+            for side in ("chosen", "rejected"):
+                accuracy, count = getattr(self, f"{side}_step_accuracy_by_index").compute()
+                values[f"{side}_step_accuracy_by_index"], values[f"{side}_steps_by_index"] = accuracy, count
         return values
 
     def reset(self) -> None:

@@ -20,18 +20,16 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from stepwise_lit.errors import SettingError
 from stepwise_lit.distributed import (
-    CheckpointOnSigterm,
     broadcast_module,
     decoder_layers,
     full_state_dict,
     fully_shard_causal_lm,
-    gather_rng_states,
     is_sharded,
     load_whole_state_dict,
     reshard_frozen,
-    set_rng_state,
     whole_state_dict,
 )
+from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
 from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask
 from stepwise_lit.logps import next_token_targets, target_step_logps
 from stepwise_lit.losses import (
@@ -174,8 +172,8 @@ class StepwiseDPOModule(L.LightningModule):
         self.__dict__["reward_model"] = reward_model
         if reward_model is not None:
             reward_model.eval().requires_grad_(False)
-        self.train_metrics = PreferenceMetrics()
-        self.val_metrics = PreferenceMetrics()
+        self.train_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
+        self.val_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
         self.nonfinite_steps = 0
         self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
         self._reference_from_warmup = False  # the reference was re-frozen after the SFT warm-up
@@ -265,9 +263,9 @@ class StepwiseDPOModule(L.LightningModule):
         self._place_frozen_models()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """A checkpoint on SIGTERM (see `stepwise_lit.distributed.CheckpointOnSigterm`) and, with
+        """A checkpoint on SIGTERM or SIGINT (see `stepwise_lit.faults.CheckpointOnSignal`) and, with
         `reference: precomputed`, the reference pass and lookup (`stepwise_lit.precompute`)."""
-        callbacks = [CheckpointOnSigterm()]
+        callbacks = [CheckpointOnSignal()]
         if self.hparams.reference == "precomputed":  # fills batch["reference_step_logps"]
             callbacks.append(PrecomputedReference())
         return callbacks
@@ -395,27 +393,18 @@ class StepwiseDPOModule(L.LightningModule):
             "rewards": rewards,
         }
 
-    def _metric_inputs(self, batch: dict, out: dict) -> dict[str, torch.Tensor | None]:
+    def _metric_inputs(self, batch: dict, out: dict) -> dict[str, torch.Tensor | int | None]:
         """The `PreferenceMetrics.update` arguments of a batch: implicit and verifier rewards,
-        per pair and per step, step scores and masks, and the per-pair weights."""
+        per response and per step, step scores and masks, and the per-pair weights."""
         hp = self.hparams
-        num_pairs = batch["first_divergence"].shape[0]
-        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
-        step_rewards = hp.step_beta * out["step_logratios"]  # h_t, [2B, S]
-        seq_logps = out["policy_step_logps"].sum(-1)
         return dict(
-            chosen_rewards=hp.outcome_beta * out["logratios"][chosen],
-            rejected_rewards=hp.outcome_beta * out["logratios"][rejected],
-            chosen_step_rewards=step_rewards[chosen],
-            rejected_step_rewards=step_rewards[rejected],
-            chosen_step_scores=batch["step_scores"][chosen],
-            rejected_step_scores=batch["step_scores"][rejected],
-            chosen_mask=batch["step_mask"][chosen],
-            rejected_mask=batch["step_mask"][rejected],
-            chosen_verifier_rewards=out["rewards"][chosen],
-            rejected_verifier_rewards=out["rewards"][rejected],
-            chosen_logps=seq_logps[chosen],
-            rejected_logps=seq_logps[rejected],
+            rewards=hp.outcome_beta * out["logratios"],  # [2B]
+            step_rewards=hp.step_beta * out["step_logratios"],  # h_t, [2B, S]
+            step_scores=batch["step_scores"],
+            step_mask=batch["step_mask"],
+            verifier_rewards=out["rewards"],
+            logps=out["policy_step_logps"].sum(-1),
+            num_pairs=batch["first_divergence"].shape[0],
             weight=batch.get("pair_weights"),
         )
 

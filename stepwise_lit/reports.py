@@ -112,9 +112,9 @@ class StepRewardReport(L.Callback):
             accumulator.to(pl_module.device)
             accumulator.reset()
 
-    def _collect(self, outputs: dict[str, torch.Tensor | None]) -> None:
+    def _collect(self, outputs: dict[str, torch.Tensor | int | None]) -> None:
         """Adds one batch: the `PreferenceMetrics.update` arguments an eval step returns."""
-        if not isinstance(outputs, dict) or "rejected_step_rewards" not in outputs:
+        if not isinstance(outputs, dict) or "step_rewards" not in outputs:
             raise RuntimeError(
                 "StepRewardReport needs the eval step to return the PreferenceMetrics.update arguments "
                 "(StepwiseDPOModule's validation_step/test_step do)."
@@ -122,10 +122,10 @@ class StepRewardReport(L.Callback):
         self.metrics.update(**outputs)
         weight = outputs.get("weight")
         if weight is None:
-            weight = torch.ones_like(outputs["chosen_rewards"])
-        step_rewards = torch.cat([outputs["chosen_step_rewards"], outputs["rejected_step_rewards"]]).float()
-        step_scores = torch.cat([outputs["chosen_step_scores"], outputs["rejected_step_scores"]])
-        counted = torch.cat([outputs["chosen_mask"], outputs["rejected_mask"]]).bool() & (weight.repeat(2) > 0)[:, None]
+            weight = torch.ones(outputs["num_pairs"], device=outputs["rewards"].device)
+        step_rewards = outputs["step_rewards"].float()  # [2N, S], chosen rows first
+        step_scores = outputs["step_scores"]
+        counted = outputs["step_mask"].bool() & (weight.repeat(2) > 0)[:, None]
         self.good_step_rewards.update(step_rewards[counted & (step_scores > 0)])
         self.bad_step_rewards.update(step_rewards[counted & (step_scores < 0)])
         self.num_pairs.update(weight.float().sum())
@@ -203,6 +203,13 @@ def _concatenated(metric: CatMetric) -> torch.Tensor:
     return values.cpu() if isinstance(values, torch.Tensor) else torch.empty(0)
 
 
+def _count(value: float | torch.Tensor) -> int | float:
+    """A weighted count for JSON: an int when whole, as it is with the 0/1 pair weights of the
+    evaluation padding; a float otherwise (fractional pair weights give fractional counts)."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
 def _number(value: float | torch.Tensor) -> float | None:
     """A JSON number: float, or None for NaN / inf."""
     value = float(value)
@@ -249,11 +256,12 @@ def build_report(
         history_source: The metrics.csv the curves come from.
 
     Returns:
-        ``stage``, ``num_pairs``, ``checkpoint``, ``global_step``, ``metrics`` (scalars; None
-        for NaN), ``step_accuracy_by_index`` (``step``: 1-based step numbers up to the last
-        one seen; ``chosen``, ``rejected``: accuracies; ``chosen_count``,
-        ``rejected_count``: steps counted), ``step_rewards`` (``good``, ``bad``: summaries),
-        ``history`` (``source``, ``series``) or None.
+        ``stage``, ``num_pairs`` (an int unless a pair weight is fractional), ``checkpoint``,
+        ``global_step``, ``metrics`` (scalars; None for NaN), ``step_accuracy_by_index``
+        (``step``: 1-based step numbers up to the last one seen; ``chosen``, ``rejected``:
+        accuracies; ``chosen_count``, ``rejected_count``: steps counted, ints unless a pair
+        weight is fractional), ``step_rewards`` (``good``, ``bad``: summaries), ``history``
+        (``source``, ``series``) or None.
     """
     counts = values["chosen_steps_by_index"].cpu(), values["rejected_steps_by_index"].cpu()
     seen = ((counts[0] > 0) | (counts[1] > 0)).nonzero()
@@ -261,10 +269,10 @@ def build_report(
     by_index = {"step": list(range(1, num_indices + 1))}
     for side, count in zip(("chosen", "rejected"), counts):
         by_index[side] = [_number(v) for v in values[f"{side}_step_accuracy_by_index"][:num_indices]]
-        by_index[f"{side}_count"] = count[:num_indices].tolist()
+        by_index[f"{side}_count"] = [_count(c) for c in count[:num_indices].tolist()]
     return {
         "stage": stage,
-        "num_pairs": num_pairs,
+        "num_pairs": _count(num_pairs),
         "checkpoint": checkpoint,
         "global_step": global_step,
         "metrics": {name: _number(value) for name, value in values.items() if value.numel() == 1},

@@ -1,6 +1,6 @@
 """Multi-process training from `train.py` on CPU (gloo, 2 processes): DDP and FSDP2 against one
 process, global validation metrics, checkpoints without the reference, SIGKILL / SIGTERM and
-resume, a 2-node torchrun layout, and a NaN loss on one rank.
+resume, SIGINT and resume, a 2-node torchrun layout, and a NaN loss on one rank.
 
 The runs share a tokenized-data cache and are reused across tests (module-scoped fixtures):
 one process (in this process), DDP and FSDP2 each train the same 8 steps (2 epochs of 16 pairs,
@@ -391,6 +391,24 @@ def test_sigterm_to_rank_0_saves_a_checkpoint_of_the_step_reached_ddp(ddp, tmp_p
     weight_sum = sum(v.double().sum().item() for v in checkpoint["state_dict"].values())
     assert weight_sum == ddp.records(0)[4]["weight_sum"]
     assert [r["step"] for r in Run(tmp_path).records(1)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_that_resumes_like_the_uninterrupted_run(single, tmp_path, cache):
+    """Ctrl-C (SIGINT) to a one-process `train.py fit` while it waits before a random step: that
+    step finishes, `last.ckpt` (the only checkpoint: the periodic ones are off) holds it, the run
+    exits 130, and `--ckpt_path last` ends on the uninterrupted run's weights, losses and draws."""
+    config = write_config(tmp_path, cache, checkpoint_every=1000, hold_after=random.randint(2, STEPS - 2))
+    process = start(config)
+    held_step = wait_until_held(Run(tmp_path), process, ranks=1)
+    process.send_signal(signal.SIGINT)  # pending in the kernel: handled before the held step goes on
+    (tmp_path / "probe" / "release").touch()
+    finish(process, expect=128 + signal.SIGINT)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == held_step + 1
+    resumed = fit_here(config, "--ckpt_path", "last")
+    assert_resumed_like(resumed, single, held_step + 1, ranks=1)
 
 
 def free_port() -> int:

@@ -13,13 +13,8 @@ import pytest
 import torch
 import yaml
 
-from stepwise_lit.distributed import (
-    CausalLMWrapPolicy,
-    MarkedRows,
-    PaddedShardSampler,
-    PairWeightCollator,
-    decoder_layers,
-)
+from stepwise_lit.data.sampling import MarkedRows, PaddedShardSampler, PairWeightCollator
+from stepwise_lit.distributed import CausalLMWrapPolicy, decoder_layers
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora
 from stepwise_lit.module import StepwiseDPOModule
@@ -57,9 +52,8 @@ def test_weighted_metrics_of_the_shards_equal_one_process():
     def update(metrics: PreferenceMetrics, ids: list[int], weights: torch.Tensor) -> None:
         n = len(ids)
         logps = values[ids]
-        zeros, steps = torch.zeros(n), torch.zeros(n, 1)
-        metrics.update(zeros, zeros, steps, steps, steps, steps, steps.bool(), steps.bool(), zeros, zeros,
-                       logps, -logps, weight=weights)
+        zeros, steps = torch.zeros(2 * n), torch.zeros(2 * n, 1)
+        metrics.update(zeros, steps, steps, steps.bool(), zeros, torch.cat([logps, -logps]), n, weight=weights)
 
     single = PreferenceMetrics()
     update(single, list(range(7)), torch.ones(7))

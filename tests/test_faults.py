@@ -1,6 +1,7 @@
 """Faults in one process: a NaN loss (stop with a clear message, or skip the step and count it),
-SIGTERM (checkpoint, then stop), and an export that fails mid-write. The multi-process versions
-(NaN on one rank, SIGTERM under DDP, SIGKILL) are in test_distributed.py."""
+SIGTERM and SIGINT (checkpoint, then stop; a second SIGINT stops at once), and an export that
+fails mid-write. The multi-process versions (NaN on one rank, SIGTERM under DDP, SIGKILL, SIGINT
+to a `train.py` process, then resume) are in test_distributed.py."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.faults import SignalStop
 from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
@@ -22,10 +23,11 @@ TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_s
 
 class Recorder(L.Callback):
     """Policy weights and optimizer step counts after each step; a NaN step score on `nan_step`
-    (1-based), which makes that step's loss NaN; SIGTERM to this process before `sigterm_step`."""
+    (1-based), which makes that step's loss NaN; `signals` to this process before `signal_step`."""
 
-    def __init__(self, nan_step: int | None = None, sigterm_step: int | None = None) -> None:
-        self.nan_step, self.sigterm_step = nan_step, sigterm_step
+    def __init__(self, nan_step: int | None = None, signal_step: int | None = None,
+                 signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.nan_step, self.signal_step, self.signals = nan_step, signal_step, signals
         self.weights: list[dict[str, torch.Tensor]] = []
         self.optimizer_steps: list[int] = []
 
@@ -35,8 +37,9 @@ class Recorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step + 1 == self.nan_step:
             batch["step_scores"][0, 0] = float("nan")
-        if trainer.global_step + 1 == self.sigterm_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if trainer.global_step + 1 == self.signal_step:
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.weights.append({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
@@ -82,19 +85,36 @@ def test_nan_loss_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(v).all() for v in recorder.weights[-1].values())
 
 
-def test_sigterm_saves_last_checkpoint_then_stops(tmp_path):
-    """SIGTERM before step 3: step 3 finishes, `last.ckpt` holds it (the periodic checkpoint is
-    every 100 steps, so this is the SIGTERM one), and fit ends with `SIGTERMException`."""
-    recorder = Recorder(sigterm_step=3)
-    previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SIGTERMException):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_last_checkpoint_then_stops(tmp_path, signum):
+    """The signal before step 3: step 3 finishes, `last.ckpt` holds it (the periodic checkpoint
+    is every 100 steps, so this is the signal's one), fit ends with `SignalStop` naming the
+    signal with exit code 128 + signum, and the previous handlers are back."""
+    recorder = Recorder(signal_step=3, signals=(signum,))
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(SignalStop) as stop:
         train(tmp_path, max_steps=10, recorder=recorder)
-    assert signal.getsignal(signal.SIGTERM) == previous
+    assert stop.value.signum == signum and stop.value.code == 128 + signum
+    assert {s: signal.getsignal(s) for s in previous} == previous
     assert len(recorder.weights) == 4
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     saved = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items()}
     assert all(torch.equal(saved[k], v) for k, v in recorder.weights[3].items())
+
+
+def test_second_sigint_stops_at_once_without_a_checkpoint(tmp_path):
+    """Ctrl-C twice before step 3: the second raises KeyboardInterrupt inside step 3, which
+    Lightning answers with its graceful shutdown (exit code 1); step 3 never ends, nothing is
+    saved, and Python's SIGINT handler is back."""
+    recorder = Recorder(signal_step=3, signals=(signal.SIGINT, signal.SIGINT))
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        train(tmp_path, max_steps=10, recorder=recorder)
+    assert type(stop.value) is SystemExit and stop.value.code == 1
+    assert signal.getsignal(signal.SIGINT) == previous
+    assert len(recorder.weights) == 3
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.fixture

@@ -1,18 +1,25 @@
 """Reward aggregation and DPO losses (stepwise_lit.losses) against hand computations."""
 
 import math
+from typing import get_args
 
+import custom_aggregation
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from stepwise_lit.errors import SettingError
 from stepwise_lit.losses import (
     AGGREGATION_STRATEGIES,
     OUTCOME_LOSS_TYPES,
     STEP_LOSS_TYPES,
+    AggregationName,
+    OutcomeLossType,
+    StepLossType,
     aggregate_rewards,
     outcome_loss,
+    resolve_aggregation,
     step_loss,
 )
 
@@ -295,3 +302,73 @@ def test_step_gradients_reach_real_step_logratios_not_scores(loss_type):
     assert chosen.grad.abs().sum() > 0 and rejected.grad.abs().sum() > 0
     assert torch.all(chosen.grad[~CHOSEN_MASK] == 0) and torch.all(rejected.grad[~REJECTED_MASK] == 0)
     assert chosen_scores.grad is None and rejected_scores.grad is None
+
+
+# ------------------------------------------------------------------ user aggregation functions
+
+
+def test_choice_tuples_are_the_literal_types():
+    assert AGGREGATION_STRATEGIES == get_args(AggregationName) and "discounted" in AGGREGATION_STRATEGIES
+    assert OUTCOME_LOSS_TYPES == get_args(OutcomeLossType) and STEP_LOSS_TYPES == get_args(StepLossType)
+
+
+@pytest.mark.parametrize("name", AGGREGATION_STRATEGIES)
+def test_built_in_names_resolve_to_themselves(name):
+    assert resolve_aggregation(name) == name
+
+
+def test_a_function_by_import_path_aggregates():
+    """`fraction_good` = 2 * good / T - 1 over real steps: row 0 has g (0.5, -1, 1): 2 of 3 good,
+    1/3; row 1 (1, 0) [5.0 masked]: 1 of 2, 0.0; a row without real steps: 0."""
+    function = resolve_aggregation("custom_aggregation.fraction_good")
+    assert function is custom_aggregation.fraction_good
+    scores = torch.cat([SCORES, torch.tensor([[7.0, 7.0, 7.0]])])
+    mask = torch.cat([MASK, torch.zeros(1, 3, dtype=torch.bool)])
+    rewards = aggregate_rewards(scores, mask, function)
+    assert_close(rewards, torch.tensor([1 / 3, 0.0, 0.0]))
+    assert rewards.dtype == torch.float32
+
+
+def test_a_function_sees_zero_on_masked_steps_and_no_graph():
+    seen = {}
+
+    def record(scores, mask):
+        seen.update(scores=scores, mask=mask)
+        return scores.sum(-1)
+
+    rewards = aggregate_rewards(SCORES.clone().requires_grad_(), MASK.long(), record)
+    assert_close(seen["scores"], torch.tensor([[0.5, -1.0, 1.0], [1.0, 0.0, 0.0]]))
+    assert seen["mask"].dtype == torch.bool and not seen["scores"].requires_grad
+    assert_close(rewards, torch.tensor([0.5, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("median", r"unknown value 'median'; choose one of sum, mean, .*package\.module\.function"),
+        ("no_such_package.mod.fn", r"cannot import module 'no_such_package\.mod' of 'no_such_package\.mod\.fn'"),
+        ("custom_aggregation.missing", r"module 'custom_aggregation' has no attribute 'missing'"),
+        ("custom_aggregation.NOT_A_FUNCTION", r"'custom_aggregation\.NOT_A_FUNCTION' is not callable \(type int\)"),
+    ],
+)
+def test_unusable_names_are_setting_errors(name, message):
+    with pytest.raises(SettingError, match=rf"^model\.aggregation_strategy: {message}"):
+        resolve_aggregation(name)
+
+
+@pytest.mark.parametrize(
+    ("function", "problem"),
+    [
+        (custom_aggregation.per_step, r"shape \[2, 3\]"),
+        (custom_aggregation.count_good, r"a torch\.int64 tensor"),
+        (custom_aggregation.as_list, r"a list"),
+        (custom_aggregation.divide_by_zero, r"non-finite values"),
+    ],
+)
+def test_a_function_returning_the_wrong_thing_is_named(function, problem):
+    expected = (
+        rf"^model\.aggregation_strategy: custom_aggregation\.{function.__name__} returned {problem}; "
+        r"expected a floating tensor of shape \[2\]"
+    )
+    with pytest.raises(SettingError, match=expected):
+        aggregate_rewards(SCORES, MASK, function)

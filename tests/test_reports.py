@@ -16,9 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stepwise_lit.cli import main
 from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.reports import StepRewardReport, report_figures
+from stepwise_lit.reports import StepRewardReport, build_report, report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
@@ -161,3 +162,38 @@ def test_test_stage_report_without_history(tmp_path):
     assert report["stage"] == "test" and report["num_pairs"] == 8 and report["history"] is None
     assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == sorted(PLOTS - {"training_curves.png"})
     assert "no metrics.csv found" in stdout.getvalue()
+
+
+def test_report_json_writes_counts_as_integers(run):
+    """Pair and step counts are whole numbers (0/1 pair weights), so report.json writes `8`, not `8.0`."""
+    text = (run["folder"] / "report.json").read_text()
+    assert '"num_pairs": 8,' in text
+    report = run["report"]
+    by_index = report["step_accuracy_by_index"]
+    counts = [report["num_pairs"], *by_index["chosen_count"], *by_index["rejected_count"]]
+    counts += [summary["count"] for summary in report["step_rewards"].values()]
+    assert all(type(count) is int for count in counts), counts
+
+
+def _step_report(weight: torch.Tensor) -> dict:
+    """`build_report` of one pair per weight, 2 real steps per response (g = +1 then -1)."""
+    n = len(weight)
+    metrics = PreferenceMetrics(max_step_index=3)
+    metrics.update(
+        rewards=torch.zeros(2 * n), step_rewards=torch.zeros(2 * n, 2), step_scores=torch.tensor([[1.0, -1.0]] * 2 * n),
+        step_mask=torch.ones(2 * n, 2, dtype=torch.bool), verifier_rewards=torch.zeros(2 * n), logps=torch.zeros(2 * n),
+        num_pairs=n, weight=weight,
+    )
+    return build_report("val", metrics.compute(), torch.zeros(0), torch.zeros(0), float(weight.sum()),
+                        checkpoint=None, global_step=0, history=None, history_source=None)
+
+
+def test_counts_are_ints_for_whole_weights_and_floats_for_fractional_ones():
+    """Weights (1, 1, 0): 2 pairs, 2 steps per index and side. Weights (1, 0.5): 1.5 pairs and
+    1.5 steps, kept as floats rather than rounded."""
+    whole = json.loads(json.dumps(_step_report(torch.tensor([1.0, 1.0, 0.0]))))
+    assert type(whole["num_pairs"]) is int and whole["num_pairs"] == 2
+    assert whole["step_accuracy_by_index"]["chosen_count"] == [2, 2]
+    assert all(type(c) is int for c in whole["step_accuracy_by_index"]["rejected_count"])
+    fractional = _step_report(torch.tensor([1.0, 0.5]))
+    assert fractional["num_pairs"] == 1.5 and fractional["step_accuracy_by_index"]["chosen_count"] == [1.5, 1.5]

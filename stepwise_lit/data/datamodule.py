@@ -32,15 +32,15 @@ from stepwise_lit.data import formats, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
 from stepwise_lit.data.formats import ADAPTERS, DataFormatError, read_records, to_canonical
-from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.data.tokenize import TRUNCATION_POLICIES, TokenizeSettings, canonical_dataset, tokenize_dataset
-from stepwise_lit.distributed import (
+from stepwise_lit.data.sampling import (
     EpochRandomSampler,
     MarkedRows,
     PaddedShardSampler,
     PairWeightCollator,
     ResumableDataLoader,
 )
+from stepwise_lit.data.synthetic import generate_pairs
+from stepwise_lit.data.tokenize import TRUNCATION_POLICIES, TokenizeSettings, canonical_dataset, tokenize_dataset
 from stepwise_lit.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)

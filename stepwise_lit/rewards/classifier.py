@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForTokenClassification
 
-from stepwise_lit.rewards.base import (
-    Prompt,
-    StepScorer,
-    length_sorted_batches,
-    load_pretrained,
-    model_device,
-    pad_batch,
-    prompt_text,
-)
+from stepwise_lit.rewards.base import Prompt, StepScorer, load_pretrained, prompt_text
+from stepwise_lit.rewards.batching import padded_batches
 
 
 class ClassifierStepScorer(StepScorer):
@@ -75,12 +68,12 @@ class ClassifierStepScorer(StepScorer):
     ) -> list[list[float]]:
         encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
         scores: list[list[float]] = [[] for _ in encoded]
-        device = model_device(self.model)
-        for batch in length_sorted_batches([len(ids) for ids, _ in encoded], self.batch_size):
-            inputs = pad_batch([encoded[i][0] for i in batch], self.tokenizer.pad_token_id, "right", device)
+        token_ids = [ids for ids, _ in encoded]
+        batches = padded_batches(self.model, token_ids, self.batch_size, self.tokenizer.pad_token_id, "right")
+        for batch, inputs in batches:
             logits = self.model(**inputs).logits.float()
             for row, i in enumerate(batch):
-                positions = torch.tensor(encoded[i][1], device=device)
+                positions = torch.tensor(encoded[i][1], device=logits.device)
                 good = logits[row, positions].softmax(-1)[:, self.good_label]
                 scores[i] = (2.0 * good - 1.0).tolist()
         return scores

@@ -9,16 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from stepwise_lit.models import TinyModelConfig, build_tiny_model
-from stepwise_lit.rewards.base import (
-    Prompt,
-    StepScorer,
-    length_sorted_batches,
-    load_pretrained,
-    logger,
-    model_device,
-    pad_batch,
-    prompt_text,
-)
+from stepwise_lit.rewards.base import Prompt, StepScorer, load_pretrained, logger, prompt_text
+from stepwise_lit.rewards.batching import padded_batches
 from stepwise_lit.tokenizer import load_tokenizer
 
 DEFAULT_TEMPLATE = (
@@ -217,9 +209,8 @@ class GenerativeStepScorer(StepScorer):
     def yes_probabilities(self, sequences: list[list[int]]) -> list[float]:
         """P(Yes) / (P(Yes) + P(No)) for the token after each sequence, in input order."""
         probabilities = [0.0] * len(sequences)
-        device = model_device(self.model)
-        for batch in length_sorted_batches([len(s) for s in sequences], self.batch_size):
-            inputs = pad_batch([sequences[i] for i in batch], self.tokenizer.pad_token_id, "left", device)
+        batches = padded_batches(self.model, sequences, self.batch_size, self.tokenizer.pad_token_id, "left")
+        for batch, inputs in batches:
             if self.keeps_last_logits:
                 inputs["logits_to_keep"] = 1
             logits = self.model(**inputs, use_cache=False).logits[:, -1].float()
@@ -251,10 +242,9 @@ class GenerativeStepScorer(StepScorer):
         """K sampled continuations of each prefix, cut before the first eos/pad token."""
         k = self.num_rationales
         rationales: list[list[list[int]]] = [[] for _ in prefixes]
-        device = model_device(self.model)
         stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
-        for batch in length_sorted_batches([len(p) for p in prefixes], max(1, self.batch_size // k)):
-            inputs = pad_batch([prefixes[i] for i in batch], self.tokenizer.pad_token_id, "left", device)
+        batch_size = max(1, self.batch_size // k)
+        for batch, inputs in padded_batches(self.model, prefixes, batch_size, self.tokenizer.pad_token_id, "left"):
             generated = self.model.generate(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],

@@ -8,15 +8,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from stepwise_lit.rewards.base import (
-    Prompt,
-    StepScorer,
-    length_sorted_batches,
-    load_pretrained,
-    model_device,
-    pad_batch,
-    prompt_text,
-)
+from stepwise_lit.rewards.base import Prompt, StepScorer, load_pretrained, prompt_text
+from stepwise_lit.rewards.batching import padded_batches
 
 SQUASHES = {"tanh": torch.tanh, "sigmoid": lambda reward: 2.0 * torch.sigmoid(reward) - 1.0}
 
@@ -86,10 +79,9 @@ class OutcomeRewardModel(StepScorer):
             raise ValueError(f"score_outcomes got {len(prompts)} prompts but {len(responses)} responses")
         encoded = [self.encode(prompt, response) for prompt, response in zip(prompts, responses)]
         scores = [0.0] * len(encoded)
-        device = model_device(self.model)
+        batches = padded_batches(self.model, encoded, self.batch_size, self.tokenizer.pad_token_id, "right")
         with torch.no_grad():
-            for batch in length_sorted_batches([len(ids) for ids in encoded], self.batch_size):
-                inputs = pad_batch([encoded[i] for i in batch], self.tokenizer.pad_token_id, "right", device)
+            for batch, inputs in batches:
                 rewards = self.model(**inputs).logits[:, 0].float()
                 for i, score in zip(batch, self.squash(rewards).tolist()):
                     scores[i] = score
