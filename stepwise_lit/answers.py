@@ -25,7 +25,7 @@ from typing import Literal
 AnswerSourceName = Literal["embedded", "gsm8k", "math"]
 
 NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
-EMBEDDED_ANSWER = re.compile(r"The answer is (-?\d+)")
+EMBEDDED_ANSWER = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
 GSM8K_ANSWER = re.compile(r"####\s*(\S+)")
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -33,7 +33,7 @@ PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
 FRACTION = re.compile(r"(-?)\\frac(?:\{(\d+)\}|(\d))(?:\{(\d+)\}|(\d))")
 SLASH_FRACTION = re.compile(r"(-?\d+)/(\d+)")
 TEXT_COMMAND = re.compile(r"\\(?:text|mbox)\{([^{}]*)\}")
-TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox)\{[^{}]*\}\s*$")
+TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox)\{[^{}]*\}(?:\^\{?\d\}?)?\s*$")
 MATH_DELETIONS = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\$", "$")
 NUMERIC_TOLERANCE = 1e-6
 
@@ -54,7 +54,7 @@ def normalize_number(answer: str) -> str:
 
 
 def extract_embedded(text: str) -> str | None:
-    """The answer of an embedded-task solution: the number in its last ``"The answer is N"``.
+    """The answer of an embedded-task solution: the number in its last ``"The answer is N"`` (any case).
 
     A solution that never says ``"The answer is"`` (cut by a budget, or off format)
     has no answer: its last number is an intermediate value, not a claim.
@@ -115,7 +115,8 @@ def normalize_math(answer: str) -> str:
     """A MATH answer in a light canonical form; only these changes, in this order:
 
     1. a trailing ``\\text{...}`` or ``\\mbox{...}`` after other content is a unit
-       and is dropped (``"5.4 \\text{ cents}"`` -> ``"5.4"``); any other one is
+       and is dropped with a power after it (``"5.4 \\text{ cents}"`` -> ``"5.4"``,
+       ``"15\\mbox{ cm}^2"`` -> ``"15"``); any other one is
        unwrapped (``"\\text{(C)}"`` -> ``"(C)"``);
     2. ``\\left``, ``\\right``, the spacing commands ``\\!`` ``\\,`` ``\\;`` ``\\:``,
        degree marks ``^\\circ`` ``^{\\circ}`` and dollar signs are deleted;
