@@ -36,8 +36,8 @@ def ones_if_none(weights: torch.Tensor | None, count: int, device: torch.device)
     return torch.ones(count, device=device) if weights is None else weights.float().to(device)
 
 
-class SolveRate(WeightedMean):
-    """Weighted share of prompts whose answer matches the reference (pass@1 when greedy).
+class AnswerMean(WeightedMean):
+    """Weighted mean over prompts of a grade of each prompt's answers (the base of the solve rates).
 
     Args:
         source: How answers are compared (``embedded``, ``gsm8k``, ``math``).
@@ -47,6 +47,16 @@ class SolveRate(WeightedMean):
         super().__init__(**kwargs)
         self.source = source
 
+    def add_grades(self, grades: list[float] | torch.Tensor, weights: torch.Tensor | None) -> None:
+        """Add one grade ``[N]`` per prompt with the prompts' weights ``[N]`` (None: all 1)."""
+        device = self.weighted_sum.device
+        grades = torch.as_tensor(grades, dtype=torch.float, device=device)
+        super().update(grades, ones_if_none(weights, grades.shape[0], device))
+
+
+class SolveRate(AnswerMean):
+    """Weighted share of prompts whose answer matches the reference (pass@1 when greedy)."""
+
     def update(self, answers: list[str | None], references: list[str], weights: torch.Tensor | None = None) -> None:
         """Add N prompts.
 
@@ -55,9 +65,7 @@ class SolveRate(WeightedMean):
             references: N reference answers.
             weights: ``[N]`` prompt weights; None: all 1.
         """
-        correct = [answers_match(answer, reference, self.source) for answer, reference in zip(answers, references)]
-        device = self.weighted_sum.device
-        super().update(torch.tensor(correct, dtype=torch.float, device=device), ones_if_none(weights, len(correct), device))
+        self.add_grades([answers_match(answer, ref, self.source) for answer, ref in zip(answers, references)], weights)
 
 
 def pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,11 +84,12 @@ def pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k: int) -> t
         ``[N]`` float64 pass@k per prompt.
     """
     n, c = num_samples.double(), num_correct.double()
-    log_ratio = torch.lgamma(n - c + 1) + torch.lgamma(n - k + 1) - torch.lgamma((n - c - k).clamp(min=0) + 1) - torch.lgamma(n + 1)
+    log_numerator = torch.lgamma(n - c + 1) + torch.lgamma(n - k + 1)
+    log_ratio = log_numerator - torch.lgamma((n - c - k).clamp(min=0) + 1) - torch.lgamma(n + 1)
     return torch.where(n - c < k, torch.ones_like(n), 1 - log_ratio.exp())
 
 
-class PassAtK(WeightedMean):
+class PassAtK(AnswerMean):
     """Weighted mean over prompts of the unbiased pass@k (:func:`pass_at_k`).
 
     Args:
@@ -89,11 +98,10 @@ class PassAtK(WeightedMean):
     """
 
     def __init__(self, k: int, source: AnswerSourceName, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(source, **kwargs)
         if k < 1:
             raise ValueError(f"pass@k needs k >= 1, got {k}")
         self.k = k
-        self.source = source
 
     def update(
         self, sample_answers: list[list[str | None]], references: list[str], weights: torch.Tensor | None = None
@@ -111,10 +119,12 @@ class PassAtK(WeightedMean):
         too_few = [index for index, answers in enumerate(sample_answers) if len(answers) < self.k]
         if too_few:
             raise ValueError(f"pass@{self.k} needs at least {self.k} samples per prompt; prompts {too_few} have fewer")
-        correct = [sum(answers_match(answer, ref, self.source) for answer in answers) for answers, ref in zip(sample_answers, references)]
-        device = self.weighted_sum.device
-        estimates = pass_at_k(torch.tensor([len(answers) for answers in sample_answers]), torch.tensor(correct), self.k)
-        super().update(estimates.to(device), ones_if_none(weights, len(correct), device))
+        correct = [
+            sum(answers_match(answer, reference, self.source) for answer in answers)
+            for answers, reference in zip(sample_answers, references)
+        ]
+        num_samples = torch.tensor([len(answers) for answers in sample_answers])
+        self.add_grades(pass_at_k(num_samples, torch.tensor(correct), self.k), weights)
 
 
 def majority_answer(answers: list[str | None], source: AnswerSourceName) -> str | None:
@@ -140,17 +150,9 @@ def majority_answer(answers: list[str | None], source: AnswerSourceName) -> str 
     return voted[keys.index(winner)]
 
 
-class MajorityAtK(WeightedMean):
+class MajorityAtK(AnswerMean):
     """Weighted share of prompts whose majority answer (:func:`majority_answer`) over its
-    samples matches the reference; k is the number of samples given.
-
-    Args:
-        source: How answers are compared.
-    """
-
-    def __init__(self, source: AnswerSourceName, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.source = source
+    samples matches the reference; k is the number of samples given."""
 
     def update(
         self, sample_answers: list[list[str | None]], references: list[str], weights: torch.Tensor | None = None
@@ -166,8 +168,7 @@ class MajorityAtK(WeightedMean):
             answers_match(majority_answer(answers, self.source), reference, self.source)
             for answers, reference in zip(sample_answers, references)
         ]
-        device = self.weighted_sum.device
-        super().update(torch.tensor(correct, dtype=torch.float, device=device), ones_if_none(weights, len(correct), device))
+        self.add_grades(correct, weights)
 
 
 def first_true(flags: torch.Tensor) -> torch.Tensor:
@@ -311,7 +312,8 @@ def choose_threshold(
 
     def hits(group: torch.Tensor) -> torch.Tensor:
         """Weighted responses of ``group`` whose interval ``(low, high]`` holds each candidate: ``[C]``."""
-        return weight_below(low[group], weights[group], candidates) - weight_below(high[group], weights[group], candidates)
+        below_low = weight_below(low[group], weights[group], candidates)
+        return below_low - weight_below(high[group], weights[group], candidates)
 
     error_acc = hits(erroneous) / weights[erroneous].sum()
     correct_acc = hits(~erroneous) / weights[~erroneous].sum()
@@ -346,7 +348,8 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         Float64 scalar; NaN when either class is absent.
     """
     values, inverse, counts = scores.double().unique(return_inverse=True, return_counts=True)
-    average_rank = counts.cumsum(0).double() - (counts - 1).double() / 2  # 1-based rank of each distinct value, ties averaged
+    # the 1-based rank of each distinct value, averaged over its ties
+    average_rank = counts.cumsum(0).double() - (counts - 1).double() / 2
     positives, negatives = labels.sum().double(), (~labels).sum().double()
     rank_sum = average_rank[inverse][labels].sum()
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)

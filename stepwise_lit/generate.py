@@ -200,7 +200,7 @@ class TransformersGenerator:
     def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
         """The ``GenerationConfig`` of ``settings``; sampling knobs the settings do not name
         (top-k, repetition penalty, beams) are switched off rather than taken from the model."""
-        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample else {}
+        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
             do_sample=settings.do_sample,
@@ -210,5 +210,5 @@ class TransformersGenerator:
             use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            **sampling,
+            **(sampling if settings.do_sample else {}),
         )

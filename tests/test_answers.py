@@ -109,7 +109,9 @@ def test_math_boxed_answers_with_nested_braces(line, unique_id, boxed, normalize
 def test_math_every_boxed_answer_matches_the_answer_field():
     """All 500 MATH-500 solutions: the last box (8 solutions have several) matches ``answer``."""
     rows = read_jsonl(DATA / "prm800k" / "math_test.sample.jsonl")
-    mismatches = [row["unique_id"] for row in rows if not answers_match(extract_math(row["solution"]), row["answer"], "math")]
+    mismatches = [
+        row["unique_id"] for row in rows if not answers_match(extract_math(row["solution"]), row["answer"], "math")
+    ]
     assert mismatches == []
 
 

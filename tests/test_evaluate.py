@@ -156,7 +156,9 @@ def test_within_response_auroc_counts_flawed_responses_only():
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric WithinResponseAUROC was called before")
 def test_auroc_counts_ties_half_and_is_nan_without_a_class():
-    assert_close(auroc(torch.tensor([0.5, 0.5, 0.1]), torch.tensor([True, False, False])), torch.tensor(0.75, dtype=torch.float64))
+    """Positive 0.5 vs negatives 0.5 (tie: 1/2) and 0.1 (1): 1.5 / 2."""
+    tied = auroc(torch.tensor([0.5, 0.5, 0.1]), torch.tensor([True, False, False]))
+    assert_close(tied, torch.tensor(0.75, dtype=torch.float64))
     assert auroc(torch.tensor([0.5, 0.1]), torch.tensor([True, True])).isnan()
     assert WithinResponseAUROC().compute().isnan()
 
@@ -164,7 +166,10 @@ def test_auroc_counts_ties_half_and_is_nan_without_a_class():
 @pytest.mark.parametrize(
     ("make", "inputs"),
     [
-        (lambda: SolveRate("math"), (["\\frac12", "3", None, "4"], ["0.5", "2", "1", "4"], torch.tensor([1.0, 1, 1, 0]))),
+        (
+            lambda: SolveRate("math"),
+            (["\\frac12", "3", None, "4"], ["0.5", "2", "1", "4"], torch.tensor([1.0, 1, 1, 0])),
+        ),
         (lambda: PassAtK(2, "gsm8k"), ([["1", "2"], ["3", "3"], ["5", None], ["6", "6"]], ["1", "4", "5", "6"], None)),
         (lambda: MajorityAtK("gsm8k"), ([["1", "2"], ["3", "3"], ["5", None], ["6", "7"]], ["2", "3", "5", "6"], None)),
         (lambda: ProcessBenchF1(0.0), (REWARDS[:4], MASK[:4], LABELS[2:], torch.tensor([1.0, 1, 0, 1]))),
