@@ -392,10 +392,11 @@ class WithinResponseAUROC(Metric):
         weights = ones_if_none(weights, step_rewards.shape[0], step_rewards.device)
         flawed = (step_mask & (step_scores < 0)).any(-1) & (weights > 0)
         counted = step_mask & (step_scores != 0) & flawed.unsqueeze(-1)
-        self.rewards.append(step_rewards[counted].double())
-        self.good.append(step_scores[counted] > 0)
+        # float32 both, as the empty placeholder torchmetrics syncs for a rank that saw nothing
+        self.rewards.append(step_rewards[counted].float())
+        self.good.append((step_scores[counted] > 0).float())
 
     def compute(self) -> torch.Tensor:
-        if not self.rewards:
+        if isinstance(self.rewards, list) and not self.rewards:  # a list before a sync, one tensor after
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
-        return auroc(dim_zero_cat(self.rewards), dim_zero_cat(self.good))
+        return auroc(dim_zero_cat(self.rewards), dim_zero_cat(self.good) > 0)

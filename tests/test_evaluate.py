@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing
 from torch.testing import assert_close
 
 from stepwise_lit.evaluate import (
@@ -188,3 +191,56 @@ def test_merged_states_equal_one_metric_over_all_inputs(make, inputs):
     second.update(*part(slice(2, 4)))
     first.merge_state(second)
     assert_close(first.compute(), whole.compute(), equal_nan=True)
+
+
+# Five prompts / labelled responses for the 2-process check: a DistributedSampler gives rank 0
+# items 0, 2, 4 and rank 1 items 1, 3 and item 0 again as padding, with weight 0.
+SYNC_ANSWERS = ["18", "7", None, "3", "1,000"]
+SYNC_REFERENCES = ["18", "8", "2", "3", "1000"]
+SYNC_SAMPLES = [["18", "18", "1"], ["8", "7", "7"], [None, "2", "2"], ["3", "4", "5"], ["1", "2", "3"]]
+SYNC_LABELS = torch.tensor([1, -1, 0, -1, 1])
+SYNC_RANKS = {0: ([0, 2, 4], [1.0, 1.0, 1.0]), 1: ([1, 3, 0], [1.0, 1.0, 0.0])}
+
+
+def sync_metrics(indices: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Every metric over the given items; computed inside a process group, the values are synced."""
+    weight = torch.tensor(weights)
+    labels = SYNC_LABELS[indices]
+    step_scores = torch.where(
+        (labels.unsqueeze(-1) >= 0) & (torch.arange(3) >= labels.unsqueeze(-1)), -1.0, 1.0
+    )  # +1 before the labelled step, -1 from it on, all +1 without a label
+    metrics = {
+        "solve_rate": SolveRate("gsm8k"),
+        "pass_at_2": PassAtK(2, "gsm8k"),
+        "maj_at_3": MajorityAtK("gsm8k"),
+        "processbench": ProcessBenchF1(0.0),
+        "within_auroc": WithinResponseAUROC(),
+    }
+    metrics["solve_rate"].update([SYNC_ANSWERS[i] for i in indices], [SYNC_REFERENCES[i] for i in indices], weight)
+    for name in ("pass_at_2", "maj_at_3"):
+        metrics[name].update([SYNC_SAMPLES[i] for i in indices], [SYNC_REFERENCES[i] for i in indices], weight)
+    metrics["processbench"].update(REWARDS[indices], MASK[indices], labels, weight)
+    metrics["within_auroc"].update(REWARDS[indices], step_scores, MASK[indices], weight)
+    values = {name: metric.compute() for name, metric in metrics.items()}
+    return {**values.pop("processbench"), **values}
+
+
+def sync_worker(rank: int, port: int, folder: Path) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(sync_metrics(*SYNC_RANKS[rank]), folder / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_sync_equals_one_process(tmp_path):
+    """Under a 2-process gloo group each rank sees its shard (one duplicate with weight 0);
+    after the sync every rank reports what one process computes over the five items."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(sync_worker, args=(port, tmp_path), nprocs=2)
+    expected = sync_metrics([0, 1, 2, 3, 4], [1.0] * 5)
+    for rank in (0, 1):
+        assert_close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), expected, equal_nan=True)
