@@ -21,6 +21,7 @@ that runs past a stop is cut back to it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,6 +34,7 @@ from stepwise_lit.data.tokenize import prompt_token_ids
 from stepwise_lit.errors import SettingError
 
 Prompt = str | list[dict]
+log = logging.getLogger("stepwise_lit")
 
 
 @dataclass
@@ -146,36 +148,57 @@ class TextBudget(StoppingCriteria):
 class TransformersGenerator:
     """Batched ``model.generate`` with the KV cache and left padding.
 
-    Prompts are tokenized as training tokenizes them (chat template for messages, BOS
-    prepended when missing) and left-padded with the tokenizer's pad token; the
-    tokenizer's own ``padding_side`` is not changed. The model is put in eval mode for
-    the call and given back in the mode it had.
+    Prompts are tokenized as training tokenizes them (``data.step_wise_prompt_template``
+    for text, the chat template for messages, BOS prepended when missing, then cut from
+    the left to ``data.max_prompt_length`` tokens; the number cut is logged) and
+    left-padded with the tokenizer's pad token; the tokenizer's own ``padding_side`` is
+    not changed. The model is put in eval mode for the call and given back in the mode
+    it had.
 
     Args:
         model: A causal LM (``PreTrainedModel`` or a PEFT model around one).
         tokenizer: Its tokenizer, with a pad token.
+        prompt_template: Training's ``step_wise_prompt_template`` (``{prompt}`` in it), or None.
+        max_prompt_length: Training's ``max_prompt_length``: most prompt tokens kept, from
+            the right; None keeps whole prompts.
         progress: Show a progress bar over batches.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_template: str | None = None,
+        max_prompt_length: int | None = None,
+        progress: bool = True,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.max_prompt_length = max_prompt_length
         self.progress = progress
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
         """See :meth:`Generator.generate`."""
+        prompt_ids = [prompt_token_ids(prompt, self.tokenizer, self.prompt_template) for prompt in prompts]
+        if self.max_prompt_length is not None:
+            limit = self.max_prompt_length
+            cut = sum(len(ids) > limit for ids in prompt_ids)
+            if cut:
+                log.info("generate: %d of %d prompts cut from the left to %d tokens", cut, len(prompt_ids), limit)
+            prompt_ids = [ids[max(0, len(ids) - limit) :] for ids in prompt_ids]
         starts = range(0, len(prompts), settings.batch_size)
         completions: list[list[str]] = []
         for index, start in enumerate(tqdm(starts, desc="generate", disable=not self.progress)):
-            batch = prompts[start : start + settings.batch_size]
+            batch = prompt_ids[start : start + settings.batch_size]
             completions.extend(self.generate_batch(batch, settings, seed=settings.seed + index))
         return completions
 
     @torch.no_grad()
-    def generate_batch(self, prompts: Sequence[Prompt], settings: GenerationSettings, seed: int) -> list[list[str]]:
-        """Completions of one batch of prompts, sampling (if any) seeded with ``seed``."""
-        token_ids = [{"input_ids": prompt_token_ids(prompt, self.tokenizer, None)} for prompt in prompts]
-        inputs = self.tokenizer.pad(token_ids, padding=True, padding_side="left", return_tensors="pt")
+    def generate_batch(self, prompt_ids: list[list[int]], settings: GenerationSettings, seed: int) -> list[list[str]]:
+        """Completions of one batch of tokenized prompts, sampling (if any) seeded with ``seed``."""
+        features = [{"input_ids": ids} for ids in prompt_ids]
+        inputs = self.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
         inputs = inputs.to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
         was_training = self.model.training
@@ -195,7 +218,7 @@ class TransformersGenerator:
         texts = self.tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
         texts = [cut_completion(text, settings) for text in texts]
         k = settings.num_samples
-        return [texts[row * k : (row + 1) * k] for row in range(len(prompts))]
+        return [texts[row * k : (row + 1) * k] for row in range(len(prompt_ids))]
 
     def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
         """The ``GenerationConfig`` of ``settings``; sampling knobs the settings do not name

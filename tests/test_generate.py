@@ -66,9 +66,12 @@ def bigram_llama(tokenizer) -> LlamaForCausalLM:
     return model
 
 
-def greedy_without_cache(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Argmax decoding that runs the model on the whole sequence for every token."""
-    ids = tokenizer(prompt)["input_ids"]
+def greedy_without_cache(model, tokenizer, prompt: str | list[int], max_new_tokens: int) -> str:
+    """Argmax decoding that runs the model on the whole sequence for every token.
+
+    A text prompt is tokenized with BOS; a list of ids is used as it is.
+    """
+    ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
     generated = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -99,6 +102,22 @@ def test_left_padding_does_not_change_a_greedy_continuation(tokenizer):
     assert batched[0] == alone[0]
     assert alone[0][0] == greedy_without_cache(model, tokenizer, "Ben has 3 pens.", 16)
     assert tokenizer.padding_side == padding_side
+
+
+def test_prompts_are_templated_and_cut_as_in_training(tokenizer, caplog):
+    """Template "Q: {prompt}\nA:" around the prompt, then its last 10 tokens (no BOS left)."""
+    model = tiny_llama(tokenizer, seed=2)
+    generator = TransformersGenerator(model, tokenizer, "Q: {prompt}\nA:", max_prompt_length=10, progress=False)
+    with caplog.at_level("INFO", logger="stepwise_lit"):
+        completions = generator.generate([PROMPT, "1+1"], GenerationSettings(max_new_tokens=12, batch_size=2))
+    kept = tokenizer(f"Q: {PROMPT}\nA:", add_special_tokens=False)["input_ids"][-10:]
+    short = tokenizer("Q: 1+1\nA:")["input_ids"]
+    assert len(short) == 10, "the short prompt fits exactly, BOS included"
+    assert completions == [
+        [greedy_without_cache(model, tokenizer, kept, 12)],
+        [greedy_without_cache(model, tokenizer, short, 12)],
+    ]
+    assert "1 of 2 prompts cut from the left to 10 tokens" in caplog.text
 
 
 def test_sampling_is_reproducible_per_seed(tokenizer):
