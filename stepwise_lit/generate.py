@@ -201,6 +201,7 @@ class TransformersGenerator:
         inputs = self.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
         inputs = inputs.to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
+        has_text_stop = bool(settings.stop_strings) or settings.max_steps is not None
         was_training = self.model.training
         self.model.eval()
         devices = [self.model.device] if self.model.device.type == "cuda" else []
@@ -210,7 +211,7 @@ class TransformersGenerator:
                 sequences = self.model.generate(
                     **inputs,
                     generation_config=self.generation_config(settings),
-                    stopping_criteria=[TextBudget(self.tokenizer, prompt_length, settings)],
+                    stopping_criteria=[TextBudget(self.tokenizer, prompt_length, settings)] if has_text_stop else [],
                 )
         finally:
             self.model.train(was_training)
