@@ -291,8 +291,7 @@ class StepwiseDataModule(L.LightningDataModule):
             DataFormatError: For a file that cannot be read, an invalid record, or a source
                 whose every record is skipped (reasons in the log).
         """
-        local = Path(path).expanduser()
-        records = read_records(local) if local.is_file() else read_hub_dataset(path, split)
+        records = read_source(path, split)
         source = self.source_name(path)
         rows = to_canonical(
             records,
@@ -437,6 +436,12 @@ def pair_lengths(dataset: Dataset) -> list[int]:
     chosen = pyarrow.compute.list_value_length(table["chosen_input_ids"]).to_numpy()
     rejected = pyarrow.compute.list_value_length(table["rejected_input_ids"]).to_numpy()
     return np.maximum(chosen, rejected).tolist()
+
+
+def read_source(path: str, split: str) -> list[dict]:
+    """The records of a local file (our readers, with line numbers) or of a data folder / hub dataset."""
+    local = Path(path).expanduser()
+    return read_records(local) if local.is_file() else read_hub_dataset(path, split)
 
 
 def read_hub_dataset(path: str, split: str) -> list[dict]:

@@ -24,6 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
+from pathlib import Path
 from typing import Any, Literal
 
 from datasets.utils import tqdm
