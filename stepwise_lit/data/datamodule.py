@@ -58,6 +58,7 @@ SYNTHETIC = "synthetic"
 DEFAULT_STEP_WISE_PROMPT_TEMPLATE = (
     "{prompt}\n\nSolve this step by step. Start each step on a new paragraph with \"Step k:\"."
 )
+DEFAULT_MAX_PROMPT_LENGTH = 512
 DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, synthetic, tokenize_module)
 # A hub dataset id: "owner/name" (letters, digits, "-", "_", "."), nothing that looks like a local path.
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -86,8 +87,10 @@ class StepwiseDataModule(L.LightningDataModule):
         step_delimiter: Non-empty text that starts a new step in text responses.
         max_length: Most tokens per prompt + response (at least 1); responses keep the
             longest prefix of whole steps that fits. None for no limit.
-        max_prompt_length: Most prompt tokens, cut from the left; at least 1 and, with
-            ``max_length``, below it so a response has room. None for no limit.
+        max_prompt_length: Most prompt tokens, cut from the left; at least 1, and a value
+            you set must be below ``max_length`` so a response has room (with the default
+            512 and a smaller ``max_length``, a prompt that leaves no room drops its row,
+            counted in the log). None for no limit.
         truncation: A row that does not fit whole (``max_length``, ``max_prompt_length``,
             ``max_num_steps``): ``truncate`` keeps it cut at step boundaries, ``drop``
             drops it, ``error`` stops naming it. Cut and dropped rows are counted in the
@@ -135,7 +138,7 @@ class StepwiseDataModule(L.LightningDataModule):
         val_split: str = "test",
         step_delimiter: str = "\n\nStep",
         max_length: int | None = 1024,
-        max_prompt_length: int | None = 512,
+        max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
         truncation: Truncation = "truncate",
         max_num_steps: int | None = None,
         use_step_wise_prompt: bool = False,
@@ -475,7 +478,11 @@ def check_settings(hparams: Mapping[str, Any]) -> None:
     if hparams["synthetic_max_value"] < 10:
         raise SettingError(f"data.synthetic_max_value: must be at least 10, got {hparams['synthetic_max_value']}")
     max_length, max_prompt_length = hparams["max_length"], hparams["max_prompt_length"]
-    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+    if (
+        max_length is not None
+        and max_prompt_length not in (None, DEFAULT_MAX_PROMPT_LENGTH)
+        and max_prompt_length >= max_length
+    ):
         raise SettingError(
             f"data.max_prompt_length: {max_prompt_length} leaves no room for a response within "
             f"data.max_length {max_length}; set it below max_length"

@@ -508,9 +508,9 @@ def to_canonical(
             continue
         rows.extend(validate_row(row, context, require_scores) for row in produced)
         places.extend([{"row": index + 1} if line is None else {"line": line}] * len(produced))
-    place = "rows" if line_numbers is None else "lines"
-    for reason, places in skipped.items():
-        shown = ", ".join(places[:10]) + (", ..." if len(places) > 10 else "")
-        logger.warning("%s: skipped %d of %d records (%s): %s %s", source, len(places), len(records), reason, place, shown)
+    kind = "rows" if line_numbers is None else "lines"
+    for reason, where in skipped.items():
+        shown = ", ".join(where[:10]) + (", ..." if len(where) > 10 else "")
+        logger.warning("%s: skipped %d of %d records (%s): %s %s", source, len(where), len(records), reason, kind, shown)
     logger.info("%s: %d canonical rows from %d records (format %s)", source, len(rows), len(records), format)
     return CanonicalRows(rows, places)
