@@ -88,7 +88,9 @@ def test_gsm8k_corruption_recomputes_a_power():
     assert corrupted[2] == f"#### {new_value**2}"
 
 
-@pytest.mark.parametrize(("annotation", "score"), [("<<7//2=3>>3", 1.0), ("<<7//2=4>>4", -1.0), ("<<7%2=1>>1", 1.0), ("<<7%2=0>>0", -1.0)])
+@pytest.mark.parametrize(
+    ("annotation", "score"), [("<<7//2=3>>3", 1.0), ("<<7//2=4>>4", -1.0), ("<<7%2=1>>1", 1.0), ("<<7%2=0>>0", -1.0)]
+)
 def test_rule_verifier_checks_floor_division_and_remainder(annotation, score):
     """The verifier uses the shared evaluator, so ``//`` and ``%`` annotations are checked (7 // 2 = 3, 7 % 2 = 1)."""
     assert ArithmeticStepVerifier().score_steps(["q"], [[f"Each gets {annotation} apples\n"]]) == [[score]]

@@ -206,3 +206,12 @@ def test_a_10000_step_response_is_counted_in_the_log(tmp_path, caplog, truncatio
         datamodule.setup("fit")
     assert len(datamodule.train_dataset) == kept_rows
     assert logged in caplog.text
+
+
+def test_a_source_of_which_no_pair_fits_is_an_error(tmp_path):
+    """Both pairs need more than 5 tokens for their prompt alone: every row is dropped, so training would see none."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", json.dumps(ROW), json.dumps(ROW))
+    assert prepare_error(tmp_path, path, max_length=5, val_fraction=0.0) == (
+        "pairs.jsonl: none of the 2 pairs fits data.max_length 5 "
+        "(truncation: truncate; the log counts the dropped rows by reason)"
+    )

@@ -5,10 +5,19 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from stepwise_lit.data.formats import DataFormatError, extract_steps, read_records, to_canonical, validate_row
+from stepwise_lit.data.formats import (
+    ADAPTERS,
+    DataFormatError,
+    Format,
+    extract_steps,
+    read_records,
+    to_canonical,
+    validate_row,
+)
 from stepwise_lit.data.gsm8k import corrupt_solution
 from stepwise_lit.data.records import RecordContext, split_lines
 from stepwise_lit.data.synthetic import generate_pairs
@@ -367,6 +376,10 @@ def test_unparseable_json_line_names_its_line_number(tmp_path):
     with pytest.raises(DataFormatError) as error:
         read_records(path)
     assert str(error.value) == "bad.jsonl line 3: invalid JSON: Expecting value (column 34)"
+
+
+def test_the_format_choices_are_the_registered_adapters():
+    assert set(get_args(Format)) == set(ADAPTERS)
 
 
 def test_unknown_format():

@@ -90,3 +90,45 @@ def test_parquet_cannot_mix_prompt_types(tmp_path):
     with pytest.raises(ValueError, match="write .jsonl instead"):
         write_rows(rows, tmp_path / "x.parquet")
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_prepare_reads_the_data_section_of_a_train_config(tmp_path, capsys):
+    """The same YAML train.py reads: its data: section is used (model:/trainer: are ignored), and a
+    flag after --config overrides it, as in train.py."""
+    raw = tmp_path / "raw.jsonl"
+    record = {"prompt": "q", "chosen": "Step 1: a\n\nStep 2: b", "rejected": "Step 1: a\n\nStep 2: c",
+              "chosen_step_scores": [1, 1], "rejected_step_scores": [1, -1]}
+    raw.write_text(json.dumps(record) + "\n")
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "trainer: {max_steps: 2}\nmodel: {tiny_model: true}\n"
+        f"data:\n  path: {raw}\n  format: delimited\n  step_delimiter: \"\\n\\nStep\"\n  batch_size: 4\n"
+    )
+    main(["--config", str(config), "--output", str(tmp_path / "a.jsonl")])
+    (row,) = read_records(tmp_path / "a.jsonl")
+    assert row["chosen_steps"] == ["Step 1: a", "\n\nStep 2: b"]
+    main(["--config", str(config), "--data.step_delimiter", "\n", "--output", str(tmp_path / "b.jsonl")])
+    (row,) = read_records(tmp_path / "b.jsonl")
+    assert row["chosen_steps"] == ["Step 1: a\n", "\nStep 2: b"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--data.batch_size", "0", "--output", str(tmp_path / "c.jsonl")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: data.batch_size: must be at least 1 (or null where allowed), got 0\n"
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_help_lists_the_data_settings_under_train_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--data.step_delimiter" in help_text and "--config" in help_text and "--output" in help_text
+    assert "{delimited,stepwise,preference,gsm8k,prm800k,synthetic}" in help_text
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, capsys):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(b'{"prompt": "q"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data.path", str(raw), "--output", str(tmp_path / "x.jsonl")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith("raw.jsonl line 2: not UTF-8 text: byte 0xff at column 13; save the file as UTF-8\n")

@@ -59,6 +59,10 @@ DEFAULT_STEP_WISE_PROMPT_TEMPLATE = (
     "{prompt}\n\nSolve this step by step. Start each step on a new paragraph with \"Step k:\"."
 )
 DEFAULT_MAX_PROMPT_LENGTH = 512
+# Settings that are at least 1 where set (some may be null).
+POSITIVE_SETTINGS = (
+    "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size"
+)
 DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, synthetic, tokenize_module)
 # A hub dataset id: "owner/name" (letters, digits, "-", "_", "."), nothing that looks like a local path.
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -237,6 +241,12 @@ class StepwiseDataModule(L.LightningDataModule):
         """Tokenized ``train`` and, if there is validation data, ``val`` splits."""
         train_rows, val_rows = self.canonical_splits()
         train = self.tokenize(train_rows, self.source_name(self.path), f"{self.fingerprint}-train")
+        if len(train) == 0:
+            raise DataFormatError(
+                f"none of the {len(train_rows)} pairs fits data.max_length {self.hparams.max_length} "
+                f"(truncation: {self.hparams.truncation}; the log counts the dropped rows by reason)",
+                source=self.source_name(self.path),
+            )
         if val_rows is not None:
             if not val_rows:
                 return {"train": train}
@@ -255,8 +265,8 @@ class StepwiseDataModule(L.LightningDataModule):
         num_val = math.ceil(self.hparams.val_fraction * len(prompts))
         if num_val >= len(prompts):
             raise DataFormatError(
-                f"val_fraction {self.hparams.val_fraction}: the {len(rows)} pairs have {len(prompts)} distinct prompt(s), "
-                "too few to hold some out; set val_path, or val_fraction: 0",
+                f"val_fraction {self.hparams.val_fraction}: the {len(rows)} pairs have {len(prompts)} distinct "
+                "prompt(s), too few to hold some out; set val_path, or val_fraction: 0",
                 source=self.source_name(self.path),
             )
         val_prompts = set(prompts[:num_val])
@@ -280,9 +290,8 @@ class StepwiseDataModule(L.LightningDataModule):
         hparams = self.hparams
         val = None if hparams.val_path is None else self.canonical_rows(hparams.val_path, hparams.val_split)
         if self.path is None:
-            rows = generate_pairs(
-                hparams.synthetic_train_size + hparams.synthetic_val_size, seed=hparams.seed, max_value=hparams.synthetic_max_value
-            )
+            num_pairs = hparams.synthetic_train_size + hparams.synthetic_val_size
+            rows = generate_pairs(num_pairs, seed=hparams.seed, max_value=hparams.synthetic_max_value)
             rows = to_canonical(rows, SYNTHETIC, SYNTHETIC)
             return rows[: hparams.synthetic_train_size], rows[hparams.synthetic_train_size :] if val is None else val
         return self.canonical_rows(self.path, hparams.split), val
@@ -468,7 +477,7 @@ def check_settings(hparams: Mapping[str, Any]) -> None:
         choices = get_args(Format if name == "format" else Truncation)
         if hparams[name] not in choices:
             raise SettingError(f"data.{name}: unknown value {hparams[name]!r}; expected one of {', '.join(choices)}")
-    for name in ("batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size"):
+    for name in POSITIVE_SETTINGS:
         value = hparams[name]
         if value is not None and value < 1:
             raise SettingError(f"data.{name}: must be at least 1 (or null where allowed), got {value}")

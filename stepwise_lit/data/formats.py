@@ -496,7 +496,8 @@ def to_canonical(
     rows: list[dict] = []
     places: list[dict[str, int]] = []
     skipped: dict[str, list[str]] = {}
-    for index, record in enumerate(tqdm(records, desc=f"Reading {source}", disable=len(records) < PROGRESS_MIN_RECORDS)):
+    progress = tqdm(records, desc=f"Reading {source}", disable=len(records) < PROGRESS_MIN_RECORDS)
+    for index, record in enumerate(progress):
         line = None if line_numbers is None else line_numbers[index]
         context = RecordContext(source, index, step_delimiter, seed, line=line, field_names=field_names)
         if not isinstance(record, dict):

@@ -36,7 +36,7 @@ from datasets import Sequence as ListOf
 from transformers import PreTrainedTokenizerBase
 
 from stepwise_lit.data.formats import CanonicalRows
-from stepwise_lit.data.records import SIDES
+from stepwise_lit.data.records import SIDES, RecordSkipped
 from stepwise_lit.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -65,16 +65,8 @@ TOKEN_ROW_FEATURES = Features(
 )
 
 
-class RowDoesNotFit(ValueError):
-    """A row that cannot be used after truncation.
-
-    Args:
-        reason: Why, in a short phrase shared by all such rows.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class RowDoesNotFit(RecordSkipped):
+    """A row that cannot be used after truncation; ``reason`` is a short phrase shared by all such rows."""
 
 
 @dataclass(frozen=True)
