@@ -216,7 +216,7 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     computed = [batch["attention_mask"] for batch in datamodule.train_dataloader()]
-    unpacked = DataLoader(datamodule.train_dataset, batch_size=datamodule.batch_size,
+    unpacked = DataLoader(datamodule.train_dataset, batch_size=datamodule.hparams.batch_size,
                           collate_fn=StepwiseCollator(datamodule.tokenizer.pad_token_id, pack_pairs=False))
     masks = [batch["attention_mask"] for batch in unpacked]  # the pairs as [chosen; rejected] rows, TRL's count
     module = StepwiseDPOModule(

@@ -15,35 +15,36 @@ class SettingError(UserError):
 class DataFormatError(UserError):
     """A data record that cannot be used, in one paragraph.
 
-    The message reads ``"<source> row <index>: field '<field>': <problem>"``, with
-    the parts that are unknown left out.
+    The message reads ``"<source> line <line>: field '<field>': <problem>"`` (JSON Lines,
+    CSV: the line of the file) or ``"<source> row <row>: ..."`` (other sources), with the
+    parts that are unknown left out. Both count from 1, as an editor shows them.
 
     Args:
         problem: What is wrong, in words.
         source: The file or dataset the record came from.
-        index: 0-based row index of the record in the source.
-        field: The offending field.
-        line: 1-based line number, for errors in a text file before rows exist.
+        row: 1-based position of the record in the source, for sources without lines.
+        field: The offending field, as the user's file names it.
+        line: 1-based line of the file.
     """
 
     def __init__(
         self,
         problem: str,
         source: str | None = None,
-        index: int | None = None,
+        row: int | None = None,
         field: str | None = None,
         line: int | None = None,
     ) -> None:
         self.problem = problem
         self.source = source
-        self.index = index
+        self.row = row
         self.field = field
         self.line = line
         location = " ".join(
             part
             for part in (
                 source,
-                None if index is None else f"row {index}",
+                None if row is None else f"row {row}",
                 None if line is None else f"line {line}",
             )
             if part

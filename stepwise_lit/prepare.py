@@ -1,22 +1,28 @@
-"""Raw sources -> canonical preference pairs on disk.
+"""Raw sources -> canonical preference pairs on disk, read with the same settings as training.
 
-    python -m stepwise_lit.prepare --format gsm8k \\
-        --input ../shared/data/gsm8k/example_model_solutions.jsonl --output gsm8k_pairs.jsonl
-    python -m stepwise_lit.prepare --format synthetic --num-pairs 1000 --seed 0 --output synthetic.parquet
-    python -m stepwise_lit.prepare --format delimited --input raw.jsonl \\
-        --step-delimiter '\\n\\nStep' --output pairs.jsonl
+    python -m stepwise_lit.prepare --data.format gsm8k \\
+        --data.path ../shared/data/gsm8k/example_model_solutions.jsonl --output gsm8k_pairs.jsonl
+    python -m stepwise_lit.prepare --data.path synthetic --num_pairs 1000 --data.seed 0 --output synthetic.parquet
+    python -m stepwise_lit.prepare --config configs/tiny.yaml --output pairs.jsonl
+
+The data settings are the data module's, under the names ``train.py`` takes
+(``--data.path``, ``--data.format``, ``--data.step_delimiter``, ``--data.seed``, ...), and
+``--config`` reads the ``data:`` section of the same YAML file ``train.py`` reads, so a user
+prepares exactly what training will read. ``data.path`` (a file, a data folder or a hub id
+``owner/name``) is converted with ``data.format``; a null or ``synthetic`` path generates
+synthetic pairs. Settings that only matter to training (lengths, batch sizes) are checked and
+otherwise ignored: prepare writes canonical rows, not tokens. ``data.require_scores`` defaults
+to false here (rows may lack step scores, e.g. GSM8K model solutions; ``stepwise_lit.score``
+fills them).
 
 The output is ``.jsonl`` or ``.parquet`` (by extension), one canonical row
 (docs/contract.md) per pair. Records that give no pair are counted by reason in
-the log; an invalid record stops the run with a message naming its row and field.
-Rows may lack step scores (e.g. GSM8K model solutions); ``stepwise_lit.score``
-fills them.
+the log; bad input or a bad setting stops the run with one paragraph naming the file, line
+or row, field or setting, and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import codecs
 import json
 import logging
 import os
@@ -24,8 +30,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stepwise_lit.data.formats import ADAPTERS, DataFormatError, read_records, to_canonical
-from stepwise_lit.data.synthetic import generate_pairs
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+
+from stepwise_lit.data.datamodule import SYNTHETIC, StepwiseDataModule, check_settings, read_source
+from stepwise_lit.data.formats import to_canonical
+from stepwise_lit.data.records import SIDES
+from stepwise_lit.data.synthetic import MAX_VALUE, generate_pairs
+from stepwise_lit.errors import SettingError, UserError
 
 logger = logging.getLogger("stepwise_lit")
 
@@ -37,12 +49,11 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> None:
     next to it, fsynced, then renamed), so a reader never sees half a file.
 
     Raises:
-        ValueError: For another extension, or rows parquet cannot hold in one
-            schema (e.g. string prompts mixed with chat-message prompts).
+        SettingError: Naming ``output`` for another extension, or rows parquet cannot hold
+            in one schema (e.g. string prompts mixed with chat-message prompts).
     """
     path = Path(path)
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output {path} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".jsonl":
@@ -53,6 +64,12 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> None:
     else:
         write_parquet(rows, temporary)
     os.replace(temporary, path)
+
+
+def check_output(path: Path) -> None:
+    """Raise :class:`SettingError` naming ``output`` unless it ends in ``.jsonl`` or ``.parquet``."""
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise SettingError(f"output: {path} must end in {' or '.join(OUTPUT_SUFFIXES)}")
 
 
 def write_parquet(rows: Sequence[dict], path: Path) -> None:
@@ -66,7 +83,7 @@ def parquet_table(rows: Sequence[dict]):
     """The rows as a ``pyarrow.Table``, its schema inferred from them.
 
     Raises:
-        ValueError: If the rows do not fit one schema (e.g. string prompts mixed
+        SettingError: If the rows do not fit one schema (e.g. string prompts mixed
             with chat-message prompts).
     """
     import pyarrow
@@ -74,7 +91,7 @@ def parquet_table(rows: Sequence[dict]):
     try:
         return pyarrow.Table.from_pylist(list(rows))
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
-        raise ValueError(f"these rows do not fit one parquet schema ({error}); write .jsonl instead") from error
+        raise SettingError(f"output: these rows do not fit one parquet schema ({error}); write .jsonl instead") from None
 
 
 def prepare(
@@ -85,73 +102,111 @@ def prepare(
     num_pairs: int | None = None,
     seed: int = 0,
     require_scores: bool = False,
+    split: str = "train",
+    synthetic_max_value: int = MAX_VALUE,
 ) -> list[dict]:
     """Converts a raw source to canonical rows and writes them.
 
     Args:
         format: An input format of ``stepwise_lit.data.formats`` (gsm8k, prm800k,
-            synthetic, delimited, stepwise, preference).
+            synthetic, delimited, stepwise, preference); ignored when generating.
         output: Where the rows go (``.jsonl`` or ``.parquet``).
-        input: The raw file; for ``synthetic`` without one, `num_pairs` pairs are generated.
+        input: The raw source: a file, a data folder or a hub id ``owner/name``; None
+            generates `num_pairs` synthetic pairs.
         step_delimiter: Splits text responses into steps (``delimited``, ``preference``).
-        num_pairs: Pairs to generate for ``synthetic`` without an input file.
+        num_pairs: Pairs to generate when there is no input.
         seed: Seed of the synthetic generator and of the GSM8K corruption.
         require_scores: Reject rows without step scores instead of leaving them to ``score``.
+        split: Split of a data folder or hub dataset.
+        synthetic_max_value: Largest number in a generated problem.
 
     Returns:
         The rows written.
 
     Raises:
-        DataFormatError: On an invalid record, or a missing input.
-        ValueError: On a bad output path.
+        SettingError: Without input and `num_pairs`, or for a bad output path.
+        DataFormatError: On an unreadable file or an invalid record.
     """
-    if input is None and not (format == "synthetic" and num_pairs is not None):
-        raise DataFormatError(f"--input is required for format {format!r} (only synthetic generates: --num-pairs)")
+    check_output(Path(output))
     if input is None:
-        records, source = generate_pairs(num_pairs, seed), f"synthetic(num_pairs={num_pairs}, seed={seed})"
+        if num_pairs is None:
+            raise SettingError("num_pairs: how many synthetic pairs to generate (there is no data.path to read)")
+        records = generate_pairs(num_pairs, seed, max_value=synthetic_max_value)
+        format, source = SYNTHETIC, f"synthetic(num_pairs={num_pairs}, seed={seed})"
     else:
-        records, source = read_records(input), str(input)
+        records, source = read_source(str(input), split), str(input)
     rows = to_canonical(records, format, source, step_delimiter, require_scores=require_scores, seed=seed)
     write_rows(rows, output)
-    unscored = sum(row[f"{side}_step_scores"] is None for row in rows for side in ("chosen", "rejected"))
+    unscored = sum(row[f"{side}_step_scores"] is None for row in rows for side in SIDES)
     logger.info("%s: %d records -> %d pairs written to %s", source, len(records), len(rows), output)
     if unscored:
         logger.info("%d responses have no step scores yet; fill them with python -m stepwise_lit.score", unscored)
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options of `prepare`."""
-    parser = argparse.ArgumentParser(
-        prog="stepwise-lit-prepare", description="Convert a raw source to canonical stepwise preference pairs."
+def build_parser() -> ArgumentParser:
+    """The command-line options of `prepare`: its own, and the data module's under ``--data.*``."""
+    parser = ArgumentParser(
+        prog="stepwise-lit-prepare",
+        description="Convert a raw source to canonical stepwise preference pairs, with train.py's data settings.",
     )
-    parser.add_argument("--format", required=True, choices=sorted(ADAPTERS), help="input format")
-    parser.add_argument("--input", help="raw file (.json, .jsonl, .parquet, .csv); not needed for synthetic")
-    parser.add_argument("--output", required=True, help="output file, .jsonl or .parquet")
     parser.add_argument(
-        "--step-delimiter", default="\\n\\nStep", help="step delimiter for text responses; backslash escapes decoded"
+        "--config", type=str, help="a train.py YAML config; its data: section gives the --data.* defaults"
     )
-    parser.add_argument("--num-pairs", type=int, help="synthetic: how many pairs to generate")
-    parser.add_argument("--seed", type=int, default=0, help="seed (synthetic generation, GSM8K corruption)")
-    parser.add_argument("--require-scores", action="store_true", help="reject rows without step scores")
+    parser.add_argument("--output", type=str, required=True, help="output file, .jsonl or .parquet")
+    parser.add_argument(
+        "--num_pairs",
+        type=int | None,
+        default=None,
+        help="synthetic data (data.path null or synthetic): pairs to generate; "
+        "default data.synthetic_train_size + data.synthetic_val_size",
+    )
+    parser.add_class_arguments(StepwiseDataModule, "data")
+    parser.set_defaults({"data.require_scores": False})
     return parser
 
 
+def parse_options(args: Sequence[str] | None) -> Namespace:
+    """Parse the command line; with ``--config``, its ``data:`` section comes before the flags, which override it.
+
+    Raises:
+        SettingError: Naming ``config`` for a file that cannot be read or has no mapping under ``data:``.
+    """
+    parser = build_parser()
+    args = list(sys.argv[1:] if args is None else args)
+    options = parser.parse_args(args)
+    if options.config is None:
+        return options
+    try:
+        config = yaml.safe_load(Path(options.config).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SettingError(f"config: cannot read {options.config}: {error}") from None
+    data = config.get("data", {}) if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        raise SettingError(f"config: {options.config} has no mapping of data settings under 'data:'")
+    return parser.parse_args(["--data=" + json.dumps(data), *args])
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Runs `prepare` from the command line; a data error ends with its message and exit code 2."""
-    options = build_parser().parse_args(args)
+    """Runs `prepare` from the command line; bad input or a bad setting ends with one paragraph and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        options = parse_options(args)
+        data = options.data
+        check_settings(data)
+        path = None if data.path in (None, SYNTHETIC) else data.path
         prepare(
-            options.format,
+            data.format,
             options.output,
-            options.input,
-            codecs.decode(options.step_delimiter, "unicode_escape"),
-            options.num_pairs,
-            options.seed,
-            options.require_scores,
+            path,
+            data.step_delimiter,
+            data.synthetic_train_size + data.synthetic_val_size if options.num_pairs is None else options.num_pairs,
+            data.seed,
+            data.require_scores,
+            data.split,
+            data.synthetic_max_value,
         )
-    except (DataFormatError, ValueError, OSError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -9,6 +9,7 @@ import pytest
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.formats import DataFormatError
+from stepwise_lit.errors import SettingError
 from stepwise_lit.data.synthetic import generate_pairs
 
 GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k"
@@ -128,15 +129,14 @@ def test_group_by_length_cuts_padding_on_gsm8k(tmp_path):
 
 
 def test_bad_settings_fail_at_construction(tmp_path):
-    with pytest.raises(DataFormatError, match="unknown format 'xml'"):
+    with pytest.raises(SettingError, match="^data.format: unknown value 'xml'"):
         StepwiseDataModule(path="data.jsonl", format="xml")
-    with pytest.raises(ValueError, match="truncation must be one of"):
+    with pytest.raises(SettingError, match="^data.truncation: unknown value 'cut'"):
         StepwiseDataModule(truncation="cut")
-    with pytest.raises(ValueError, match="must contain '\\{prompt\\}'"):
+    with pytest.raises(SettingError, match="^data.step_wise_prompt_template: must contain '\\{prompt\\}'"):
         StepwiseDataModule(use_step_wise_prompt=True, step_wise_prompt_template="no placeholder")
-    missing = StepwiseDataModule(path=str(tmp_path / "nope.jsonl"), cache_dir=str(tmp_path))
-    with pytest.raises(DataFormatError, match="nope.jsonl: data file not found"):
-        missing.prepare_data()
+    with pytest.raises(SettingError, match="^data.path: no such file or folder: '.*nope.jsonl'"):
+        StepwiseDataModule(path=str(tmp_path / "nope.jsonl"), cache_dir=str(tmp_path))
 
 
 @pytest.mark.skipif(not (GSM8K.parent / "prm800k").is_dir(), reason="PRM800K data not found")

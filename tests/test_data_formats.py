@@ -5,18 +5,21 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from stepwise_lit.data.formats import (
+    ADAPTERS,
     DataFormatError,
-    corrupt_solution,
+    Format,
     extract_steps,
     read_records,
-    split_lines,
     to_canonical,
     validate_row,
 )
+from stepwise_lit.data.gsm8k import corrupt_solution
+from stepwise_lit.data.records import RecordContext, split_lines
 from stepwise_lit.data.synthetic import generate_pairs
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -134,7 +137,7 @@ def test_preference_rejects_several_messages_after_an_explicit_prompt():
     with pytest.raises(DataFormatError) as error:
         to_canonical([record], "preference", "prefs.jsonl", require_scores=False)
     assert str(error.value) == (
-        "prefs.jsonl row 0: field 'chosen': expected one assistant message after an explicit prompt, got 2 messages"
+        "prefs.jsonl row 1: field 'chosen': expected one assistant message after an explicit prompt, got 2 messages"
     )
 
 
@@ -179,7 +182,7 @@ def test_gsm8k_model_solutions_need_scores_unless_a_scorer_fills_them():
     with pytest.raises(DataFormatError) as error:
         to_canonical(records, "gsm8k", "example_model_solutions.jsonl")
     message = str(error.value)
-    assert message.startswith("example_model_solutions.jsonl row 0: field 'rejected_step_scores': step scores are missing")
+    assert message.startswith("example_model_solutions.jsonl row 1: field 'rejected_step_scores': step scores are missing")
     assert "python -m stepwise_lit.score" in message
 
 
@@ -235,7 +238,7 @@ def test_prm800k_every_found_record_converts_or_is_skipped_with_a_reason(caplog)
     assert pairs == expected_pairs
     assert (
         "prm800k_found_records.jsonl: skipped 5 of 16 records "
-        "(no labelled step has both a +1 (or human) and a -1 completion): rows 5, 7, 8, 14, 15"
+        "(no labelled step has both a +1 (or human) and a -1 completion): lines 6, 8, 9, 15, 16"
     ) in caplog.text
 
 
@@ -280,7 +283,7 @@ def test_prm800k_bad_problem_is_skipped_with_its_reason(caplog):
     record = {"question": {"problem": "p"}, "label": {"steps": [step], "finish_reason": "bad_problem"}}
     with caplog.at_level(logging.WARNING, logger="stepwise_lit"):
         assert to_canonical([record], "prm800k", "labels.jsonl") == []
-    assert "skipped 1 of 1 records (finish_reason is bad_problem): rows 0" in caplog.text
+    assert "skipped 1 of 1 records (finish_reason is bad_problem): rows 1" in caplog.text
 
 
 # ---------------------------------------------------------------- bad input, one message each
@@ -296,36 +299,37 @@ def error_message(rows, format="stepwise", source="train.jsonl", **options) -> s
 
 def test_missing_field():
     record = {"prompt": "q", "rejected": "Step 1: x"}
-    assert error_message([record], "delimited") == "train.jsonl row 0: field 'chosen': missing"
+    assert error_message([record], "delimited") == "train.jsonl row 1: field 'chosen': missing"
     row = valid_row()
     del row["rejected_steps"]
-    assert error_message([valid_row(), row]) == "train.jsonl row 1: field 'rejected_steps': missing"
+    assert error_message([valid_row(), row]) == "train.jsonl row 2: field 'rejected_steps': missing"
 
 
 def test_wrong_type():
     assert error_message([valid_row(chosen_steps="Step 1: 2 + 3 = 5")]) == (
-        "train.jsonl row 0: field 'chosen_steps': expected a list of strings, got str"
+        "train.jsonl row 1: field 'chosen_steps': expected a list of strings, got str"
     )
     assert error_message([valid_row(chosen_step_scores=[1, "1"])]) == (
-        "train.jsonl row 0: field 'chosen_step_scores': score 2 is str '1', expected a number"
+        "train.jsonl row 1: field 'chosen_step_scores': score 2 is str '1', expected a number"
     )
     assert error_message([{"prompt": "q", "chosen": ["a"], "rejected": "b"}], "delimited") == (
-        "train.jsonl row 0: field 'chosen': expected a string, got list"
+        "train.jsonl row 1: field 'chosen': expected a string, got list"
     )
 
 
 def test_empty_step():
     assert error_message([valid_row(rejected_steps=["Step 1: 2 + 3 = 6\n", " \n"])]) == (
-        "train.jsonl row 0: field 'rejected_steps': step 2 is empty"
+        "train.jsonl row 1: field 'rejected_steps': step 2 is empty"
     )
 
 
 def test_no_steps():
     assert error_message([valid_row(chosen_steps=[], chosen_step_scores=[])]) == (
-        "train.jsonl row 0: field 'chosen_steps': no steps (the list is empty)"
+        "train.jsonl row 1: field 'chosen_steps': no steps (the list is empty)"
     )
+    # a delimited row's error names the user's field (chosen), not the internal one (chosen_steps)
     assert error_message([{"prompt": "q", "chosen": "", "rejected": "b"}], "delimited") == (
-        "train.jsonl row 0: field 'chosen_steps': no steps (the list is empty)"
+        "train.jsonl row 1: field 'chosen': no steps (the list is empty)"
     )
 
 
@@ -335,35 +339,35 @@ def test_score_count_differs_from_step_count():
         chosen_step_scores=[1, 1, 1],
     )
     with pytest.raises(DataFormatError) as error:
-        validate_row(row, 17, "train.jsonl")
+        validate_row(row, RecordContext("train.jsonl", index=17, step_delimiter="", seed=0))
     assert str(error.value) == (
-        "train.jsonl row 17: field 'chosen_step_scores': chosen has 4 steps but chosen_step_scores has 3 values"
+        "train.jsonl row 18: field 'chosen_step_scores': chosen has 4 steps but chosen_step_scores has 3 values"
     )
-    assert (error.value.source, error.value.index, error.value.field) == ("train.jsonl", 17, "chosen_step_scores")
+    assert (error.value.source, error.value.row, error.value.field) == ("train.jsonl", 18, "chosen_step_scores")
 
 
 def test_nan_and_inf_scores():
     assert error_message([valid_row(rejected_step_scores=[-1.0, math.nan])]) == (
-        "train.jsonl row 0: field 'rejected_step_scores': score 2 is nan, expected a finite number"
+        "train.jsonl row 1: field 'rejected_step_scores': score 2 is nan, expected a finite number"
     )
     assert error_message([valid_row(chosen_step_scores=[math.inf, 1.0])]) == (
-        "train.jsonl row 0: field 'chosen_step_scores': score 1 is inf, expected a finite number"
+        "train.jsonl row 1: field 'chosen_step_scores': score 1 is inf, expected a finite number"
     )
     assert error_message([valid_row(chosen_score=math.nan)]) == (
-        "train.jsonl row 0: field 'chosen_score': nan is not a finite number"
+        "train.jsonl row 1: field 'chosen_score': nan is not a finite number"
     )
 
 
 def test_score_outside_minus_one_to_one():
     assert error_message([valid_row(chosen_step_scores=[1.0, 1.5])]) == (
-        "train.jsonl row 0: field 'chosen_step_scores': score 2 is 1.5, outside [-1, 1]"
+        "train.jsonl row 1: field 'chosen_step_scores': score 2 is 1.5, outside [-1, 1]"
     )
 
 
 def test_empty_prompt():
-    assert error_message([valid_row(prompt="  \n")]) == "train.jsonl row 0: field 'prompt': empty prompt"
-    assert error_message([valid_row(prompt=[])]) == "train.jsonl row 0: field 'prompt': empty prompt (no messages)"
-    assert error_message([valid_row(prompt=None)]) == "train.jsonl row 0: field 'prompt': missing"
+    assert error_message([valid_row(prompt="  \n")]) == "train.jsonl row 1: field 'prompt': empty prompt"
+    assert error_message([valid_row(prompt=[])]) == "train.jsonl row 1: field 'prompt': empty prompt (no messages)"
+    assert error_message([valid_row(prompt=None)]) == "train.jsonl row 1: field 'prompt': missing"
 
 
 def test_unparseable_json_line_names_its_line_number(tmp_path):
@@ -374,6 +378,10 @@ def test_unparseable_json_line_names_its_line_number(tmp_path):
     assert str(error.value) == "bad.jsonl line 3: invalid JSON: Expecting value (column 34)"
 
 
+def test_the_format_choices_are_the_registered_adapters():
+    assert set(get_args(Format)) == set(ADAPTERS)
+
+
 def test_unknown_format():
     assert error_message([valid_row()], format="xml") == (
         "train.jsonl: unknown format 'xml'; expected one of delimited, gsm8k, preference, prm800k, stepwise, synthetic"
@@ -381,7 +389,7 @@ def test_unknown_format():
 
 
 def test_record_that_is_not_an_object():
-    assert error_message([valid_row(), ["a", "b"]]) == "train.jsonl row 1: expected a record object (dict), got list"
+    assert error_message([valid_row(), ["a", "b"]]) == "train.jsonl row 2: expected a record object (dict), got list"
 
 
 # ---------------------------------------------------------------- reading files

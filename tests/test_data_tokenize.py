@@ -262,8 +262,8 @@ def test_dataset_error_policy_names_the_row(byte_tokenizer):
     with pytest.raises(DataFormatError) as error:
         tokenize_dataset(dataset, byte_tokenizer, TokenizeSettings(max_length=55), "train.jsonl", truncation="error")
     assert str(error.value) == (
-        "train.jsonl row 0: chosen and rejected are identical after truncation; "
-        "raise max_length or set truncation to 'drop'"
+        "train.jsonl row 1: chosen and rejected are identical after truncation; "
+        "raise max_length or set data.truncation to 'drop'"
     )
 
 

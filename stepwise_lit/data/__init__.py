@@ -2,6 +2,7 @@
 
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
 from stepwise_lit.data.formats import DataFormatError, extract_steps, read_records, to_canonical, validate_row
+from stepwise_lit.data.records import RecordContext
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import (
     TokenizeSettings,
@@ -24,6 +25,7 @@ def __getattr__(name: str):
 __all__ = [
     "DataFormatError",
     "LengthGroupedBatchSampler",
+    "RecordContext",
     "StepwiseCollator",
     "StepwiseDataModule",
     "TokenizeSettings",

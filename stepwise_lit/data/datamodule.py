@@ -6,6 +6,10 @@ in a folder named by a fingerprint of the source contents, the options, the
 tokenizer and this package's data code; a later run with the same fingerprint
 reuses it. ``setup`` (every rank) loads that folder. Under DDP, Lightning's
 distributed sampler then gives each rank its own rows.
+
+Settings live in ``self.hparams`` (``save_hyperparameters``) and are checked at
+construction: a bad one raises :class:`~stepwise_lit.errors.SettingError` whose message
+starts with its name as YAML writes it (``data.batch_size: ...``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
@@ -28,10 +35,11 @@ from datasets import Dataset, DatasetDict, load_dataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, SequentialSampler
 
-from stepwise_lit.data import formats, synthetic
+from stepwise_lit import arithmetic
+from stepwise_lit.data import formats, gsm8k, prm800k, records, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
-from stepwise_lit.data.formats import ADAPTERS, DataFormatError, read_records, to_canonical
+from stepwise_lit.data.formats import DATA_FILE_SUFFIXES, Format, read_records, to_canonical
 from stepwise_lit.data.sampling import (
     EpochRandomSampler,
     MarkedRows,
@@ -40,7 +48,8 @@ from stepwise_lit.data.sampling import (
     ResumableDataLoader,
 )
 from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.data.tokenize import TRUNCATION_POLICIES, TokenizeSettings, canonical_dataset, tokenize_dataset
+from stepwise_lit.data.tokenize import TokenizeSettings, Truncation, canonical_dataset, tokenize_dataset
+from stepwise_lit.errors import DataFormatError, SettingError
 from stepwise_lit.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,44 +58,59 @@ SYNTHETIC = "synthetic"
 DEFAULT_STEP_WISE_PROMPT_TEMPLATE = (
     "{prompt}\n\nSolve this step by step. Start each step on a new paragraph with \"Step k:\"."
 )
-DATA_CODE = (formats, synthetic, tokenize_module)
-DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+DEFAULT_MAX_PROMPT_LENGTH = 512
+# Settings that are at least 1 where set (some may be null).
+POSITIVE_SETTINGS = (
+    "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size"
+)
+DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, synthetic, tokenize_module)
+# A hub dataset id: "owner/name" (letters, digits, "-", "_", "."), nothing that looks like a local path.
+HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class StepwiseDataModule(L.LightningDataModule):
     """Stepwise preference pairs for training and validation.
 
     Args:
-        path: Training data: a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file,
-            a hub dataset id or data folder (read with ``datasets.load_dataset``), or
-            None / ``"synthetic"`` for the embedded synthetic arithmetic pairs.
+        path: Training data: a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file or data
+            folder, a hub dataset id ``owner/name`` (read with ``datasets.load_dataset``), or
+            None / ``"synthetic"`` for the embedded synthetic arithmetic pairs. A path that
+            does not exist and is not an ``owner/name`` id fails at once.
         val_path: Validation data, read like ``path``; None splits ``val_fraction`` of
             the training prompts off (or, for synthetic data, generates
             ``synthetic_val_size`` further pairs).
         val_fraction: Share of the training data's distinct prompts (files and hub
             datasets) held out, with all their pairs, for validation when there is no
-            ``val_path``; 0 for no validation.
-        format: Input format: ``delimited``, ``stepwise``, ``preference``, ``gsm8k``,
-            ``prm800k`` or ``synthetic`` (ignored for the embedded synthetic data).
+            ``val_path``; in [0, 1), 0 for no validation.
+        format: Input format (ignored for the embedded synthetic data): ``delimited``
+            (``prompt``, ``chosen``, ``rejected`` texts split on ``step_delimiter``),
+            ``stepwise`` (canonical rows), ``preference`` (TRL rows), ``gsm8k``,
+            ``prm800k`` or ``synthetic``.
         split: Split of a hub dataset given as ``path``.
         val_split: Split of a hub dataset given as ``val_path``.
-        step_delimiter: Text that starts a new step in text responses.
-        max_length: Most tokens per prompt + response; responses keep the longest
-            prefix of whole steps that fits. None for no limit.
-        max_prompt_length: Most prompt tokens, cut from the left. None for no limit.
-        truncation: What to do with a row that keeps no step (or whose kept chosen and
-            rejected steps are identical): ``drop`` (counted in the log) or ``error``.
-        max_num_steps: Most steps kept per response; None for no limit.
+        step_delimiter: Non-empty text that starts a new step in text responses.
+        max_length: Most tokens per prompt + response (at least 1); responses keep the
+            longest prefix of whole steps that fits. None for no limit.
+        max_prompt_length: Most prompt tokens, cut from the left; at least 1, and a value
+            you set must be below ``max_length`` so a response has room (with the default
+            512 and a smaller ``max_length``, a prompt that leaves no room drops its row,
+            counted in the log). None for no limit.
+        truncation: A row that does not fit whole (``max_length``, ``max_prompt_length``,
+            ``max_num_steps``): ``truncate`` keeps it cut at step boundaries, ``drop``
+            drops it, ``error`` stops naming it. Cut and dropped rows are counted in the
+            log; a row that keeps no step, or whose kept sides are identical, is dropped
+            under ``truncate``.
+        max_num_steps: Most steps kept per response (at least 1); None for no limit.
         use_step_wise_prompt: Wrap string prompts in ``step_wise_prompt_template``.
         step_wise_prompt_template: Template containing ``{prompt}``.
         tokenizer_name_or_path: Hub id or folder of the tokenizer; None builds the
             embedded byte-level tokenizer.
         trust_remote_code: Allow the tokenizer's own code from the hub; only for
             sources you trust.
-        batch_size: Pairs per training batch (per process).
-        eval_batch_size: Pairs per validation batch; None uses ``batch_size``.
-        num_workers: DataLoader worker processes.
-        num_proc: Processes for tokenizing with ``Dataset.map``; None for one.
+        batch_size: Pairs per training batch (per process), at least 1.
+        eval_batch_size: Pairs per validation batch, at least 1; None uses ``batch_size``.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        num_proc: Processes for tokenizing with ``Dataset.map`` (at least 1); None for one.
         seed: Seed for shuffling, the validation split, synthetic data and GSM8K
             corruptions.
         group_by_length: Batch rows of similar length together to cut padding.
@@ -95,7 +119,7 @@ class StepwiseDataModule(L.LightningDataModule):
             begin with alike, is computed once, and nothing pads a chosen row to its
             rejected row. Same log-probs up to float rounding. Needs a model with sdpa or
             eager attention (4D masks; the module names this setting if not).
-        synthetic_train_size: Synthetic training pairs.
+        synthetic_train_size: Synthetic training pairs (at least 1).
         synthetic_val_size: Synthetic validation pairs (problems distinct from the
             training ones); 0 for no validation.
         synthetic_max_value: Largest number in a synthetic problem (at least 10); smaller
@@ -113,13 +137,13 @@ class StepwiseDataModule(L.LightningDataModule):
         path: str | None = None,
         val_path: str | None = None,
         val_fraction: float = 0.05,
-        format: str = "delimited",
+        format: Format = "delimited",
         split: str = "train",
         val_split: str = "test",
         step_delimiter: str = "\n\nStep",
         max_length: int | None = 1024,
-        max_prompt_length: int | None = 512,
-        truncation: str = "drop",
+        max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
+        truncation: Truncation = "truncate",
         max_num_steps: int | None = None,
         use_step_wise_prompt: bool = False,
         step_wise_prompt_template: str = DEFAULT_STEP_WISE_PROMPT_TEMPLATE,
@@ -140,43 +164,27 @@ class StepwiseDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if path not in (None, SYNTHETIC) and format not in ADAPTERS:
-            raise DataFormatError(f"unknown format {format!r}; expected one of {', '.join(sorted(ADAPTERS))}")
-        if truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
-        if use_step_wise_prompt and "{prompt}" not in step_wise_prompt_template:
-            raise ValueError("step_wise_prompt_template must contain '{prompt}'")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.path = None if path == SYNTHETIC else path
-        self.val_path = val_path
-        self.val_fraction = val_fraction
-        self.format = format
-        self.split = split
-        self.val_split = val_split
-        self.step_delimiter = step_delimiter
-        self.truncation = truncation
+        check_settings(self.hparams)
         self.settings = TokenizeSettings(
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             max_num_steps=max_num_steps,
             step_wise_prompt_template=step_wise_prompt_template if use_step_wise_prompt else None,
         )
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.num_proc = num_proc
-        self.seed = seed
-        self.group_by_length = group_by_length
-        self.pack_pairs = pack_pairs
-        self.synthetic_train_size = synthetic_train_size
-        self.synthetic_val_size = synthetic_val_size
-        self.synthetic_max_value = synthetic_max_value
-        self.require_scores = require_scores
         self.cache_root = Path(cache_dir or os.environ.get("STEPWISE_LIT_CACHE", "~/.cache/stepwise_lit")).expanduser()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+
+    @property
+    def path(self) -> str | None:
+        """The training source; None for the embedded synthetic data."""
+        return None if self.hparams.path == SYNTHETIC else self.hparams.path
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Pairs per validation, test and predict batch."""
+        return self.hparams.eval_batch_size or self.hparams.batch_size
 
     # ------------------------------------------------------------ preparation
 
@@ -188,20 +196,21 @@ class StepwiseDataModule(L.LightningDataModule):
     @cached_property
     def fingerprint(self) -> str:
         """Hash of everything the tokenized data depends on (sources are hashed once per instance)."""
+        hparams = self.hparams
         return Hasher.hash(
             {
-                "train": source_fingerprint(self.path, self.split),
-                "val": None if self.val_path is None else source_fingerprint(self.val_path, self.val_split),
-                "synthetic": (self.synthetic_train_size, self.synthetic_val_size, self.synthetic_max_value)
+                "train": source_fingerprint(self.path, hparams.split),
+                "val": None if hparams.val_path is None else source_fingerprint(hparams.val_path, hparams.val_split),
+                "synthetic": (hparams.synthetic_train_size, hparams.synthetic_val_size, hparams.synthetic_max_value)
                 if self.path is None
                 else None,
                 "options": (
-                    self.format,
-                    self.step_delimiter,
-                    self.val_fraction,
-                    self.require_scores,
-                    self.truncation,
-                    self.seed,
+                    hparams.format,
+                    hparams.step_delimiter,
+                    hparams.val_fraction,
+                    hparams.require_scores,
+                    hparams.truncation,
+                    hparams.seed,
                     "val split by prompt",
                 ),
                 "settings": self.settings,
@@ -232,12 +241,18 @@ class StepwiseDataModule(L.LightningDataModule):
         """Tokenized ``train`` and, if there is validation data, ``val`` splits."""
         train_rows, val_rows = self.canonical_splits()
         train = self.tokenize(train_rows, self.source_name(self.path), f"{self.fingerprint}-train")
+        if len(train) == 0:
+            raise DataFormatError(
+                f"none of the {len(train_rows)} pairs fits data.max_length {self.hparams.max_length} "
+                f"(truncation: {self.hparams.truncation}; the log counts the dropped rows by reason)",
+                source=self.source_name(self.path),
+            )
         if val_rows is not None:
             if not val_rows:
                 return {"train": train}
-            val_source = self.source_name(self.val_path) if self.val_path else SYNTHETIC
+            val_source = self.source_name(self.hparams.val_path) if self.hparams.val_path else SYNTHETIC
             return {"train": train, "val": self.tokenize(val_rows, val_source, f"{self.fingerprint}-val")}
-        if self.val_fraction == 0:
+        if self.hparams.val_fraction == 0:
             return {"train": train}
         return self.split_by_prompt(train)
 
@@ -246,12 +261,12 @@ class StepwiseDataModule(L.LightningDataModule):
         pairs of one problem (several PRM800K steps, several model solutions) never land on
         both sides."""
         prompts = sorted(set(rows["prompt_json"]))
-        random.Random(self.seed).shuffle(prompts)
-        num_val = math.ceil(self.val_fraction * len(prompts))
+        random.Random(self.hparams.seed).shuffle(prompts)
+        num_val = math.ceil(self.hparams.val_fraction * len(prompts))
         if num_val >= len(prompts):
             raise DataFormatError(
-                f"val_fraction {self.val_fraction}: the {len(rows)} pairs have {len(prompts)} distinct prompt(s), "
-                "too few to hold some out; set val_path, or val_fraction: 0",
+                f"val_fraction {self.hparams.val_fraction}: the {len(rows)} pairs have {len(prompts)} distinct "
+                "prompt(s), too few to hold some out; set val_path, or val_fraction: 0",
                 source=self.source_name(self.path),
             )
         val_prompts = set(prompts[:num_val])
@@ -272,28 +287,39 @@ class StepwiseDataModule(L.LightningDataModule):
         by ``val_fraction``, and empty when there is no validation (synthetic data
         with ``synthetic_val_size`` 0).
         """
-        val = None if self.val_path is None else self.canonical_rows(self.val_path, self.val_split)
+        hparams = self.hparams
+        val = None if hparams.val_path is None else self.canonical_rows(hparams.val_path, hparams.val_split)
         if self.path is None:
-            rows = generate_pairs(
-                self.synthetic_train_size + self.synthetic_val_size, seed=self.seed, max_value=self.synthetic_max_value
-            )
+            num_pairs = hparams.synthetic_train_size + hparams.synthetic_val_size
+            rows = generate_pairs(num_pairs, seed=hparams.seed, max_value=hparams.synthetic_max_value)
             rows = to_canonical(rows, SYNTHETIC, SYNTHETIC)
-            return rows[: self.synthetic_train_size], rows[self.synthetic_train_size :] if val is None else val
-        return self.canonical_rows(self.path, self.split), val
+            return rows[: hparams.synthetic_train_size], rows[hparams.synthetic_train_size :] if val is None else val
+        return self.canonical_rows(self.path, hparams.split), val
 
     def canonical_rows(self, path: str, split: str) -> list[dict]:
-        """Read a local file (our readers) or a hub dataset / data folder (``datasets``) and convert it."""
-        if Path(path).suffix.lower() in DATA_FILE_SUFFIXES and not Path(path).is_file():
-            raise DataFormatError(f"data file not found (looked at {Path(path).resolve()})", source=Path(path).name)
-        records = read_records(path) if Path(path).is_file() else load_dataset(path, split=split).to_list()
-        return to_canonical(
+        """Read a local file (our readers) or a hub dataset / data folder (``datasets``) and convert it.
+
+        Raises:
+            DataFormatError: For a file that cannot be read, an invalid record, or a source
+                whose every record is skipped (reasons in the log).
+        """
+        records = read_source(path, split)
+        source = self.source_name(path)
+        rows = to_canonical(
             records,
-            self.format,
-            self.source_name(path),
-            self.step_delimiter,
-            require_scores=self.require_scores,
-            seed=self.seed,
+            self.hparams.format,
+            source,
+            self.hparams.step_delimiter,
+            require_scores=self.hparams.require_scores,
+            seed=self.hparams.seed,
         )
+        if not rows:
+            raise DataFormatError(
+                f"none of the {len(records)} records gives a pair (format {self.hparams.format}; "
+                "the log counts the skipped records by reason)",
+                source=source,
+            )
+        return rows
 
     def tokenize(self, rows: list[dict], source: str, fingerprint: str) -> Dataset:
         """Tokenize canonical rows with ``Dataset.map``."""
@@ -302,8 +328,8 @@ class StepwiseDataModule(L.LightningDataModule):
             self.tokenizer,
             self.settings,
             source,
-            truncation=self.truncation,
-            num_proc=self.num_proc,
+            truncation=self.hparams.truncation,
+            num_proc=self.hparams.num_proc,
             new_fingerprint=fingerprint,
         )
 
@@ -324,7 +350,7 @@ class StepwiseDataModule(L.LightningDataModule):
 
     def collator(self) -> StepwiseCollator:
         """The batch collator, padding with the tokenizer's pad id."""
-        return StepwiseCollator(self.tokenizer.pad_token_id, self.pack_pairs)
+        return StepwiseCollator(self.tokenizer.pad_token_id, self.hparams.pack_pairs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, optionally grouped by length.
@@ -334,22 +360,22 @@ class StepwiseDataModule(L.LightningDataModule):
         would see (see ``stepwise_lit.distributed``). Under DDP, Lightning's distributed sampler
         (seeded by ``seed_everything``) gives each rank its rows.
         """
-        sampler = EpochRandomSampler(self.train_dataset, seed=self.seed)
+        sampler = EpochRandomSampler(self.train_dataset, seed=self.hparams.seed)
         loader_options = {
             "collate_fn": self.collator(),
-            "num_workers": self.num_workers,
+            "num_workers": self.hparams.num_workers,
             "generator": self.loader_generator(),
         }
-        if self.group_by_length:
+        if self.hparams.group_by_length:
             batch_sampler = LengthGroupedBatchSampler(
-                sampler, self.batch_size, drop_last=False, lengths=pair_lengths(self.train_dataset)
+                sampler, self.hparams.batch_size, drop_last=False, lengths=pair_lengths(self.train_dataset)
             )
             return ResumableDataLoader(self.train_dataset, batch_sampler=batch_sampler, **loader_options)
-        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, **loader_options)
+        return ResumableDataLoader(self.train_dataset, batch_size=self.hparams.batch_size, sampler=sampler, **loader_options)
 
     def loader_generator(self) -> torch.Generator:
         """Seeds the loaders' worker processes, so iterating never draws from the global RNG."""
-        return torch.Generator().manual_seed(self.seed)
+        return torch.Generator().manual_seed(self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; an empty list when there is no validation data."""
@@ -369,7 +395,7 @@ class StepwiseDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             sampler=SequentialSampler(self.val_dataset),
             collate_fn=self.collator(),
-            num_workers=self.num_workers,
+            num_workers=self.hparams.num_workers,
         )
 
     def eval_dataloader(self) -> DataLoader | list:
@@ -387,7 +413,7 @@ class StepwiseDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             sampler=PaddedShardSampler(self.val_dataset, **self.data_parallel_share()),
             collate_fn=PairWeightCollator(self.collator()),
-            num_workers=self.num_workers,
+            num_workers=self.hparams.num_workers,
             generator=self.loader_generator(),
         )
 
@@ -422,3 +448,86 @@ def pair_lengths(dataset: Dataset) -> list[int]:
     chosen = pyarrow.compute.list_value_length(table["chosen_input_ids"]).to_numpy()
     rejected = pyarrow.compute.list_value_length(table["rejected_input_ids"]).to_numpy()
     return np.maximum(chosen, rejected).tolist()
+
+
+def read_source(path: str, split: str) -> list[dict]:
+    """The records of a local file (our readers, with line numbers) or of a data folder / hub dataset."""
+    local = Path(path).expanduser()
+    return read_records(local) if local.is_file() else read_hub_dataset(path, split)
+
+
+def read_hub_dataset(path: str, split: str) -> list[dict]:
+    """The records of a data folder or hub dataset ``owner/name`` (``datasets.load_dataset``).
+
+    Raises:
+        SettingError: Naming ``data.path`` when ``datasets`` cannot load it (not found, offline).
+    """
+    try:
+        return load_dataset(path, split=split).to_list()
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as error:
+        raise SettingError(
+            f"data.path: cannot load {path!r} (split {split!r}) as a data folder or hub dataset: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def check_settings(hparams: Mapping[str, Any]) -> None:
+    """Raise :class:`SettingError` for the first unusable data setting, named as in YAML (``data.batch_size: ...``)."""
+    for name in ("format", "truncation"):
+        choices = get_args(Format if name == "format" else Truncation)
+        if hparams[name] not in choices:
+            raise SettingError(f"data.{name}: unknown value {hparams[name]!r}; expected one of {', '.join(choices)}")
+    for name in POSITIVE_SETTINGS:
+        value = hparams[name]
+        if value is not None and value < 1:
+            raise SettingError(f"data.{name}: must be at least 1 (or null where allowed), got {value}")
+    if hparams["num_workers"] < 0 or hparams["synthetic_val_size"] < 0:
+        name = "num_workers" if hparams["num_workers"] < 0 else "synthetic_val_size"
+        raise SettingError(f"data.{name}: must be 0 or more, got {hparams[name]}")
+    if hparams["synthetic_max_value"] < 10:
+        raise SettingError(f"data.synthetic_max_value: must be at least 10, got {hparams['synthetic_max_value']}")
+    max_length, max_prompt_length = hparams["max_length"], hparams["max_prompt_length"]
+    if (
+        max_length is not None
+        and max_prompt_length not in (None, DEFAULT_MAX_PROMPT_LENGTH)
+        and max_prompt_length >= max_length
+    ):
+        raise SettingError(
+            f"data.max_prompt_length: {max_prompt_length} leaves no room for a response within "
+            f"data.max_length {max_length}; set it below max_length"
+        )
+    if not 0.0 <= hparams["val_fraction"] < 1.0:
+        raise SettingError(f"data.val_fraction: must be in [0, 1) (0 for no validation), got {hparams['val_fraction']}")
+    if not hparams["step_delimiter"]:
+        raise SettingError("data.step_delimiter: must not be empty (it is the text that starts each step)")
+    if hparams["use_step_wise_prompt"] and "{prompt}" not in hparams["step_wise_prompt_template"]:
+        raise SettingError("data.step_wise_prompt_template: must contain '{prompt}'")
+    for name in ("path", "val_path"):
+        check_source(name, hparams[name])
+
+
+def check_source(name: str, path: str | None) -> None:
+    """A data source exists: a file with a known extension, a folder, or a hub id ``owner/name``.
+
+    Raises:
+        SettingError: Naming ``data.<name>`` for a file or folder that does not exist (one
+            that is not an ``owner/name`` hub id is never looked up on the hub).
+    """
+    if path is None or path == SYNTHETIC:
+        return
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix.lower() not in DATA_FILE_SUFFIXES:
+            raise SettingError(
+                f"data.{name}: {path!r} is a {local.suffix or 'extension-less'} file; "
+                f"expected {', '.join(DATA_FILE_SUFFIXES)} (or a data folder)"
+            )
+        return
+    if local.is_dir():
+        return
+    if local.suffix.lower() in DATA_FILE_SUFFIXES or not HUB_DATASET_ID.fullmatch(path):
+        raise SettingError(
+            f"data.{name}: no such file or folder: {path!r} (looked at {local.resolve()}); "
+            "give a local .json/.jsonl/.parquet/.csv file, a data folder, or a hub dataset id owner/name"
+        )
+

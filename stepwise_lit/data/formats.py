@@ -7,31 +7,37 @@ A canonical row (docs/contract.md) is a plain dict with ``prompt``,
 canonical rows; :func:`to_canonical` runs an adapter over all records, counts
 and logs the records that give no row, and validates every row it keeps.
 
-Row indexes in messages are 0-based positions in the record list; JSON line
-numbers are 1-based, as an editor shows them.
+This module holds the file readers, the registry of adapters (:data:`ADAPTERS`), the
+canonical row validation and the small adapters; the GSM8K and PRM800K adapters live in
+``stepwise_lit.data.gsm8k`` and ``stepwise_lit.data.prm800k``.
+
+Places in messages count as an editor shows them: ``line N`` (the 1-based line of the
+file) for JSON Lines and CSV, ``row N`` (1-based) for any other source.
 """
 
 from __future__ import annotations
 
-import ast
 import csv
+import io
 import json
 import logging
 import math
-import operator
-import random
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from datasets.utils import tqdm
+
+from stepwise_lit.data.gsm8k import gsm8k
+from stepwise_lit.data.prm800k import prm800k
+from stepwise_lit.data.records import SIDES, RecordContext, RecordSkipped, checked_id, required_text
 from stepwise_lit.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
 
 SCORE_COMMAND = "python -m stepwise_lit.score"
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 CANONICAL_KEYS = (
     "prompt",
     "chosen_steps",
@@ -43,44 +49,10 @@ CANONICAL_KEYS = (
     "id",
     "reference_solution",
 )
-SIDES = ("chosen", "rejected")
-
-
-class RecordSkipped(Exception):
-    """Raised by an adapter for a record that gives no pair; ``to_canonical`` counts it.
-
-    Args:
-        reason: Why the record gives no pair (one short phrase, shared by all such records).
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class RecordContext:
-    """Where a record comes from and the options its adapter needs.
-
-    Attributes:
-        source: File or dataset name used in messages.
-        index: 0-based row index of the record.
-        step_delimiter: Delimiter for text responses split into steps.
-        seed: Seed for adapters that draw random numbers (GSM8K corruption).
-    """
-
-    source: str
-    index: int
-    step_delimiter: str
-    seed: int
-
-    def error(self, field: str | None, problem: str) -> DataFormatError:
-        """Build the error for this record."""
-        return DataFormatError(problem, source=self.source, index=self.index, field=field)
-
-    def default_id(self) -> str:
-        """An id for records without one: the source's file stem and the row index."""
-        return f"{Path(self.source).stem}-{self.index}"
+Format = Literal["delimited", "stepwise", "preference", "gsm8k", "prm800k", "synthetic"]
+# Formats whose responses are text fields split into steps: messages name the user's field.
+TEXT_RESPONSE_FIELDS = {"chosen_steps": "chosen", "rejected_steps": "rejected"}
+PROGRESS_MIN_RECORDS = 1000  # fewer records convert in a blink: no progress bar
 
 
 # ---------------------------------------------------------------- step splitting
@@ -117,36 +89,44 @@ def extract_steps(text: str, delimiter: str, max_steps: int | None = None) -> li
     return steps
 
 
-def split_lines(text: str) -> list[str]:
-    """Split text into line steps, each keeping its trailing ``"\\n"``.
-
-    Blank lines are joined to the line before them (leading blank lines to the
-    first line), so ``"".join(steps) == text`` and no step is blank.
-
-    Args:
-        text: Text with one step per line.
-
-    Returns:
-        The line steps.
-    """
-    steps: list[str] = []
-    for line in re.findall(r"[^\n]*\n|[^\n]+$", text):
-        if steps and (not line.strip() or not steps[-1].strip()):
-            steps[-1] += line
-        else:
-            steps.append(line)
-    return steps
-
-
-def join_as_lines(texts: Sequence[str]) -> list[str]:
-    """Turn step texts without separators into line steps: ``"\\n"`` ends every step but the last."""
-    return [text + "\n" for text in texts[:-1]] + list(texts[-1:])
-
-
 # ---------------------------------------------------------------- reading files
 
 
-def read_records(path: str | Path) -> list[dict]:
+class Records(list):
+    """Records read from a file, in file order, and where each one is in the file.
+
+    A plain list of dicts to every reader; :func:`to_canonical` takes the line numbers
+    for its messages.
+
+    Args:
+        records: The records.
+        line_numbers: 1-based line of each record (JSON Lines; for CSV the record's last
+            line), or None when records are counted as rows (a JSON list, parquet).
+    """
+
+    def __init__(self, records: Sequence[dict], line_numbers: Sequence[int] | None = None) -> None:
+        super().__init__(records)
+        self.line_numbers = None if line_numbers is None else list(line_numbers)
+
+
+class CanonicalRows(list):
+    """Canonical rows, and where in its source each one's record is.
+
+    A plain list of row dicts to every reader; tokenization takes the places for its
+    messages (a record can give several rows, e.g. PRM800K).
+
+    Args:
+        rows: The canonical rows.
+        places: Per row, where its record is: ``{"line": n}`` or ``{"row": n}`` (1-based),
+            the keyword arguments of :class:`~stepwise_lit.errors.DataFormatError`.
+    """
+
+    def __init__(self, rows: Sequence[dict], places: Sequence[Mapping[str, int]]) -> None:
+        super().__init__(rows)
+        self.places = list(places)
+
+
+def read_records(path: str | Path) -> Records:
     """Read all records of a local ``.json``, ``.jsonl``, ``.parquet`` or ``.csv`` file.
 
     A ``.json`` file holds one list of objects (or is JSON Lines). Blank lines in
@@ -157,62 +137,93 @@ def read_records(path: str | Path) -> list[dict]:
         path: The file.
 
     Returns:
-        The records, in file order.
+        The records, in file order, with their line numbers for JSON Lines and CSV.
 
     Raises:
-        DataFormatError: On an unparseable JSON line (with its line number), a JSON
-            file that is not a list, or an unknown file extension.
+        DataFormatError: For a missing file, bytes that are not UTF-8 (with their line), an
+            unparseable JSON line (with its line number), a JSON file that is not a list, a
+            parquet file that cannot be read, or an unknown file extension.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return read_json_lines(path)
-    if suffix == ".json":
-        return read_json(path)
+    if suffix not in DATA_FILE_SUFFIXES:
+        raise DataFormatError(
+            f"unknown file type '{suffix}'; expected .json, .jsonl, .parquet or .csv", source=path.name
+        )
+    if not path.is_file():
+        raise DataFormatError(f"no such file (looked at {path.resolve()})", source=path.name)
     if suffix == ".parquet":
-        import pyarrow.parquet
-
-        return pyarrow.parquet.read_table(path).to_pylist()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [{key: decode_csv_cell(value) for key, value in row.items()} for row in csv.DictReader(handle)]
-    raise DataFormatError(
-        f"unknown file type '{suffix}'; expected .json, .jsonl, .parquet or .csv", source=path.name
-    )
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    """Parse a JSON Lines file, naming the first bad line."""
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataFormatError(
-                    f"invalid JSON: {error.msg} (column {error.colno})", source=path.name, line=line_number
-                ) from None
-    return records
+        return read_parquet(path)
+    text = read_utf8(path)
+    if suffix == ".jsonl":
+        return read_json_lines(text, path.name)
+    if suffix == ".json":
+        return read_json(text, path.name)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records, line_numbers = [], []
+    for row in reader:
+        records.append({key: decode_csv_cell(value) for key, value in row.items()})
+        line_numbers.append(reader.line_num)
+    return Records(records, line_numbers)
 
 
-def read_json(path: Path) -> list[dict]:
-    """Parse a JSON file holding a list of records, or JSON Lines saved as ``.json``."""
-    text = path.read_text(encoding="utf-8")
+def read_utf8(path: Path) -> str:
+    """The file's text, naming the line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        raise DataFormatError(
+            f"not UTF-8 text: byte 0x{data[error.start]:02x} at column {error.start - line_start + 1}; "
+            "save the file as UTF-8",
+            source=path.name,
+            line=data.count(b"\n", 0, error.start) + 1,
+        ) from None
+
+
+def read_parquet(path: Path) -> Records:
+    """The rows of a parquet file; a file pyarrow cannot read is a data error."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return Records(pyarrow.parquet.read_table(path).to_pylist())
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataFormatError(f"not a readable parquet file ({error})", source=path.name) from None
+
+
+def read_json_lines(text: str, source: str) -> Records:
+    """Parse JSON Lines text, naming the first bad line."""
+    records, line_numbers = [], []
+    for line_number, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataFormatError(
+                f"invalid JSON: {error.msg} (column {error.colno})", source=source, line=line_number
+            ) from None
+        line_numbers.append(line_number)
+    return Records(records, line_numbers)
+
+
+def read_json(text: str, source: str) -> Records:
+    """Parse a JSON list of records, or JSON Lines saved as ``.json``; an empty file has no records."""
+    if not text.strip():
+        return Records([])
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":
-            return read_json_lines(path)
+            return read_json_lines(text, source)
         raise DataFormatError(
-            f"invalid JSON: {error.msg} (column {error.colno})", source=path.name, line=error.lineno
+            f"invalid JSON: {error.msg} (column {error.colno})", source=source, line=error.lineno
         ) from None
     if not isinstance(records, list):
-        raise DataFormatError(
-            f"expected a JSON list of records, got {type(records).__name__}", source=path.name
-        )
-    return records
+        raise DataFormatError(f"expected a JSON list of records, got {type(records).__name__}", source=source)
+    return Records(records)
 
 
 def decode_csv_cell(cell: str | None) -> Any:
@@ -230,13 +241,12 @@ def decode_csv_cell(cell: str | None) -> Any:
 # ---------------------------------------------------------------- validation
 
 
-def validate_row(row: Any, index: int, source: str, require_scores: bool = True) -> dict:
+def validate_row(row: Any, context: RecordContext, require_scores: bool = True) -> dict:
     """Check a canonical row and return it with exactly the canonical keys.
 
     Args:
         row: The candidate canonical row.
-        index: 0-based row index, for messages.
-        source: File or dataset name, for messages.
+        context: Where the row comes from, for messages.
         require_scores: If True, missing step scores are an error (no scorer will
             fill them at train time).
 
@@ -246,7 +256,6 @@ def validate_row(row: Any, index: int, source: str, require_scores: bool = True)
     Raises:
         DataFormatError: Naming the first problem found.
     """
-    context = RecordContext(source, index, step_delimiter="", seed=0)
     if not isinstance(row, dict):
         raise context.error(None, f"expected a row object (dict), got {type(row).__name__}")
     valid = {"prompt": checked_prompt(row, context)}
@@ -286,7 +295,7 @@ def checked_messages(messages: list, field: str, context: RecordContext) -> list
             and isinstance(message.get("content"), str)
         ):
             raise context.error(
-                field, f"message {position} must be an object with string 'role' and 'content', got {message!r:.80}"
+                field, f"message {position + 1} must be an object with string 'role' and 'content', got {message!r:.80}"
             )
     if not any(message["content"].strip() for message in messages):
         raise context.error(field, "empty prompt (every message is blank)")
@@ -356,41 +365,12 @@ def checked_outcome_score(row: dict, field: str, context: RecordContext) -> floa
     return float(score)
 
 
-def checked_id(row: dict, context: RecordContext) -> str | None:
-    """An optional id; integer ids become strings."""
-    row_id = row.get("id")
-    if row_id is None or isinstance(row_id, str):
-        return row_id
-    if isinstance(row_id, int) and not isinstance(row_id, bool):
-        return str(row_id)
-    raise context.error("id", f"expected a string, got {type(row_id).__name__}")
-
-
 def checked_optional_text(row: dict, field: str, context: RecordContext) -> str | None:
     """An optional string field."""
     value = row.get(field)
     if value is None or isinstance(value, str):
         return value
     raise context.error(field, f"expected a string, got {type(value).__name__}")
-
-
-def required_text(record: dict, field: str, context: RecordContext) -> str:
-    """A string field that must be present."""
-    if field not in record or record[field] is None:
-        raise context.error(field, "missing")
-    value = record[field]
-    if not isinstance(value, str):
-        raise context.error(field, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def required_object(record: dict, field: str, context: RecordContext) -> dict:
-    """A JSON object field that must be present."""
-    value = record.get(field)
-    if not isinstance(value, dict):
-        problem = "missing" if value is None else f"expected an object, got {type(value).__name__}"
-        raise context.error(field, problem)
-    return value
 
 
 # ---------------------------------------------------------------- adapters
@@ -465,323 +445,6 @@ def assistant_text(value: Any, field: str, explicit_prompt: bool, context: Recor
     return message["content"]
 
 
-# ---------------------------------------------------------------- GSM8K
-
-# Strongest model first: its incorrect solutions are the hardest negatives.
-GSM8K_MODEL_FIELDS = ("175b_verification", "175b_finetuning", "6b_verification", "6b_finetuning")
-# A number, maybe with thousands commas ("1,040"), not part of a longer number.
-NUMBER_PATTERN = r"(?<![\d.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d]|[.,]\d)"
-NUMBER = re.compile(NUMBER_PATTERN)
-CALCULATOR_ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>(" + NUMBER_PATTERN + ")?")
-ARITHMETIC = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-}
-
-
-def gsm8k(record: dict, context: RecordContext) -> list[dict]:
-    """openai/grade-school-math records, either file kind.
-
-    ``example_model_solutions.jsonl`` (records with ``ground_truth``): the ground
-    truth is chosen (+1 per step, outcome +1); the incorrect solution of the
-    strongest model that has one is rejected (step scores missing, outcome -1).
-    A question whose model solutions are all correct gives no pair.
-
-    ``train.jsonl`` / ``test.jsonl`` (``question``, ``answer``): the answer is
-    chosen (+1 per step) and a seeded corruption of it is rejected: +1 before the
-    corrupted step, -1 from it on (see :func:`corrupt_solution`).
-
-    Steps are lines keeping their ``"\\n"``; ``reference_solution`` is the ground truth.
-    """
-    question = required_text(record, "question", context)
-    row_id = checked_id(record, context) or context.default_id()
-    if "ground_truth" in record:
-        return [gsm8k_model_solution_pair(record, question, row_id, context)]
-    answer = required_text(record, "answer", context)
-    chosen_steps = split_lines(answer)
-    rejected_steps, error_step = corrupt_solution(chosen_steps, random.Random(f"{context.seed}:{row_id}"))
-    return [
-        {
-            "prompt": question,
-            "chosen_steps": chosen_steps,
-            "rejected_steps": rejected_steps,
-            "chosen_step_scores": [1.0] * len(chosen_steps),
-            "rejected_step_scores": [1.0] * error_step + [-1.0] * (len(rejected_steps) - error_step),
-            "id": row_id,
-            "reference_solution": answer,
-        }
-    ]
-
-
-def gsm8k_model_solution_pair(record: dict, question: str, row_id: str, context: RecordContext) -> dict:
-    """Ground truth vs the strongest model's incorrect solution."""
-    ground_truth = required_text(record, "ground_truth", context)
-    incorrect = [solution for solution in gsm8k_model_solutions(record, context) if not solution["is_correct"]]
-    if not incorrect:
-        raise RecordSkipped("no incorrect model solution")
-    chosen_steps = split_lines(ground_truth)
-    return {
-        "prompt": question,
-        "chosen_steps": chosen_steps,
-        "rejected_steps": split_lines(incorrect[0]["solution"]),
-        "chosen_step_scores": [1.0] * len(chosen_steps),
-        "rejected_step_scores": None,
-        "chosen_score": 1.0,
-        "rejected_score": -1.0,
-        "id": row_id,
-        "reference_solution": ground_truth,
-    }
-
-
-def gsm8k_model_solutions(record: dict, context: RecordContext) -> list[dict]:
-    """The four ``{is_correct, solution}`` objects, strongest model first, checked."""
-    solutions = []
-    for field in GSM8K_MODEL_FIELDS:
-        solution = required_object(record, field, context)
-        if not isinstance(solution.get("is_correct"), bool) or not isinstance(solution.get("solution"), str):
-            raise context.error(field, "expected an object with a bool 'is_correct' and a string 'solution'")
-        solutions.append(solution)
-    return solutions
-
-
-def corrupt_solution(steps: list[str], rng: random.Random) -> tuple[list[str], int]:
-    """Inject one arithmetic error into a GSM8K solution and propagate it.
-
-    A step (never the final ``#### answer`` line) whose last calculator annotation
-    ``<<expr=result>>`` has a numeric result is drawn, and that result is changed
-    by a small nonzero amount; later steps get the changed numbers substituted and
-    their annotations recomputed, so the error flows into the final answer. A
-    solution without such annotations gets the last number of a drawn step changed.
-
-    Args:
-        steps: The correct solution's line steps.
-        rng: Seeded random source.
-
-    Returns:
-        The corrupted steps (same count) and the 0-based index of the corrupted step.
-
-    Raises:
-        RecordSkipped: If no step but the last holds a number.
-    """
-    body = steps[:-1]
-    targets = [annotated_result(step) for step in body]
-    if not any(targets):
-        targets = [last_number(step) for step in body]
-    candidates = [position for position, target in enumerate(targets) if target is not None]
-    if not candidates:
-        raise RecordSkipped("no number to corrupt before the final answer")
-    error_step = rng.choice(candidates)
-    start, old = targets[error_step]
-    step = steps[error_step]
-    old = old.replace(",", "")
-    replacements = {old: perturbed_number(old, rng)}
-    corrupted = steps[:error_step] + [step[:start] + substitute_numbers(step[start:], replacements)]
-    for step in steps[error_step + 1 :]:
-        corrupted.append(recompute_annotations(substitute_numbers(step, replacements), replacements))
-    return corrupted, error_step
-
-
-def annotated_result(step: str) -> tuple[int, str] | None:
-    """``(position, text)`` of the result of the step's last calculator annotation, if it is a number."""
-    annotations = list(CALCULATOR_ANNOTATION.finditer(step))
-    if not annotations or not NUMBER.fullmatch(annotations[-1].group(2)):
-        return None
-    return annotations[-1].start(2), annotations[-1].group(2)
-
-
-def last_number(step: str) -> tuple[int, str] | None:
-    """``(position, text)`` of the step's last number, or None."""
-    numbers = list(NUMBER.finditer(step))
-    return (numbers[-1].start(), numbers[-1].group()) if numbers else None
-
-
-def perturbed_number(number: str, rng: random.Random) -> str:
-    """``number`` plus a nonzero offset of 1-9 units of its last decimal place, kept non-negative if it was."""
-    decimals = len(number.partition(".")[2])
-    offset = rng.choice([-1, 1]) * rng.randint(1, 9) * 10.0**-decimals
-    value = float(number)
-    if value >= 0 and value + offset < 0:
-        offset = -offset
-    return f"{value + offset:.{decimals}f}"
-
-
-def substitute_numbers(text: str, replacements: dict[str, str]) -> str:
-    """Replace numbers in ``text`` whose comma-free form is a key of ``replacements``, keeping thousands commas."""
-
-    def replace(match: re.Match) -> str:
-        number = match.group()
-        new = replacements.get(number.replace(",", ""))
-        if new is None:
-            return number
-        return with_thousands_commas(new) if "," in number else new
-
-    return NUMBER.sub(replace, text)
-
-
-def with_thousands_commas(number: str) -> str:
-    """``"11480.5"`` -> ``"11,480.5"``."""
-    whole, point, fraction = number.partition(".")
-    sign = "-" if whole.startswith("-") else ""
-    return f"{sign}{int(whole.lstrip('-')):,}{point}{fraction}"
-
-
-def recompute_annotations(step: str, replacements: dict[str, str]) -> str:
-    """Re-evaluate each ``<<expr=result>>display`` whose expression changed; record new results in ``replacements``."""
-
-    def recompute(match: re.Match) -> str:
-        expression, result, display = match.groups()
-        value = evaluate_arithmetic(expression)
-        if value is None or not NUMBER.fullmatch(result):
-            return match.group()
-        new_result = format_number(value, decimals=len(result.partition(".")[2]))
-        if new_result == result:
-            return match.group()
-        replacements[result.replace(",", "")] = new_result
-        shown = "" if display is None else substitute_numbers(display, {display.replace(",", ""): new_result})
-        return f"<<{expression}={new_result}>>{shown}"
-
-    return CALCULATOR_ANNOTATION.sub(recompute, step)
-
-
-def evaluate_arithmetic(expression: str) -> float | None:
-    """Evaluate a calculator expression of numbers and + - * / // % ( ); None if it is anything else."""
-    try:
-        value = evaluate_node(ast.parse(expression.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def evaluate_node(node: ast.AST) -> float:
-    """Evaluate one node of an arithmetic expression tree; ValueError for anything else."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return float(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = evaluate_node(node.operand)
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
-        return ARITHMETIC[type(node.op)](evaluate_node(node.left), evaluate_node(node.right))
-    raise ValueError(f"not arithmetic: {ast.dump(node)}")
-
-
-def format_number(value: float, decimals: int) -> str:
-    """Format like GSM8K: integers without a point, else ``max(decimals, 2)`` places without trailing zeros."""
-    if value == round(value):
-        return str(int(round(value)))
-    return f"{value:.{max(decimals, 2)}f}".rstrip("0").rstrip(".")
-
-
-# ---------------------------------------------------------------- PRM800K
-
-
-def prm800k(record: dict, context: RecordContext) -> list[dict]:
-    """PRM800K label records: one pair per step rated both +1 and -1.
-
-    The labelled trajectory follows each step's ``chosen_completion``, or its
-    ``human_completion`` (an object written by the labeler as a correct step,
-    scored +1) when no completion was chosen; it ends at the first step with
-    neither (labelling stopped), with ``"completions": null``, or with an unrated
-    (``"rating": null``) choice. At a step on the trajectory, or the step where it
-    ends, that has a +1 option (the trajectory's own choice if it scores +1, else
-    the first completion rated +1) and a completion rated -1 (the first one): the
-    chosen response is the whole trajectory if the +1 option is the trajectory's
-    own, else the shared prefix plus the +1 option; the rejected response is the
-    shared prefix plus the -1 completion. Ratings (-1, 0, +1) are the step scores.
-    Steps are the texts joined as lines. ``reference_solution`` is the question's
-    ``ground_truth_solution`` (phase 2), else its ``ground_truth_answer``.
-
-    Records that give no pair (``finish_reason`` ``bad_problem``, or no step rated
-    both ways) are skipped with their reason counted in the log.
-    """
-    question = required_object(record, "question", context)
-    if not isinstance(question.get("problem"), str) or not question["problem"].strip():
-        raise context.error("question.problem", "missing or not a non-empty string")
-    label = required_object(record, "label", context)
-    if not isinstance(label.get("steps"), list):
-        raise context.error("label.steps", "expected a list of step objects")
-    if label.get("finish_reason") == "bad_problem":
-        raise RecordSkipped("finish_reason is bad_problem")
-    steps = [checked_prm800k_step(step, position, context) for position, step in enumerate(label["steps"])]
-    trajectory = labelled_trajectory(steps)  # [(text, score)] along the labeller's path
-    reference = question.get("ground_truth_solution") or question.get("ground_truth_answer")
-    base_id = checked_id(record, context) or f"{record.get('labeler', context.default_id())}:{record.get('timestamp', '')}"
-    rows = []
-    for position, step in enumerate(steps[: len(trajectory) + 1]):
-        own_option = trajectory_option(step)
-        own_score = trajectory[position][1] if position < len(trajectory) else None
-        plus_option = own_option if own_score == 1.0 else first_rated(step, 1)
-        minus_option = first_rated(step, -1)
-        if plus_option is None or minus_option is None:
-            continue
-        prefix = trajectory[:position]
-        chosen_path = trajectory if plus_option is own_option else [*prefix, (plus_option["text"], 1.0)]
-        rejected_path = [*prefix, (minus_option["text"], -1.0)]
-        rows.append(
-            {
-                "prompt": question["problem"],
-                "chosen_steps": join_as_lines([text for text, _ in chosen_path]),
-                "rejected_steps": join_as_lines([text for text, _ in rejected_path]),
-                "chosen_step_scores": [score for _, score in chosen_path],
-                "rejected_step_scores": [score for _, score in rejected_path],
-                "id": f"{base_id}:step{position + 1}",
-                "reference_solution": reference,
-            }
-        )
-    if not rows:
-        raise RecordSkipped("no labelled step has both a +1 (or human) and a -1 completion")
-    return rows
-
-
-def checked_prm800k_step(step: Any, position: int, context: RecordContext) -> dict:
-    """A label step whose completions (or null) and human completion (or null) are objects with string text."""
-    field = f"label.steps[{position}]"
-    if not isinstance(step, dict):
-        raise context.error(field, f"expected an object, got {type(step).__name__}")
-    completions = step.get("completions")
-    options = [*(completions if isinstance(completions, list) else []), step.get("human_completion")]
-    if completions is not None and not isinstance(completions, list):
-        raise context.error(f"{field}.completions", f"expected a list or null, got {type(completions).__name__}")
-    for option in options:
-        if option is not None and not (isinstance(option, dict) and isinstance(option.get("text"), str)):
-            raise context.error(field, f"a completion must be an object with string 'text', got {option!r:.80}")
-    return step
-
-
-def trajectory_option(step: dict) -> dict | None:
-    """The option the labeller continued with: the chosen completion, else the human completion, else None."""
-    chosen_index = step.get("chosen_completion")
-    completions = step.get("completions") or []
-    if isinstance(chosen_index, int) and 0 <= chosen_index < len(completions):
-        return completions[chosen_index]
-    return step.get("human_completion")
-
-
-def labelled_trajectory(steps: list[dict]) -> list[tuple[str, float]]:
-    """``(text, score)`` of the labeller's path, up to the first step without a rated choice.
-
-    The human completion scores +1; a completion scores its rating.
-    """
-    trajectory = []
-    for step in steps:
-        option = trajectory_option(step)
-        if option is None:
-            break
-        score = 1.0 if option is step.get("human_completion") else option.get("rating")
-        if score is None:
-            break
-        trajectory.append((option["text"], float(score)))
-    return trajectory
-
-
-def first_rated(step: dict, rating: int) -> dict | None:
-    """The step's first completion with this rating, or None."""
-    return next((option for option in step.get("completions") or [] if option.get("rating") == rating), None)
-
-
 # ---------------------------------------------------------------- entry point
 
 Adapter = Callable[[dict, RecordContext], list[dict]]
@@ -803,41 +466,52 @@ def to_canonical(
     *,
     require_scores: bool = True,
     seed: int = 0,
-) -> list[dict]:
+) -> CanonicalRows:
     """Convert records with the adapter for ``format`` and validate every row.
 
     Args:
-        records: Input records (dicts), e.g. from :func:`read_records`.
-        format: One of ``delimited``, ``stepwise``, ``preference``, ``gsm8k``,
-            ``prm800k``, ``synthetic``.
+        records: Input records (dicts), e.g. from :func:`read_records`; :class:`Records`
+            give their line numbers to messages (``line N``), other sequences are counted
+            as rows (``row N``, 1-based).
+        format: One of :data:`Format`.
         source: File or dataset name used in messages and logs.
         step_delimiter: Delimiter for formats whose responses are text.
         require_scores: If True, rows without step scores are an error.
         seed: Seed for adapters that draw random numbers (GSM8K corruption).
 
     Returns:
-        Valid canonical rows, in record order.
+        Valid canonical rows, in record order, with their records' places (a progress
+        bar shows for many records).
 
     Raises:
-        DataFormatError: For an unknown format or the first invalid record.
+        DataFormatError: For an unknown format, no records at all, or the first invalid record.
     """
     adapter = ADAPTERS.get(format)
     if adapter is None:
         raise DataFormatError(f"unknown format {format!r}; expected one of {', '.join(sorted(ADAPTERS))}", source=source)
+    if not records:
+        raise DataFormatError("no records (the source is empty)", source=source)
+    line_numbers = records.line_numbers if isinstance(records, Records) else None
+    field_names = TEXT_RESPONSE_FIELDS if format in ("delimited", "preference") else {}
     rows: list[dict] = []
-    skipped: dict[str, list[int]] = {}
-    for index, record in enumerate(records):
-        context = RecordContext(source, index, step_delimiter, seed)
+    places: list[dict[str, int]] = []
+    skipped: dict[str, list[str]] = {}
+    progress = tqdm(records, desc=f"Reading {source}", disable=len(records) < PROGRESS_MIN_RECORDS)
+    for index, record in enumerate(progress):
+        line = None if line_numbers is None else line_numbers[index]
+        context = RecordContext(source, index, step_delimiter, seed, line=line, field_names=field_names)
         if not isinstance(record, dict):
             raise context.error(None, f"expected a record object (dict), got {type(record).__name__}")
         try:
             produced = adapter(record, context)
         except RecordSkipped as skip:
-            skipped.setdefault(skip.reason, []).append(index)
+            skipped.setdefault(skip.reason, []).append(f"{index + 1}" if line is None else f"{line}")
             continue
-        rows.extend(validate_row(row, index, source, require_scores) for row in produced)
-    for reason, indexes in skipped.items():
-        shown = ", ".join(map(str, indexes[:10])) + (", ..." if len(indexes) > 10 else "")
-        logger.warning("%s: skipped %d of %d records (%s): rows %s", source, len(indexes), len(records), reason, shown)
+        rows.extend(validate_row(row, context, require_scores) for row in produced)
+        places.extend([{"row": index + 1} if line is None else {"line": line}] * len(produced))
+    kind = "rows" if line_numbers is None else "lines"
+    for reason, where in skipped.items():
+        shown = ", ".join(where[:10]) + (", ..." if len(where) > 10 else "")
+        logger.warning("%s: skipped %d of %d records (%s): %s %s", source, len(where), len(records), reason, kind, shown)
     logger.info("%s: %d canonical rows from %d records (format %s)", source, len(rows), len(records), format)
-    return rows
+    return CanonicalRows(rows, places)

@@ -11,10 +11,12 @@ tokenizes step by step, which is exact for byte-level vocabularies.
 
 Truncation keeps whole steps: the prompt is cut from the left to
 ``max_prompt_length``; each response keeps the longest prefix of steps that fits
-``max_length`` after the prompt (EOS counts as part of the last step, so a
-response that loses any step has no EOS). A row that keeps no step on a side, or
-whose kept chosen and rejected steps are identical, does not fit: the
-``truncation`` policy drops it (counted in the log) or raises.
+``max_length`` after the prompt and ``max_num_steps`` (EOS counts as part of the last
+step, so a response that loses any step has no EOS). The ``truncation`` policy decides
+what happens to a row that does not fit whole: ``truncate`` keeps the cut row (counted
+in the log), ``drop`` drops it (counted), ``error`` raises naming it. A row that keeps
+no step on a side, or whose kept chosen and rejected steps are identical, is dropped
+(counted) under ``truncate`` too.
 """
 
 from __future__ import annotations
@@ -24,28 +26,33 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Literal, get_args
 
-from datasets import Dataset, Features, Sequence, Value
+from datasets import Dataset, Features, Value
+from datasets import Sequence as ListOf
 from transformers import PreTrainedTokenizerBase
 
-from stepwise_lit.data.formats import SIDES, DataFormatError
+from stepwise_lit.data.formats import CanonicalRows
+from stepwise_lit.data.records import SIDES, RecordSkipped
+from stepwise_lit.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
 
-TRUNCATION_POLICIES = ("drop", "error")
+Truncation = Literal["truncate", "drop", "error"]
 TOKEN_ROW_FEATURES = Features(
     {
         **{
             f"{side}_{key}": feature
             for side in SIDES
             for key, feature in (
-                ("input_ids", Sequence(Value("int64"))),
-                ("step_ids", Sequence(Value("int64"))),
-                ("step_scores", Sequence(Value("float64"))),
+                ("input_ids", ListOf(Value("int64"))),
+                ("step_ids", ListOf(Value("int64"))),
+                ("step_scores", ListOf(Value("float64"))),
                 ("score", Value("float64")),
-                ("steps", Sequence(Value("string"))),
+                ("steps", ListOf(Value("string"))),
             )
         },
         "first_divergence": Value("int64"),
@@ -58,16 +65,8 @@ TOKEN_ROW_FEATURES = Features(
 )
 
 
-class RowDoesNotFit(ValueError):
-    """A row that cannot be used after truncation.
-
-    Args:
-        reason: Why, in a short phrase shared by all such rows.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class RowDoesNotFit(RecordSkipped):
+    """A row that cannot be used after truncation; ``reason`` is a short phrase shared by all such rows."""
 
 
 @dataclass(frozen=True)
@@ -242,14 +241,24 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokeni
     return token_row
 
 
-def canonical_dataset(rows: list[dict]) -> Dataset:
+def canonical_dataset(rows: Sequence[dict]) -> Dataset:
     """A ``datasets.Dataset`` of canonical rows, the prompt JSON-encoded as ``prompt_json``.
 
-    Arrow needs one type per column, and prompts can be strings or message lists.
+    Arrow needs one type per column, and prompts can be strings or message lists. Each row
+    also carries where its record is in the source (``source_line`` or ``source_row``,
+    1-based, the other None) for messages: from :class:`CanonicalRows`' places, else the
+    row's own 1-based position.
+
+    Args:
+        rows: Validated canonical rows, e.g. from ``to_canonical``.
     """
-    return Dataset.from_list([{**row, "prompt": json.dumps(row["prompt"])} for row in rows]).rename_column(
-        "prompt", "prompt_json"
-    )
+    places = rows.places if isinstance(rows, CanonicalRows) else [{"row": index + 1} for index in range(len(rows))]
+    return Dataset.from_list(
+        [
+            {**row, "prompt": json.dumps(row["prompt"]), "source_line": place.get("line"), "source_row": place.get("row")}
+            for row, place in zip(rows, places)
+        ]
+    ).rename_column("prompt", "prompt_json")
 
 
 def tokenize_dataset(
@@ -257,21 +266,23 @@ def tokenize_dataset(
     tokenizer: PreTrainedTokenizerBase,
     settings: TokenizeSettings,
     source: str,
-    truncation: str = "drop",
+    truncation: Truncation = "truncate",
     num_proc: int | None = None,
     new_fingerprint: str | None = None,
 ) -> Dataset:
     """Tokenize a :func:`canonical_dataset` with ``Dataset.map``, applying the truncation policy.
 
-    Rows that do not fit are dropped and counted in the log by reason
-    (``truncation="drop"``), or raise (``"error"``). Truncated rows are counted too.
+    A row that does not fit whole is kept cut (``truncation="truncate"``), dropped
+    (``"drop"``) or raises (``"error"``); one that keeps no step on a side, or whose kept
+    sides are identical, is dropped under ``truncate`` too. Cut and dropped rows are
+    counted in the log (warnings, by reason).
 
     Args:
         dataset: Canonical rows from :func:`canonical_dataset`.
         tokenizer: The tokenizer.
         settings: Lengths, step cap and prompt template.
         source: File or dataset name for messages and logs.
-        truncation: ``"drop"`` or ``"error"``.
+        truncation: One of :data:`Truncation`.
         num_proc: Processes for ``Dataset.map``.
         new_fingerprint: Fingerprint of the result, for ``datasets``' cache.
 
@@ -279,16 +290,15 @@ def tokenize_dataset(
         Token rows (see :func:`tokenize_row`, without ``truncated``).
 
     Raises:
-        DataFormatError: With ``truncation="error"``, naming the first row that does not fit.
+        DataFormatError: With ``truncation="error"``, naming the first row that does not fit whole.
         ValueError: For an unknown policy or a tokenizer without EOS.
     """
-    if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    if truncation not in get_args(Truncation):
+        raise ValueError(f"truncation must be one of {get_args(Truncation)}, got {truncation!r}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; every response ends with one")
     tokenized = dataset.map(
         tokenize_or_mark_dropped,
-        with_indices=True,
         fn_kwargs={"tokenizer": tokenizer, "settings": settings, "source": source, "truncation": truncation},
         remove_columns=dataset.column_names,
         features=TOKEN_ROW_FEATURES,
@@ -301,25 +311,56 @@ def tokenize_dataset(
     for reason, count in drop_reasons.items():
         logger.warning("%s: dropped %d of %d rows (%s)", source, count, len(dataset), reason)
     if truncated:
-        logger.info("%s: truncated %d of %d rows at step boundaries", source, truncated, len(dataset))
+        logger.warning(
+            "%s: cut %d of %d rows at step boundaries to fit max_length / max_prompt_length / max_num_steps",
+            source,
+            truncated,
+            len(dataset),
+        )
     if drop_reasons:
         tokenized = tokenized.filter(lambda reason: not reason, input_columns="drop_reason", num_proc=num_proc)
     return tokenized.remove_columns(["drop_reason", "truncated"])
 
 
 def tokenize_or_mark_dropped(
-    record: dict, index: int, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings, source: str, truncation: str
+    record: dict, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings, source: str, truncation: Truncation
 ) -> dict:
     """``Dataset.map`` function: a token row with ``drop_reason`` "" or, for a dropped row, an empty one."""
     row = {**record, "prompt": json.loads(record["prompt_json"])}
+    place = {"line": record["source_line"], "row": record["source_row"]}
     try:
-        return {**tokenize_row(row, tokenizer, settings), "drop_reason": ""}
+        token_row = tokenize_row(row, tokenizer, settings)
     except RowDoesNotFit as error:
         if truncation == "error":
             raise DataFormatError(
-                f"{error.reason}; raise max_length or set truncation to 'drop'", source=source, index=index
+                f"{error.reason}; raise max_length or set data.truncation to 'drop'", source=source, **place
             ) from None
         return empty_token_row(error.reason)
+    if token_row["truncated"] and truncation != "truncate":
+        cut = what_was_cut(row, token_row, settings)
+        if truncation == "error":
+            raise DataFormatError(
+                f"does not fit whole ({cut}); raise the limit or set data.truncation to 'truncate' or 'drop'",
+                source=source,
+                **place,
+            )
+        return empty_token_row("does not fit whole within max_length / max_prompt_length / max_num_steps")
+    return {**token_row, "drop_reason": ""}
+
+
+def what_was_cut(row: dict, token_row: dict, settings: TokenizeSettings) -> str:
+    """Which parts of a row were cut and by which limit, e.g. ``"chosen keeps 5 of 9 steps (max_num_steps 5)"``."""
+    parts = []
+    for side in SIDES:
+        kept, total = len(token_row[f"{side}_steps"]), len(row[f"{side}_steps"])
+        if kept < total:
+            limit = (
+                f"max_num_steps {settings.max_num_steps}"
+                if settings.max_num_steps is not None and kept == settings.max_num_steps
+                else f"max_length {settings.max_length}"
+            )
+            parts.append(f"{side} keeps {kept} of {total} steps ({limit})")
+    return "; ".join(parts) or f"the prompt is cut to max_prompt_length {settings.max_prompt_length}"
 
 
 def empty_token_row(drop_reason: str) -> dict:

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import ast
 import math
-import operator
 import re
 from dataclasses import dataclass
 
+from stepwise_lit.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
 from stepwise_lit.rewards.base import Prompt, StepScorer, prompt_text
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
-ANSWER = re.compile(r"^\s*(?:####|A:|The answer is:?)\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE | re.MULTILINE)
+ANSWER = re.compile(r"^\s*(?:####|A:|The answer is:?)\s*\$?\s*(" + NUMBER_PATTERN + ")", re.IGNORECASE | re.MULTILINE)
 THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 TIMES = re.compile(r"(?<=[\d)])\s*[x×]\s*(?=[\d($.])")
 # A run of characters that can form arithmetic, with at least one "=" in it.
 EQUATION_RUN = re.compile(r"[\d.+\-*/() ]*=[\d.+\-*/()= ]*")
 OPERATOR_AFTER_OPERAND = re.compile(r"[\d.)]\s*[-+*/]")
-BINARY_OPERATORS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.Pow: operator.pow,
-}
-MAX_EXPONENT = 64
 
 
 @dataclass
@@ -49,7 +40,7 @@ class ArithmeticStepVerifier(StepScorer):
 
     The rule. A step gets -1 when
       1. a calculator annotation ``<<expr=result>>`` in it is wrong: ``expr``
-         evaluates (``+ - * / **``, parentheses, decimals) to something else than
+         evaluates (``+ - * / // % **``, parentheses, decimals) to something else than
          ``result``; or
       2. a plain equation in its text (``16 - 3 - 4 = 9``, ``2 x 0.5 = 1.0``, chains
          ``a = b = c``; annotations removed, ``$``, thousands commas and ``x``/``×``
@@ -173,34 +164,10 @@ def normalise(text: str) -> str:
 
 
 def evaluate(expression: str) -> float | None:
-    """Value of an arithmetic expression (numbers, ``+ - * / **``, parentheses), or None
-    when it is not one, divides by zero or overflows."""
-    try:
-        tree = ast.parse(normalise(expression).strip(), mode="eval")
-        value = evaluate_node(tree.body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def evaluate_node(node: ast.AST) -> float:
-    """Evaluates one node of an arithmetic expression tree.
-
-    Raises:
-        ValueError: On anything but numbers, unary +/-, ``+ - * / **`` and
-            exponents larger than `MAX_EXPONENT`.
-    """
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = evaluate_node(node.operand)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
-        left, right = evaluate_node(node.left), evaluate_node(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise ValueError("exponent too large")
-        return float(BINARY_OPERATORS[type(node.op)](left, right))
-    raise ValueError(f"not arithmetic: {ast.dump(node)}")
+    """Value of an arithmetic expression after :func:`normalise` (``$``, thousands commas,
+    ``x`` as times), by the shared safe evaluator (``stepwise_lit.arithmetic``); None when it
+    is not arithmetic, divides by zero or overflows."""
+    return evaluate_arithmetic(normalise(expression))
 
 
 def parse_number(text: str) -> float | None:
@@ -241,6 +208,5 @@ def reference_values(reference: str) -> set[float]:
 
 
 def problem_values(prompt: Prompt) -> set[float]:
-    """The numbers the problem states."""
-    numbers = re.findall(r"\d+(?:\.\d+)?", normalise(prompt_text(prompt)))
-    return {float(number) for number in numbers}
+    """The numbers the problem states (unsigned: a "-" in prose is a hyphen, "ages 3-5")."""
+    return {abs(float(number)) for number in NUMBER.findall(normalise(prompt_text(prompt)))}
