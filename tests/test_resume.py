@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from stepwise_lit.data.collate import LengthGroupedBatchSampler
-from stepwise_lit.distributed import EpochRandomSampler, ResumableDataLoader, rng_state, set_rng_state
+from stepwise_lit.data.sampling import EpochRandomSampler, ResumableDataLoader
+from stepwise_lit.faults import rng_state, set_rng_state
 
 ROWS = list(range(23))
 
