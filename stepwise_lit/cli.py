@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -78,11 +79,12 @@ class StepwiseCLI(LightningCLI):
         check_ckpt_path(config.get("ckpt_path"), checkpoint_folders(config.trainer.callbacks))
 
     def before_instantiate_classes(self) -> None:
-        """Applies `num_threads`, checks that `trainer.default_root_dir` can be written, adds the
-        default loggers and warns when `validate`/`test`/`predict` would score a random model.
+        """Applies `num_threads`, checks that `trainer.default_root_dir` can be written and that
+        the optimizer and scheduler accept their settings, adds the default loggers and warns when `validate`/`test`/`predict` would score a random model.
 
         Raises:
-            SettingError: If `trainer.default_root_dir` cannot be created or written.
+            SettingError: If `trainer.default_root_dir` cannot be created or written, or the
+                optimizer or scheduler rejects its settings.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.num_threads is not None:
@@ -94,6 +96,7 @@ class StepwiseCLI(LightningCLI):
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
                 {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "tensorboard"}},
             ]
+        check_optimizer(config.model.optimizer, config.model.scheduler)
         evaluates = self.subcommand in ("validate", "test", "predict")
         if evaluates and config.ckpt_path is None and config.model.model_name_or_path is None and rank_zero_only.rank == 0:
             logger.warning(
@@ -105,8 +108,7 @@ class StepwiseCLI(LightningCLI):
 
 def is_checkpoint_callback(callback: Namespace) -> bool:
     """Whether a parsed callback (`class_path` + `init_args`) is a `ModelCheckpoint`."""
-    module_name, _, class_name = callback.class_path.rpartition(".")
-    return issubclass(getattr(importlib.import_module(module_name), class_name), ModelCheckpoint)
+    return issubclass(imported(callback.class_path), ModelCheckpoint)
 
 
 def with_checkpoint_callback(callbacks, folder: str) -> list[Namespace]:
@@ -172,6 +174,37 @@ def check_ckpt_path(ckpt_path: str | None, folders: list[str]) -> None:
             ) from error
 
 
+def imported(class_path: str) -> type:
+    """The class a `class_path` names."""
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_optimizer(optimizer, scheduler) -> None:
+    """Builds the configured optimizer and scheduler over one dummy parameter, so a value they
+    reject (a negative learning rate, an unknown argument) stops before any model is loaded.
+
+    Args:
+        optimizer: The parsed `model.optimizer` (`class_path` + `init_args`, or a default callable).
+        scheduler: The parsed `model.scheduler`, or None.
+
+    Raises:
+        SettingError: Naming `model.optimizer` or `model.scheduler` and the problem.
+    """
+    if not isinstance(optimizer, Namespace):
+        return
+    try:
+        built = imported(optimizer.class_path)([torch.nn.Parameter(torch.zeros(1))], **optimizer.get("init_args", {}))
+    except (ValueError, TypeError) as error:
+        raise SettingError(f"model.optimizer: {optimizer.class_path}: {error}") from error
+    if not isinstance(scheduler, Namespace):
+        return
+    try:
+        imported(scheduler.class_path)(built, **scheduler.get("init_args", {}))
+    except (ValueError, TypeError) as error:
+        raise SettingError(f"model.scheduler: {scheduler.class_path}: {error}") from error
+
+
 def check_writable_folder(folder: str, setting: str) -> None:
     """Creates `folder` if needed and writes (then removes) a probe file in it.
 
@@ -186,6 +219,35 @@ def check_writable_folder(folder: str, setting: str) -> None:
         raise SettingError(f"{setting}: cannot write to {folder}: {error.strerror or error}") from error
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Fails on a `--config` file that is not valid YAML, naming the file and the line (the
+    parser's own message names neither the file nor, for some errors, the right line).
+
+    Raises:
+        SettingError: Naming `--config`, the file and the YAML problem.
+    """
+    paths = [value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        if Path(path).is_file():
+            try:
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                raise SettingError(f"--config: {path} is not valid YAML: {error}") from error
+
+
+def run_cli(args: list[str] | None, argv: list[str]) -> StepwiseCLI:
+    """Checks the config files of `argv`, then parses, builds and runs the subcommand."""
+    check_config_files(argv)
+    return StepwiseCLI(
+        StepwiseDPOModule,
+        StepwiseDataModule,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,  # None: LightningCLI reads sys.argv (passing it again would warn)
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Runs the CLI (`args`: the command line without the program name; None reads `sys.argv`).
 
@@ -194,16 +256,7 @@ def main(args: list[str] | None = None) -> None:
     A run stopped by SIGTERM exits with 143 once its checkpoint is saved."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        exit_on_user_error(
-            lambda: StepwiseCLI(
-                StepwiseDPOModule,
-                StepwiseDataModule,
-                auto_configure_optimizers=False,
-                save_config_kwargs={"overwrite": True},
-                args=args,  # None: LightningCLI reads sys.argv (passing it again would warn)
-            ),
-            argv,
-        )
+        exit_on_user_error(lambda: run_cli(args, argv), argv)
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None
 
