@@ -36,9 +36,12 @@ class StepwiseCLI(LightningCLI):
     and the evaluation report of `validate`/`test` (`StepRewardReport`, settings under `report`;
     `--report.enabled=false` switches it off).
 
-    Before anything is built it checks what a user names on the command line: `--ckpt_path`
-    (a readable checkpoint; `last` must find one where this CLI's checkpoints land) and
-    `trainer.default_root_dir` (writable); see `parse_arguments` and `before_instantiate_classes`."""
+    Before any model is loaded it checks what a user names: the `--config` files (valid YAML,
+    in `main`), `--ckpt_path` (a readable checkpoint; `last` must find one where this CLI's
+    checkpoints land), `trainer.default_root_dir` (writable) and the optimizer and scheduler
+    settings; see `parse_arguments` and `before_instantiate_classes`. `validate`/`test`/`predict`
+    of the embedded model without `--ckpt_path` run (an untrained baseline is a fair question)
+    but log a warning that the model is random."""
 
     def add_default_arguments_to_parser(self, parser) -> None:
         super().add_default_arguments_to_parser(parser)
@@ -80,7 +83,8 @@ class StepwiseCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Applies `num_threads`, checks that `trainer.default_root_dir` can be written and that
-        the optimizer and scheduler accept their settings, adds the default loggers and warns when `validate`/`test`/`predict` would score a random model.
+        the optimizer and scheduler accept their settings, adds the default loggers, and warns
+        when `validate`/`test`/`predict` would evaluate a randomly initialised model.
 
         Raises:
             SettingError: If `trainer.default_root_dir` cannot be created or written, or the
@@ -143,7 +147,8 @@ def check_ckpt_path(ckpt_path: str | None, folders: list[str]) -> None:
 
     `last` must find a `last*.ckpt` in one of `folders` (Lightning would otherwise start from
     scratch without a word); a path must exist, and a file must open as a checkpoint
-    (memory-mapped, so only its index is read). `best`, `hpc` and registry names are left to Lightning.
+    (memory-mapped, so only its index is read). `best`, `hpc`, registry names and remote URLs are
+    left to Lightning.
 
     Args:
         ckpt_path: The `--ckpt_path` setting.
@@ -153,6 +158,8 @@ def check_ckpt_path(ckpt_path: str | None, folders: list[str]) -> None:
         SettingError: Naming `ckpt_path`, the file or folders, and the problem.
     """
     if ckpt_path is None or ckpt_path in RESOLVED_BY_LIGHTNING or str(ckpt_path).startswith("registry"):
+        return
+    if "://" in str(ckpt_path):  # a remote file system (s3://, gs://...): Lightning's fsspec reads it
         return
     if ckpt_path == "last":
         if not any(any(Path(folder).glob("last*.ckpt")) for folder in folders):
@@ -233,7 +240,8 @@ def check_config_files(argv: list[str]) -> None:
             try:
                 yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except (yaml.YAMLError, UnicodeDecodeError) as error:
-                raise SettingError(f"--config: {path} is not valid YAML: {error}") from error
+                problem = " ".join(str(error).split())  # one paragraph
+                raise SettingError(f"--config: {path} is not valid YAML: {problem}") from error
 
 
 def run_cli(args: list[str] | None, argv: list[str]) -> StepwiseCLI:
