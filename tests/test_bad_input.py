@@ -52,9 +52,9 @@ def lines(path: Path, rows: list) -> Path:
 
 
 def pairs_with(world: World, index: int, **changes) -> list[dict]:
-    """The world's pairs with row `index` (0-based) updated by `changes` (None removes a field)."""
+    """The world's pairs with row `index` (0-based) updated by `changes`."""
     rows = [json.loads(line) for line in world.pairs.read_text().splitlines()]
-    rows[index] = {k: v for k, v in {**rows[index], **changes}.items() if v is not None or k not in changes}
+    rows[index] = {**rows[index], **changes}
     return rows
 
 
@@ -175,9 +175,9 @@ CASES: dict[str, Setup] = {
                                                      for i, r in enumerate(delimited(w))]), format="delimited", step_delimiter="\nStep"),
         ["nofield.jsonl", row_or_line(2), "rejected"]),
     "fit-delimited-user-field-named": lambda t, w: (
-        data_file(t, w, lines(t / "delim.jsonl", [r if i != 0 else {**r, "chosen_step_scores": [1.0]}
+        data_file(t, w, lines(t / "delim.jsonl", [r if i != 0 else {**r, "chosen": ""}
                                                    for i, r in enumerate(delimited(w))]), format="delimited", step_delimiter="\nStep"),
-        ["delim.jsonl", row_or_line(1), "'chosen"]),
+        ["delim.jsonl", row_or_line(1), "'chosen'"]),  # the user's field, not the internal chosen_steps
     "fit-prompt-of-wrong-type": lambda t, w: (
         data_file(t, w, lines(t / "type.jsonl", pairs_with(w, 1, prompt=42))), ["type.jsonl", row_or_line(2), "prompt"]),
     "fit-empty-step": lambda t, w: (

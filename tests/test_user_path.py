@@ -187,15 +187,14 @@ DATA_CASES = {
         "path": "delimited.csv", "format": "delimited", "val_fraction": 0.25, "step_delimiter": "\nStep",
         "max_num_steps": 3, "use_step_wise_prompt": True,
     },
-    "outcome_scores": {"path": "outcome", "format": "stepwise", "val_fraction": 0.25},
+    "outcome_scores": {"path": "outcome", "format": "stepwise", "val_fraction": 0.25},  # outcome_score_weight mixes them
 }
 
 
 @pytest.mark.parametrize("data", list(DATA_CASES.values()), ids=list(DATA_CASES))
 def test_data_files_in_each_format_from_yaml(tmp_path, cache_dir, files, capsys, data):
-    data = {**data, "path": str(files[data["path"]])} | ({"val_path": str(files[data["val_path"]])} if "val_path" in data else {})
-    model = {"outcome_score_weight": 0.3} if "outcome" in data["path"] else {}
-    fit(tmp_path, {"data": data, "model": model}, cache_dir, capsys)
+    data = {**data, **{key: str(files[data[key]]) for key in ("path", "val_path") if key in data}}
+    fit(tmp_path, {"data": data, "model": {"outcome_score_weight": 0.3}}, cache_dir, capsys)
 
 
 def test_preference_rows_scored_online_by_a_rule(tmp_path, cache_dir, files, capsys):
