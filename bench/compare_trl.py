@@ -389,6 +389,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.total_steps = 1 + args.steps
+    os.makedirs(args.scratch, exist_ok=True)  # $TMPDIR/stepwise_bench does not exist on a fresh machine
     if args.worker:
         print(json.dumps(worker(args)))
     elif args.mode == "logps":

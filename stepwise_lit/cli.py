@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import pickle
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.errors import UserError
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, exit_on_user_error
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.reports import StepRewardReport
 
-TRACEBACK_FLAG = "--show_traceback"
+logger = logging.getLogger("stepwise_lit")
+
 CHECKPOINT_FOLDER = "checkpoints"  # under trainer.default_root_dir, unless a ModelCheckpoint names its dirpath
+RESOLVED_BY_LIGHTNING = ("best", "hpc")  # special --ckpt_path values Lightning checks itself
 
 
 class StepwiseCLI(LightningCLI):
     """LightningCLI with the tokenizer settings linked from the model to the data module,
     CSV + TensorBoard loggers under `trainer.default_root_dir` unless the config names loggers,
     and the evaluation report of `validate`/`test` (`StepRewardReport`, settings under `report`;
-    `--report.enabled=false` switches it off)."""
+    `--report.enabled=false` switches it off).
+
+    Before any model is loaded it checks what a user names: the `--config` files (valid YAML,
+    in `main`), `--ckpt_path` (a readable checkpoint; `last` must find one where this CLI's
+    checkpoints land), `trainer.default_root_dir` (writable) and the optimizer and scheduler
+    settings; see `parse_arguments` and `before_instantiate_classes`. `validate`/`test`/`predict`
+    of the embedded model without `--ckpt_path` run (an untrained baseline is a fair question)
+    but log a warning that the model is random."""
+
+    def add_default_arguments_to_parser(self, parser) -> None:
+        super().add_default_arguments_to_parser(parser)
+        parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
@@ -43,52 +63,208 @@ class StepwiseCLI(LightningCLI):
         )
         parser.add_lightning_class_args(StepRewardReport, "report")
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parses, points checkpoints at one folder, then checks `--ckpt_path` before Lightning reads
+        it (LightningCLI loads the checkpoint's hyperparameters right after parsing).
+
+        Raises:
+            SettingError: For a `--ckpt_path` that does not exist, cannot be read, or is `last`
+                with no last checkpoint in the checkpoint folder.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        folder = os.path.join(config.trainer.default_root_dir or os.getcwd(), CHECKPOINT_FOLDER)
+        if config.trainer.enable_checkpointing is not False:
+            config.trainer.callbacks = with_checkpoint_callback(config.trainer.callbacks, folder)
+        check_ckpt_path(config.get("ckpt_path"), checkpoint_folders(config.trainer.callbacks))
+
     def before_instantiate_classes(self) -> None:
+        """Applies `num_threads`, checks that `trainer.default_root_dir` can be written and that
+        the optimizer and scheduler accept their settings, adds the default loggers, and warns
+        when `validate`/`test`/`predict` would evaluate a randomly initialised model.
+
+        Raises:
+            SettingError: If `trainer.default_root_dir` cannot be created or written, or the
+                optimizer or scheduler rejects its settings.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         root = config.trainer.default_root_dir or os.getcwd()
-        _fix_checkpoint_folders(config.trainer.callbacks, os.path.join(root, CHECKPOINT_FOLDER))
+        check_writable_folder(root, "trainer.default_root_dir")
         if config.trainer.logger in (None, True):
             config.trainer.logger = [
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
                 {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "tensorboard"}},
             ]
+        check_optimizer(config.model.optimizer, config.model.scheduler)
+        evaluates = self.subcommand in ("validate", "test", "predict")
+        if evaluates and config.ckpt_path is None and config.model.model_name_or_path is None and rank_zero_only.rank == 0:
+            logger.warning(
+                "%s without --ckpt_path and without model.model_name_or_path evaluates the randomly "
+                "initialised embedded model; pass --ckpt_path to evaluate a trained one",
+                self.subcommand,
+            )
 
 
-def _fix_checkpoint_folders(callbacks, folder: str) -> None:
-    """Points every `ModelCheckpoint` that names no `dirpath` at `folder`, so a later run finds
-    its `last.ckpt` for `--ckpt_path last` (Lightning's default folder changes with each logger
-    version). `callbacks` is the parsed `trainer.callbacks`: None, one callback or a list."""
-    if callbacks is None:
-        return
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        module_name, _, class_name = callback.class_path.rpartition(".")
-        is_checkpoint = issubclass(getattr(importlib.import_module(module_name), class_name), ModelCheckpoint)
-        if is_checkpoint and callback.init_args.get("dirpath") is None:
+def is_checkpoint_callback(callback: Namespace) -> bool:
+    """Whether a parsed callback (`class_path` + `init_args`) is a `ModelCheckpoint`."""
+    return issubclass(imported(callback.class_path), ModelCheckpoint)
+
+
+def with_checkpoint_callback(callbacks, folder: str) -> list[Namespace]:
+    """The parsed `trainer.callbacks` as a list in which every `ModelCheckpoint` writes to a known
+    folder: one that names no `dirpath` gets `folder`, and with no `ModelCheckpoint` at all one
+    is added there (with `save_last: true`, so `--ckpt_path last` resumes). Without this,
+    Lightning's default folder changes with each logger version and `last` never finds it.
+
+    Args:
+        callbacks: The parsed `trainer.callbacks`: None, one callback or a list.
+        folder: `<default_root_dir>/checkpoints`.
+    """
+    callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+    checkpoints = [callback for callback in callbacks if is_checkpoint_callback(callback)]
+    for callback in checkpoints:
+        if callback.init_args.get("dirpath") is None:
             callback.init_args.dirpath = folder
+    if not checkpoints:
+        default = Namespace(dirpath=folder, save_last=True)
+        callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=default))
+    return callbacks
+
+
+def checkpoint_folders(callbacks) -> list[str]:
+    """The `dirpath` of every parsed `ModelCheckpoint` in `callbacks` (None, one or a list)."""
+    callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+    return [callback.init_args.dirpath for callback in callbacks if is_checkpoint_callback(callback)]
+
+
+def check_ckpt_path(ckpt_path: str | None, folders: list[str]) -> None:
+    """Fails on a `--ckpt_path` Lightning would not load, before anything is built.
+
+    `last` must find a `last*.ckpt` in one of `folders` (Lightning would otherwise start from
+    scratch without a word); a path must exist, and a file must open as a checkpoint
+    (memory-mapped, so only its index is read). `best`, `hpc`, registry names and remote URLs are
+    left to Lightning.
+
+    Args:
+        ckpt_path: The `--ckpt_path` setting.
+        folders: Where the run's `ModelCheckpoint` callbacks write.
+
+    Raises:
+        SettingError: Naming `ckpt_path`, the file or folders, and the problem.
+    """
+    if ckpt_path is None or ckpt_path in RESOLVED_BY_LIGHTNING or str(ckpt_path).startswith("registry"):
+        return
+    if "://" in str(ckpt_path):  # a remote file system (s3://, gs://...): Lightning's fsspec reads it
+        return
+    if ckpt_path == "last":
+        if not any(any(Path(folder).glob("last*.ckpt")) for folder in folders):
+            searched = ", ".join(folders) or "nowhere: checkpointing is off (trainer.enable_checkpointing)"
+            raise SettingError(
+                f"ckpt_path: 'last' found no last checkpoint (last*.ckpt) in {searched}; "
+                "leave --ckpt_path out to start a new run, or name a checkpoint file"
+            )
+        return
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise SettingError(f"ckpt_path: {ckpt_path} does not exist")
+    if path.is_file():
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
+            raise SettingError(
+                f"ckpt_path: {ckpt_path} cannot be read as a checkpoint (truncated or corrupt?): {error}"
+            ) from error
+
+
+def imported(class_path: str) -> type:
+    """The class a `class_path` names."""
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_optimizer(optimizer, scheduler) -> None:
+    """Builds the configured optimizer and scheduler over one dummy parameter, so a value they
+    reject (a negative learning rate, an unknown argument) stops before any model is loaded.
+
+    Args:
+        optimizer: The parsed `model.optimizer` (`class_path` + `init_args`, or a default callable).
+        scheduler: The parsed `model.scheduler`, or None.
+
+    Raises:
+        SettingError: Naming `model.optimizer` or `model.scheduler` and the problem.
+    """
+    if not isinstance(optimizer, Namespace):
+        return
+    try:
+        built = imported(optimizer.class_path)([torch.nn.Parameter(torch.zeros(1))], **optimizer.get("init_args", {}))
+    except (ValueError, TypeError) as error:
+        raise SettingError(f"model.optimizer: {optimizer.class_path}: {error}") from error
+    if not isinstance(scheduler, Namespace):
+        return
+    try:
+        imported(scheduler.class_path)(built, **scheduler.get("init_args", {}))
+    except (ValueError, TypeError) as error:
+        raise SettingError(f"model.scheduler: {scheduler.class_path}: {error}") from error
+
+
+def check_writable_folder(folder: str, setting: str) -> None:
+    """Creates `folder` if needed and writes (then removes) a probe file in it.
+
+    Raises:
+        SettingError: Naming `setting` and the folder, if it cannot be created or written.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SettingError(f"{setting}: cannot write to {folder}: {error.strerror or error}") from error
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Fails on a `--config` file that is not valid YAML, naming the file and the line (the
+    parser's own message names neither the file nor, for some errors, the right line).
+
+    Raises:
+        SettingError: Naming `--config`, the file and the YAML problem.
+    """
+    paths = [value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        if Path(path).is_file():
+            try:
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                problem = " ".join(str(error).split())  # one paragraph
+                raise SettingError(f"--config: {path} is not valid YAML: {problem}") from error
+
+
+def run_cli(args: list[str] | None, argv: list[str]) -> StepwiseCLI:
+    """Checks the config files of `argv`, then parses, builds and runs the subcommand."""
+    check_config_files(argv)
+    return StepwiseCLI(
+        StepwiseDPOModule,
+        StepwiseDataModule,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,  # None: LightningCLI reads sys.argv (passing it again would warn)
+    )
 
 
 def main(args: list[str] | None = None) -> None:
-    """Runs the CLI. Data and setting errors end with their one-paragraph message and exit
-    code 2; pass `--show_traceback` to see the full traceback instead. A run stopped by SIGTERM
-    exits with 143 once its checkpoint is saved."""
-    argv = list(sys.argv[1:] if args is None else args)
-    show_traceback = TRACEBACK_FLAG in argv
-    argv = [a for a in argv if a != TRACEBACK_FLAG]
+    """Runs the CLI (`args`: the command line without the program name; None reads `sys.argv`).
+
+    Data and setting errors end with their one-paragraph message and exit code 2 (see
+    `stepwise_lit.errors.exit_on_user_error`); `--show_traceback` shows the traceback instead.
+    A run stopped by SIGTERM exits with 143 once its checkpoint is saved."""
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        StepwiseCLI(
-            StepwiseDPOModule,
-            StepwiseDataModule,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=argv,
-        )
-    except UserError as error:
-        if show_traceback:
-            raise
-        print(f"error: {error}\n(run again with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_on_user_error(lambda: run_cli(args, argv), argv)
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None
 

@@ -3,6 +3,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+TRACEBACK_FLAG = "--show_traceback"
+TRACEBACK_HELP = "On a data or setting error, show the full traceback instead of the one-paragraph message."
+
 
 class UserError(ValueError):
     """Bad input or a bad setting; the message names what and where (file, row, field, setting)."""
@@ -51,3 +60,27 @@ class DataFormatError(UserError):
         )
         prefixes = [part for part in (location, None if field is None else f"field '{field}'") if part]
         super().__init__(": ".join([*prefixes, problem]))
+
+
+def exit_on_user_error(run: Callable[[], T], argv: Sequence[str]) -> T:
+    """Runs a command; a `UserError` ends it with one paragraph on stderr and exit code 2.
+
+    Every entry point (``train.py``, ``prepare``, ``score``) calls its work through this, so
+    bad input reads the same everywhere: ``error: <message>`` and a hint naming
+    ``--show_traceback``. With that flag in `argv` the error keeps its traceback. Parse errors
+    of the command line stay with the parser (also exit code 2).
+
+    Args:
+        run: The command's work, called without arguments.
+        argv: The command-line arguments (looked at for ``--show_traceback`` only).
+
+    Returns:
+        What `run` returns.
+    """
+    try:
+        return run()
+    except UserError as error:
+        if TRACEBACK_FLAG in argv:
+            raise
+        print(f"error: {error}\n(run again with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -13,10 +13,15 @@ Progress and resume. Every process appends the rows it has scored to its own fil
 loses at most the batch in flight. When all rows are done, rank 0 writes
 ``<output>`` (``.jsonl`` or ``.parquet``) atomically, in input order, and removes
 the parts. A new run first cuts a half-written last line off the part files (with
-a warning), then skips every row, by ``id``, that the previous output or a part
+a warning; a half-written last line of a previous output is skipped the same way and
+the output rewritten whole at the end), then skips every row, by ``id``, that the previous output or a part
 file already holds scored; rows without an ``id`` get ``row-<index>``. To score
 everything again, delete ``<output>`` and ``<output>.parts``. On several nodes the
 output must be on a file system all nodes share (rank 0 merges every part file).
+
+Bad settings or input (an unreadable input, repeated ids, an output folder that cannot be
+written, an output that is the input) end with one paragraph and exit code 2 before any
+model is loaded; ``--show_traceback`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +43,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, exit_on_user_error
 from stepwise_lit.prepare import OUTPUT_SUFFIXES, parquet_table, write_rows
 from stepwise_lit.rewards.base import StepScorer
 
@@ -50,16 +57,25 @@ def is_scored(row: dict) -> bool:
     return all(row[f"{side}_step_scores"] is not None for side in SIDES)
 
 
-def rows_with_ids(rows: list[dict]) -> list[dict]:
+def rows_with_ids(rows: list[dict], source: str | None = None) -> list[dict]:
     """The rows, each with an ``id`` (``row-<index>`` where missing).
 
+    Args:
+        rows: Canonical rows.
+        source: The file they came from, for the error message.
+
     Raises:
-        DataFormatError: If two rows share an id (resuming goes by id).
+        DataFormatError: If two rows share an id (resuming goes by id); the message names
+            the first repeated ids with their rows (1-based).
     """
     with_ids = [row if row["id"] is not None else {**row, "id": f"row-{index}"} for index, row in enumerate(rows)]
     repeated = [row_id for row_id, count in Counter(row["id"] for row in with_ids).items() if count > 1]
     if repeated:
-        raise DataFormatError(f"ids must be unique to resume by id; repeated: {repeated[:5]}", field="id")
+        where = "; ".join(
+            f"{row_id!r} in rows {', '.join(str(i + 1) for i, row in enumerate(with_ids) if row['id'] == row_id)}"
+            for row_id in repeated[:5]
+        )
+        raise DataFormatError(f"ids must be unique to resume by id; repeated: {where}", source=source, field="id")
     return with_ids
 
 
@@ -98,13 +114,15 @@ class ScoreStore:
         output: The final output file (``.jsonl`` or ``.parquet``).
 
     Raises:
-        ValueError: For another output extension.
+        SettingError: For another output extension, or an output that is a folder.
     """
 
     def __init__(self, output: str | Path) -> None:
         self.output = Path(output)
         if self.output.suffix not in OUTPUT_SUFFIXES:
-            raise ValueError(f"output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+            raise SettingError(f"output: {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        if self.output.is_dir():
+            raise SettingError(f"output: {output} is a folder; name a .jsonl or .parquet file")
         self.parts = Path(f"{self.output}.parts")
 
     def part_files(self) -> list[Path]:
@@ -125,9 +143,40 @@ class ScoreStore:
                     handle.truncate(complete)
                     os.fsync(handle.fileno())
 
+    def previous_output(self) -> list[dict]:
+        """The rows of a previous run's output; from a ``.jsonl`` whose last line was cut off
+        mid-write, the complete lines only (with a warning; the output is rewritten at the end).
+
+        Raises:
+            DataFormatError: For a line other than the last that is not a JSON object.
+        """
+        if not self.output.exists():
+            return []
+        if self.output.suffix != ".jsonl":
+            return read_records(self.output)
+        data = self.output.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        rows = []
+        for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataFormatError(f"not a JSON object ({error.msg})", source=str(self.output), line=number) from error
+        tail = data[complete:]
+        if tail.strip():
+            try:
+                rows.append(json.loads(tail))
+            except json.JSONDecodeError:
+                logger.warning(
+                    "%s: skipping a half-written last line (%d bytes) left by an interrupted write; its row is scored again",
+                    self.output, len(tail),
+                )
+        return rows
+
     def done_rows(self) -> dict[str, dict]:
         """Rows already scored, by id: those of a previous output, then the part files (later wins)."""
-        rows = read_records(self.output) if self.output.exists() else []
+        rows = self.previous_output()
         for part in self.part_files():
             rows.extend(read_records(part))
         return {row["id"]: row for row in rows if row.get("id") is not None and is_scored(row)}
@@ -141,13 +190,25 @@ class ScoreStore:
             os.fsync(handle.fileno())
 
     def check_writable(self, rows: Sequence[dict]) -> None:
-        """Fails before any scoring where the output could not hold the rows.
+        """Fails before any scoring where the output could not be written or could not hold the rows:
+        creates the output's folder if needed and writes (then removes) a probe file in it.
 
         Raises:
-            ValueError: For a ``.parquet`` output and rows that do not fit one schema.
+            SettingError: For a folder that cannot be created or written, or a ``.parquet``
+                output and rows that do not fit one schema.
         """
+        folder = self.output.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise SettingError(f"output: cannot write to the folder {folder}: {error.strerror or error}") from error
         if self.output.suffix == ".parquet":
-            parquet_table(rows)
+            try:
+                parquet_table(rows)
+            except ValueError as error:
+                raise SettingError(f"output: {self.output}: {error}") from error
 
     def finalize(self, rows: Sequence[dict]) -> list[dict]:
         """Writes the output: every input row in order, its scored version where one exists;
@@ -242,7 +303,7 @@ def load_rows(input: str | Path) -> list[dict]:
     Raises:
         DataFormatError: On an unreadable file, an invalid row or repeated ids.
     """
-    return rows_with_ids(to_canonical(read_records(input), "stepwise", str(input), require_scores=False))
+    return rows_with_ids(to_canonical(read_records(input), "stepwise", str(input), require_scores=False), str(input))
 
 
 def run(
@@ -291,25 +352,52 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=PositiveInt, default=8, help="pairs per predict step")
     parser.add_argument("--only_missing", type=bool, default=False, help="score only responses without scores")
     parser.add_argument("--seed", type=int, default=0, help="seed (sampled GenRM rationales)")
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
     return parser
 
 
+def check_input_and_output(input: Path, output: Path) -> None:
+    """Fails unless the input is a file and the output is another file.
+
+    Raises:
+        SettingError: Naming ``input`` or ``output``.
+    """
+    if not input.is_file():
+        raise SettingError(f"input: {input} {'is a folder' if input.exists() else 'does not exist'}")
+    if output.exists() and output.resolve() == input.resolve():
+        raise SettingError(f"output: {output} is the input file; name another file (score never overwrites its input)")
+
+
+def instantiate_scorer(parser: ArgumentParser, config):
+    """The instantiated settings (the scorer) of a parsed config.
+
+    Raises:
+        SettingError: Naming ``scorer`` where its settings are rejected or its files cannot be read.
+    """
+    try:
+        return parser.instantiate(config)
+    except (ValueError, OSError) as error:
+        raise SettingError(f"scorer: {error}") from error
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Runs `score` from the command line; bad settings or input end with their
-    message and exit code 2 before any scoring starts."""
+    """Runs `score` from the command line (`args`: without the program name; None reads
+    `sys.argv`). Bad settings or input end with their one-paragraph message and exit code 2
+    before any model is loaded (see `stepwise_lit.errors.exit_on_user_error`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     config = parser.parse_args(args)
     pl.seed_everything(config.seed, verbose=False)
-    try:
+
+    def score() -> None:
         store = ScoreStore(config.output)
+        check_input_and_output(Path(config.input), store.output)
         rows = load_rows(config.input)
         store.check_writable(rows)
-        settings = parser.instantiate(config)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run(settings.scorer, rows, store, config.batch_size, config.only_missing, settings.trainer.as_dict())
+        settings = instantiate_scorer(parser, config)
+        run(settings.scorer, rows, store, config.batch_size, config.only_missing, settings.trainer.as_dict())
+
+    exit_on_user_error(score, sys.argv[1:] if args is None else list(args))
 
 
 if __name__ == "__main__":

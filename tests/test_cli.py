@@ -104,3 +104,14 @@ def test_the_documented_configs_parse(tmp_path, configs):
         for section, settings in yaml.safe_load((REPO / "configs" / name).read_text()).items():
             if isinstance(settings, dict) and section in ("model", "data"):
                 assert set(settings) <= set(printed[section]), (name, section)
+
+
+def test_help_lists_show_traceback_without_the_args_warning(tmp_path):
+    """`python train.py --help` and `fit --help` (before: LightningCLI's "args parameter is
+    intended to run from within Python" warning on every command; `--show_traceback` missing)."""
+    top = run_cli("--help", cwd=tmp_path)
+    fit_help = run_cli("fit", "--help", cwd=tmp_path)
+    for result in (top, fit_help):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "args parameter" not in result.stdout + result.stderr
+    assert "--show_traceback" in fit_help.stdout

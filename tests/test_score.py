@@ -247,3 +247,27 @@ def test_ddp_over_two_processes_writes_each_row_once(tmp_path):
     assert [row["id"] for row in scored] == [row["id"] for row in rows]
     assert all(row["chosen_step_scores"] and row["rejected_step_scores"] for row in scored)
     assert not (tmp_path / "scored.jsonl.parts").exists()
+
+
+def test_a_half_written_last_line_of_a_previous_output_is_skipped_and_its_row_scored_again(tmp_path, caplog):
+    """An output whose last line was cut mid-write (before: a DataFormatError on that line) keeps
+    its complete rows: 6 rows, 3 complete in the output -> 3 rows (6 responses) scored."""
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "scored.jsonl"
+    write_synthetic(pairs, 6, chosen_step_scores=None, rejected_step_scores=None)
+    rows = load_rows(pairs)
+    done = [{**row, "chosen_step_scores": [0.5] * len(row["chosen_steps"]),
+             "rejected_step_scores": [-0.5] * len(row["rejected_steps"])} for row in rows[:3]]
+    out.write_text("".join(json.dumps(row) + "\n" for row in done) + json.dumps(rows[3])[:30])
+    scorer = CountingVerifier()
+    with caplog.at_level(logging.INFO, logger="stepwise_lit"):
+        final = run(scorer, rows, ScoreStore(out), batch_size=2, trainer=QUIET)
+    assert "half-written last line" in caplog.text
+    assert scorer.responses == 6
+    assert final[:3] == done
+    assert read_records(out) == final and [row["id"] for row in final] == [row["id"] for row in rows]
+
+
+def test_score_help_lists_show_traceback():
+    from stepwise_lit.score import build_parser
+
+    assert "--show_traceback" in build_parser().format_help()
