@@ -8,7 +8,6 @@ import os
 import pickle
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, exit_on_user_error
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.reports import StepRewardReport
 
@@ -210,20 +209,6 @@ def check_optimizer(optimizer, scheduler) -> None:
         imported(scheduler.class_path)(built, **scheduler.get("init_args", {}))
     except (ValueError, TypeError) as error:
         raise SettingError(f"model.scheduler: {scheduler.class_path}: {error}") from error
-
-
-def check_writable_folder(folder: str, setting: str) -> None:
-    """Creates `folder` if needed and writes (then removes) a probe file in it.
-
-    Raises:
-        SettingError: Naming `setting` and the folder, if it cannot be created or written.
-    """
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise SettingError(f"{setting}: cannot write to {folder}: {error.strerror or error}") from error
 
 
 def check_config_files(argv: list[str]) -> None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -84,3 +86,17 @@ def exit_on_user_error(run: Callable[[], T], argv: Sequence[str]) -> T:
             raise
         print(f"error: {error}\n(run again with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_writable_folder(folder: str, setting: str) -> None:
+    """Creates `folder` if needed and writes (then removes) a probe file in it.
+
+    Raises:
+        SettingError: Naming `setting` and the folder, if it cannot be created or written.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SettingError(f"{setting}: cannot write to {folder}: {error.strerror or error}") from error

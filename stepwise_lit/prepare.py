@@ -37,7 +37,7 @@ from stepwise_lit.data.datamodule import SYNTHETIC, StepwiseDataModule, check_se
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.records import SIDES
 from stepwise_lit.data.synthetic import MAX_VALUE, generate_pairs
-from stepwise_lit.errors import SettingError, UserError
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 
 logger = logging.getLogger("stepwise_lit")
 
@@ -163,6 +163,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_class_arguments(StepwiseDataModule, "data")
     parser.set_defaults({"data.require_scores": False})
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
     return parser
 
 
@@ -190,25 +191,27 @@ def parse_options(args: Sequence[str] | None) -> Namespace:
 def main(args: Sequence[str] | None = None) -> None:
     """Runs `prepare` from the command line; bad input or a bad setting ends with one paragraph and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        options = parse_options(args)
-        data = options.data
-        check_settings(data)
-        path = None if data.path in (None, SYNTHETIC) else data.path
-        prepare(
-            data.format,
-            options.output,
-            path,
-            data.step_delimiter,
-            data.synthetic_train_size + data.synthetic_val_size if options.num_pairs is None else options.num_pairs,
-            data.seed,
-            data.require_scores,
-            data.split,
-            data.synthetic_max_value,
-        )
-    except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    argv = list(sys.argv[1:] if args is None else args)
+    exit_on_user_error(lambda: run(parse_options(argv)), argv)
+
+
+def run(options: Namespace) -> None:
+    """Checks the settings and the output folder, then writes the pairs `options` ask for."""
+    data = options.data
+    check_settings(data)
+    check_output(Path(options.output))
+    check_writable_folder(str(Path(options.output).parent), "output")
+    prepare(
+        data.format,
+        options.output,
+        None if data.path in (None, SYNTHETIC) else data.path,
+        data.step_delimiter,
+        data.synthetic_train_size + data.synthetic_val_size if options.num_pairs is None else options.num_pairs,
+        data.seed,
+        data.require_scores,
+        data.split,
+        data.synthetic_max_value,
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +42,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, exit_on_user_error
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.prepare import OUTPUT_SUFFIXES, parquet_table, write_rows
 from stepwise_lit.rewards.base import StepScorer
 
@@ -197,13 +196,7 @@ class ScoreStore:
             SettingError: For a folder that cannot be created or written, or a ``.parquet``
                 output and rows that do not fit one schema.
         """
-        folder = self.output.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise SettingError(f"output: cannot write to the folder {folder}: {error.strerror or error}") from error
+        check_writable_folder(str(self.output.parent), "output")
         if self.output.suffix == ".parquet":
             try:
                 parquet_table(rows)

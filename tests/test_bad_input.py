@@ -132,6 +132,7 @@ CASES: dict[str, Setup] = {
     "fit-empty-step-delimiter": lambda t, w: (
         data_file(t, w, lines(t / "d.jsonl", delimited(w)), format="delimited", step_delimiter=""), ["step_delimiter"]),
     "fit-max-length-zero": lambda t, w: (fit(t, w, {"data": {"max_length": 0}}), ["data.max_length"]),
+    "fit-file-format-without-path": lambda t, w: (fit(t, w, {"data": {"format": "stepwise"}}), ["data.path", "stepwise"]),
     "fit-max-steps-not-a-number": lambda t, w: (fit(t, w, {}, "--trainer.max_steps=abc"), ["max_steps", "abc"]),
     "fit-root-dir-under-a-file": lambda t, w: (
         fit(t, w, {"trainer": {"default_root_dir": str(a_file(t) / "run")}}), ["trainer.default_root_dir", "a_file"]),
@@ -202,23 +203,23 @@ CASES: dict[str, Setup] = {
         ["val.jsonl", "line 1"]),
     # ---- prepare
     "prepare-input-missing": lambda t, w: (
-        ["prepare", "--format", "stepwise", "--input", str(t / "absent.jsonl"), "--output", str(t / "out.jsonl")], ["absent.jsonl"]),
+        ["prepare", "--data.format", "stepwise", "--data.path", str(t / "absent.jsonl"), "--output", str(t / "out.jsonl")], ["absent.jsonl"]),
     "prepare-broken-line-2": lambda t, w: (
-        ["prepare", "--format", "stepwise", "--input", str(lines(t / "in.jsonl", [pairs_with(w, 0)[0], "{oops"])),
+        ["prepare", "--data.format", "stepwise", "--data.path", str(lines(t / "in.jsonl", [pairs_with(w, 0)[0], "{oops"])),
          "--output", str(t / "out.jsonl")], ["in.jsonl", "line 2"]),
     "prepare-non-utf8": lambda t, w: (
-        ["prepare", "--format", "stepwise", "--input", str(write_bytes(t / "in.jsonl", b'{"prompt": "caf\xe9"}\n')),
+        ["prepare", "--data.format", "stepwise", "--data.path", str(write_bytes(t / "in.jsonl", b'{"prompt": "caf\xe9"}\n')),
          "--output", str(t / "out.jsonl")], ["in.jsonl", "line 1", "UTF-8"]),
     "prepare-unknown-format": lambda t, w: (
-        ["prepare", "--format", "tsv", "--input", str(w.pairs), "--output", str(t / "out.jsonl")], ["format", "tsv"]),
+        ["prepare", "--data.format", "tsv", "--data.path", str(w.pairs), "--output", str(t / "out.jsonl")], ["format", "tsv"]),
     "prepare-output-extension": lambda t, w: (
-        ["prepare", "--format", "stepwise", "--input", str(w.pairs), "--output", str(t / "out.txt")], ["out.txt", ".jsonl"]),
+        ["prepare", "--data.format", "stepwise", "--data.path", str(w.pairs), "--output", str(t / "out.txt")], ["out.txt", ".jsonl"]),
     "prepare-output-folder-under-a-file": lambda t, w: (
-        ["prepare", "--format", "stepwise", "--input", str(w.pairs), "--output", str(a_file(t) / "out.jsonl")], ["a_file"]),
+        ["prepare", "--data.format", "stepwise", "--data.path", str(w.pairs), "--output", str(a_file(t) / "out.jsonl")], ["a_file"]),
     "prepare-gsm8k-without-input": lambda t, w: (
-        ["prepare", "--format", "gsm8k", "--output", str(t / "out.jsonl")], ["input"]),
+        ["prepare", "--data.format", "gsm8k", "--output", str(t / "out.jsonl")], ["data.path", "gsm8k"]),
     "prepare-gsm8k-record-missing-answer": lambda t, w: (
-        ["prepare", "--format", "gsm8k", "--input", str(lines(t / "gsm.jsonl", [{"question": "q?", "answer": "a\n#### 1"}, {"question": "q2?"}])),
+        ["prepare", "--data.format", "gsm8k", "--data.path", str(lines(t / "gsm.jsonl", [{"question": "q?", "answer": "a\n#### 1"}, {"question": "q2?"}])),
          "--output", str(t / "out.jsonl")], ["gsm.jsonl", row_or_line(2), "answer"]),
     # ---- score
     "score-input-missing": lambda t, w: (score_args(w, t / "absent.jsonl", t / "out.jsonl"), ["input", "absent.jsonl"]),

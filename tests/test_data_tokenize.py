@@ -233,7 +233,7 @@ def test_prompt_is_cut_from_the_left(byte_tokenizer):
     token_row = tokenize_row(small_row(), byte_tokenizer, TokenizeSettings(max_prompt_length=10))
     assert byte_tokenizer.decode(token_row["chosen_input_ids"][:10]) == "What is 2 + 3 + 4?"[-10:]
     assert token_row["chosen_step_ids"][:11] == [0] * 10 + [1]
-    assert token_row["truncated"] is True
+    assert token_row["prompt_cut"] is True and token_row["truncated"] is False  # no response step was lost
 
 
 def test_row_whose_first_step_does_not_fit(byte_tokenizer):
@@ -249,7 +249,7 @@ def test_row_identical_after_truncation(byte_tokenizer):
 def test_dataset_drop_policy_counts_dropped_rows(byte_tokenizer, caplog):
     long_row = small_row(chosen_steps=["Step 1: " + "9" * 60 + "\n"], chosen_step_scores=[1.0])
     dataset = canonical_dataset([small_row(), long_row, small_row(id="r2", prompt=[{"role": "user", "content": "q"}])])
-    with caplog.at_level(logging.INFO, logger="stepwise_lit"):
+    with caplog.at_level(logging.INFO, logger="stepwise_lit.data.tokenize"):
         # fits: 19 + 36 + 1 = 56 and (chat prompt) 25 + 36 + 1 = 62; the long row needs 19 + 69 for its first step
         tokenized = tokenize_dataset(dataset, byte_tokenizer, TokenizeSettings(max_length=70), "train.jsonl")
     assert list(tokenized["id"]) == ["r0", "r2"]
@@ -272,3 +272,13 @@ def test_first_divergence():
     assert first_divergence(["a"], ["b"]) == 0
     assert first_divergence(["a", "b"], ["a", "b", "c"]) == 2
     assert first_divergence(["a", "b"], ["a", "b"]) is None
+
+
+def test_a_cut_prompt_is_no_truncation_error(tmp_path, byte_tokenizer, caplog):
+    """`max_prompt_length` asks for the prompt to be cut, so `truncation: error` does not refuse the
+    row for it; the cut is counted in the log."""
+    dataset = canonical_dataset([small_row()])
+    with caplog.at_level("INFO", logger="stepwise_lit.data.tokenize"):
+        rows = tokenize_dataset(dataset, byte_tokenizer, TokenizeSettings(max_prompt_length=10), "rows.jsonl", truncation="error")
+    assert len(rows) == 1
+    assert "cut 1 of 1 prompts from the left to max_prompt_length" in caplog.text

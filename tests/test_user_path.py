@@ -268,7 +268,7 @@ def test_prepare_score_then_fit_from_the_command_lines(tmp_path, cache_dir, file
     """The README's data path: `prepare` GSM8K model solutions, `score` them with the rule
     verifier, train on the scored pairs."""
     pairs, scored = tmp_path / "pairs.jsonl", tmp_path / "scored.jsonl"
-    outcome = run_entry(prepare.main, ["--format", "gsm8k", "--input", str(files["gsm8k_solutions"]), "--output", str(pairs)], capsys)
+    outcome = run_entry(prepare.main, ["--data.format", "gsm8k", "--data.path", str(files["gsm8k_solutions"]), "--output", str(pairs)], capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     prepared = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert prepared and any(row["rejected_step_scores"] is None for row in prepared)

@@ -502,6 +502,11 @@ def check_settings(hparams: Mapping[str, Any]) -> None:
         raise SettingError("data.step_delimiter: must not be empty (it is the text that starts each step)")
     if hparams["use_step_wise_prompt"] and "{prompt}" not in hparams["step_wise_prompt_template"]:
         raise SettingError("data.step_wise_prompt_template: must contain '{prompt}'")
+    if hparams["path"] in (None, SYNTHETIC) and hparams["format"] not in ("delimited", SYNTHETIC):
+        raise SettingError(
+            f"data.path: format {hparams['format']!r} reads a data file, and no path is set "
+            "(null or 'synthetic' means the embedded pairs)"
+        )
     for name in ("path", "val_path"):
         check_source(name, hparams[name])
 

@@ -10,7 +10,8 @@ which is safe when a BPE token crosses a step boundary. A slow tokenizer
 tokenizes step by step, which is exact for byte-level vocabularies.
 
 Truncation keeps whole steps: the prompt is cut from the left to
-``max_prompt_length``; each response keeps the longest prefix of steps that fits
+``max_prompt_length`` (counted in the log; that is what the setting asks for, so no
+policy applies to it); each response keeps the longest prefix of steps that fits
 ``max_length`` after the prompt and ``max_num_steps`` (EOS counts as part of the last
 step, so a response that loses any step has no EOS). The ``truncation`` policy decides
 what happens to a row that does not fit whole: ``truncate`` keeps the cut row (counted
@@ -60,6 +61,7 @@ TOKEN_ROW_FEATURES = Features(
         "id": Value("string"),
         "reference_solution": Value("string"),
         "truncated": Value("bool"),
+        "prompt_cut": Value("bool"),
         "drop_reason": Value("string"),
     }
 )
@@ -194,8 +196,8 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokeni
     Besides the contract's keys, the token row carries what the collator passes on
     for online scoring: ``prompt_json`` (the prompt, JSON-encoded so string and
     message prompts share one column), the kept ``chosen_steps`` /
-    ``rejected_steps``, ``id``, ``reference_solution``, and ``truncated`` (True if
-    the prompt or a response was cut).
+    ``rejected_steps``, ``id``, ``reference_solution``, ``truncated`` (True if a
+    response lost steps) and ``prompt_cut`` (True if the prompt was cut to ``max_prompt_length``).
 
     Args:
         row: A validated canonical row.
@@ -237,7 +239,8 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokeni
     token_row["prompt_json"] = json.dumps(row["prompt"])
     token_row["id"] = row["id"]
     token_row["reference_solution"] = row["reference_solution"]
-    token_row["truncated"] = prompt_truncated or response_truncated
+    token_row["truncated"] = response_truncated
+    token_row["prompt_cut"] = prompt_truncated
     return token_row
 
 
@@ -308,18 +311,21 @@ def tokenize_dataset(
     )
     drop_reasons = Counter(reason for reason in tokenized["drop_reason"] if reason)
     truncated = sum(tokenized["truncated"])
+    prompts_cut = sum(tokenized["prompt_cut"])
     for reason, count in drop_reasons.items():
         logger.warning("%s: dropped %d of %d rows (%s)", source, count, len(dataset), reason)
     if truncated:
         logger.warning(
-            "%s: cut %d of %d rows at step boundaries to fit max_length / max_prompt_length / max_num_steps",
+            "%s: cut the responses of %d of %d rows at step boundaries to fit max_length / max_num_steps",
             source,
             truncated,
             len(dataset),
         )
+    if prompts_cut:
+        logger.info("%s: cut %d of %d prompts from the left to max_prompt_length", source, prompts_cut, len(dataset))
     if drop_reasons:
         tokenized = tokenized.filter(lambda reason: not reason, input_columns="drop_reason", num_proc=num_proc)
-    return tokenized.remove_columns(["drop_reason", "truncated"])
+    return tokenized.remove_columns(["drop_reason", "truncated", "prompt_cut"])
 
 
 def tokenize_or_mark_dropped(
@@ -360,7 +366,7 @@ def what_was_cut(row: dict, token_row: dict, settings: TokenizeSettings) -> str:
                 else f"max_length {settings.max_length}"
             )
             parts.append(f"{side} keeps {kept} of {total} steps ({limit})")
-    return "; ".join(parts) or f"the prompt is cut to max_prompt_length {settings.max_prompt_length}"
+    return "; ".join(parts)
 
 
 def empty_token_row(drop_reason: str) -> dict:
@@ -368,6 +374,6 @@ def empty_token_row(drop_reason: str) -> dict:
     row = {f"{side}_{key}": [] for side in SIDES for key in ("input_ids", "step_ids", "step_scores", "steps")}
     row.update({f"{side}_score": math.nan for side in SIDES})
     row.update(
-        first_divergence=0, prompt_json="", id=None, reference_solution=None, truncated=False, drop_reason=drop_reason
+        first_divergence=0, prompt_json="", id=None, reference_solution=None, truncated=False, prompt_cut=False, drop_reason=drop_reason
     )
     return row
