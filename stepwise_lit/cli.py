@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import UserError
+from stepwise_lit.export import HuggingFaceExport
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.reports import StepRewardReport
 
@@ -42,6 +43,7 @@ class StepwiseCLI(LightningCLI):
             "1 is fastest for tiny models, whose matrices are too small to split across cores.",
         )
         parser.add_lightning_class_args(StepRewardReport, "report")
+        parser.add_lightning_class_args(HuggingFaceExport, "export")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -126,7 +126,7 @@ def export_policy(module: L.LightningModule, target: str | os.PathLike, trainer:
 
 def write_export(module: L.LightningModule, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
     """Writes the export's files into `folder`; `state_dict` is the gathered policy under FSDP, else None."""
-    lora = module.hparams.lora
+    lora = module.lora
     if lora is None:
         module.policy.save_pretrained(folder, state_dict=state_dict)
     else:
@@ -144,7 +144,7 @@ def whole_policy(module: L.LightningModule, state_dict: dict[str, torch.Tensor] 
     rebuilt from its settings and loaded with the gathered `state_dict`."""
     if state_dict is None:
         return copy.deepcopy(module.policy)
-    policy = apply_lora(module.build_base_model(module.hparams.model_name_or_path), module.hparams.lora)
+    policy = apply_lora(module.build_base_model(module.hparams.model_name_or_path), module.lora)
     policy.load_state_dict(state_dict)
     return policy
 

@@ -155,7 +155,10 @@ class StepwiseDPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler"])
+        # The typed settings themselves: under LightningCLI `hparams` holds the parsed config,
+        # where dataclasses are plain dicts.
         self.tiny_model = tiny_model or TinyModelConfig()
+        self.lora = lora
         check_settings(self.hparams)
         self.objective_settings = ObjectiveSettings(**{f.name: self.hparams[f.name] for f in fields(ObjectiveSettings)})
         self.optimizer_factory = optimizer
@@ -186,13 +189,14 @@ class StepwiseDPOModule(L.LightningModule):
             return
         hp = self.hparams
         base = self.build_base_model(hp.model_name_or_path)
-        policy = apply_lora(base, hp.lora) if hp.lora is not None else base
+        frozen = self.build_frozen_reference(base) if hp.reference == "copy" else None  # before LoRA changes `base`
+        policy = apply_lora(base, self.lora) if self.lora is not None else base
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hp.lora is not None:
+            if self.lora is not None:
                 policy.enable_input_require_grads()
         self.policy = policy
-        self.reference = self.build_reference(base)
+        self.reference = self.build_reference(frozen)
         fsdp1 = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         if hp.lean_logps:
             check_lean_head(base, sharded=self.device_mesh is not None or fsdp1)
@@ -205,17 +209,21 @@ class StepwiseDPOModule(L.LightningModule):
                 for layer in decoder_layers(model):
                     layer.compile(dynamic=True)
 
-    def build_reference(self, base: torch.nn.Module) -> Reference:
-        """The reference of the `reference` setting; `base` is the policy's model before LoRA
-        (copied, before any training step, when no `ref_model_name_or_path` is set)."""
+    def build_frozen_reference(self, base: torch.nn.Module) -> torch.nn.Module:
+        """The frozen model of `reference: copy`: from `ref_model_name_or_path`, or a copy of
+        `base` (the policy's model before LoRA and before any training step)."""
+        source = self.hparams.ref_model_name_or_path
+        return frozen_copy(base if source is None else self.build_base_model(source, "model.ref_model_name_or_path"))
+
+    def build_reference(self, frozen: torch.nn.Module | None) -> Reference:
+        """The reference of the `reference` setting (`frozen`: the model of `reference: copy`)."""
         hp = self.hparams
-        source = hp.ref_model_name_or_path
         if hp.reference == "copy":
-            model = base if source is None else self.build_base_model(source, "model.ref_model_name_or_path")
-            return FrozenCopyReference(frozen_copy(model), hp.lean_logps)
+            return FrozenCopyReference(frozen, hp.lean_logps)
         if hp.reference == "adapter":
             return AdapterReference(self.policy, hp.lean_logps)
         if hp.reference == "precomputed":
+            source = hp.ref_model_name_or_path
             load = None if source is None else lambda: self.build_base_model(source, "model.ref_model_name_or_path")
             return PrecomputedReference(
                 self.policy, self.tokenizer, lambda trainer: reference_data(trainer.datamodule),
@@ -465,7 +473,7 @@ class StepwiseDPOModule(L.LightningModule):
         """The stepwise settings of this run (module and, when attached, data module)."""
         config = {k: v for k, v in self.hparams.items() if k not in ("tiny_model", "lora")}
         config["tiny_model"] = asdict(self.tiny_model)
-        config["lora"] = asdict(self.hparams.lora) if self.hparams.lora is not None else None
+        config["lora"] = asdict(self.lora) if self.lora is not None else None
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None:
             config["data"] = dict(datamodule.hparams)
