@@ -118,7 +118,7 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(
                 model_name_or_path, trust_remote_code=trust_remote_code, dtype=dtype
             )
-        except OSError as error:
+        except (OSError, ValueError) as error:  # missing files; a folder without a model config
             raise SettingError(f"{setting}: cannot load a model from {model_name_or_path!r}: {error}") from error
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id

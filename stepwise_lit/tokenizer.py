@@ -113,7 +113,7 @@ def load_tokenizer(
     check_source(setting, name_or_path, "tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # missing files; a folder without a tokenizer
         raise SettingError(f"{setting}: cannot load a tokenizer from {name_or_path!r}: {error}") from error
     if chat_template is not None:
         tokenizer.chat_template = chat_template
