@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -108,7 +109,7 @@ def export_policy(module: L.LightningModule, target: str | os.PathLike, trainer:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        write_export(module, staging, state_dict)
+        write_export(module, staging, state_dict, trainer)
         apply_umask(staging)
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -124,7 +125,9 @@ def export_policy(module: L.LightningModule, target: str | os.PathLike, trainer:
     return target
 
 
-def write_export(module: L.LightningModule, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+def write_export(
+    module: L.LightningModule, folder: Path, state_dict: dict[str, torch.Tensor] | None, trainer: L.Trainer | None
+) -> None:
     """Writes the export's files into `folder`; `state_dict` is the gathered policy under FSDP, else None."""
     lora = module.lora
     if lora is None:
@@ -134,9 +137,20 @@ def write_export(module: L.LightningModule, folder: Path, state_dict: dict[str, 
         if lora.merge_on_export:
             whole_policy(module, state_dict).merge_and_unload().save_pretrained(folder)
     module.tokenizer.save_pretrained(folder)
-    config = module.stepwise_config()
+    config = stepwise_config(module, trainer)
     (folder / MARKER).write_text(json.dumps(config, indent=2, default=str))
     torch.save(json.loads(json.dumps(config, default=str)), folder / "stepwise_config.pt")
+
+
+def stepwise_config(module: L.LightningModule, trainer: L.Trainer | None = None) -> dict:
+    """The stepwise settings of the run: the module's and, with a trainer, its data module's."""
+    config = {k: v for k, v in module.hparams.items() if k not in ("tiny_model", "lora")}
+    config["tiny_model"] = asdict(module.tiny_model)
+    config["lora"] = asdict(module.lora) if module.lora is not None else None
+    datamodule = trainer.datamodule if trainer is not None else None
+    if datamodule is not None:
+        config["data"] = dict(datamodule.hparams)
+    return config
 
 
 def whole_policy(module: L.LightningModule, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:

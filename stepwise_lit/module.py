@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Literal, get_args
 
 import lightning as L
@@ -22,10 +21,10 @@ from stepwise_lit.distributed import (
 )
 from stepwise_lit.errors import SettingError
 from stepwise_lit.forward import check_lean_head, chosen_side, chosen_token_counts, step_logps
-from stepwise_lit.losses import AGGREGATION_STRATEGIES, OUTCOME_LOSS_TYPES, STEP_LOSS_TYPES
+from stepwise_lit.losses import OUTCOME_LOSS_TYPES, STEP_LOSS_TYPES
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import DTYPES, DtypeName, LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
-from stepwise_lit.objective import Objective, ObjectiveSettings, sft_loss, stepwise_objective
+from stepwise_lit.objective import Objective, ObjectiveSettings, check_objective_settings, sft_loss, stepwise_objective
 from stepwise_lit.reference import (
     AdapterReference,
     FrozenCopyReference,
@@ -161,6 +160,7 @@ class StepwiseDPOModule(L.LightningModule):
         self.lora = lora
         check_settings(self.hparams)
         self.objective_settings = ObjectiveSettings(**{f.name: self.hparams[f.name] for f in fields(ObjectiveSettings)})
+        check_objective_settings(self.objective_settings)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.tokenizer = load_tokenizer(
@@ -469,16 +469,6 @@ class StepwiseDPOModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics(self.val_metrics, "test")
 
-    def stepwise_config(self) -> dict:
-        """The stepwise settings of this run (module and, when attached, data module)."""
-        config = {k: v for k, v in self.hparams.items() if k not in ("tiny_model", "lora")}
-        config["tiny_model"] = asdict(self.tiny_model)
-        config["lora"] = asdict(self.lora) if self.lora is not None else None
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None:
-            config["data"] = dict(datamodule.hparams)
-        return config
-
 
 def _losses(out: Objective, stage: str) -> dict[str, torch.Tensor]:
     """The loss values to log, by their logged names."""
@@ -487,46 +477,21 @@ def _losses(out: Objective, stage: str) -> dict[str, torch.Tensor]:
 
 
 def check_settings(hp) -> None:
-    """Fails at start-up, naming the setting, on values the losses cannot use.
+    """Fails at start-up, naming the setting, on a choice outside its values (when built from
+    Python; the CLI's parser checks them first) or a combination the module cannot run.
 
     Raises:
         SettingError: naming ``model.<setting>``.
     """
-
-    def bad(setting: str, problem: str) -> SettingError:
-        return SettingError(f"model.{setting}: {problem}")
-
     for setting, choices in CHOICES.items():
         valid = get_args(choices)
         if hp[setting] not in valid and not (setting == "dtype" and hp[setting] is None):
-            raise bad(setting, f"unknown value {hp[setting]!r}; choose one of {', '.join(valid)}")
-    if hp.aggregation_strategy not in AGGREGATION_STRATEGIES:
-        raise bad("aggregation_strategy", f"unknown value {hp.aggregation_strategy!r}; "
-                  f"choose one of {', '.join(AGGREGATION_STRATEGIES)}")
-    for setting in ("step_beta", "outcome_beta", "soft_label_tau"):
-        if not (math.isfinite(hp[setting]) and hp[setting] > 0):
-            raise bad(setting, f"must be a finite number > 0, got {hp[setting]}")
-    for setting in ("step_reward_scale", "outcome_score_weight"):
-        if not 0.0 <= hp[setting] <= 1.0:
-            raise bad(setting, f"must lie in [0, 1], got {hp[setting]}")
-    for setting in ("step_loss_weight", "outcome_loss_weight", "sft_weight"):
-        if not (math.isfinite(hp[setting]) and hp[setting] >= 0):
-            raise bad(setting, f"must be a finite number >= 0, got {hp[setting]}")
-    if hp.step_loss_weight + hp.outcome_loss_weight + hp.sft_weight == 0:
-        raise bad("step_loss_weight", "step_loss_weight, outcome_loss_weight and sft_weight are all 0: nothing to train")
-    if hp.step_weights is not None:
-        if len(hp.step_weights) == 0 or not all(math.isfinite(w) for w in hp.step_weights):
-            raise bad("step_weights", f"must be a non-empty list of finite numbers, got {hp.step_weights}")
-        if hp.aggregation_strategy != "weighted_sum":
-            raise bad("step_weights", f"is only used by aggregation_strategy: weighted_sum, not {hp.aggregation_strategy!r}")
-    elif hp.aggregation_strategy == "weighted_sum":
-        raise bad("step_weights", "aggregation_strategy: weighted_sum needs step_weights (one weight per step; "
-                  "a step past the list takes the last), e.g. [1.0, 0.5]")
-    if not 0.0 < hp.discount_gamma <= 1.0:
-        raise bad("discount_gamma", f"must lie in (0, 1], got {hp.discount_gamma}")
+            raise SettingError(f"model.{setting}: unknown value {hp[setting]!r}; choose one of {', '.join(valid)}")
     if hp.sft_warmup_steps < 0:
-        raise bad("sft_warmup_steps", f"must be >= 0, got {hp.sft_warmup_steps}")
+        raise SettingError(f"model.sft_warmup_steps: must be >= 0, got {hp.sft_warmup_steps}")
     if hp.sft_warmup_steps and hp.reference != "copy":
-        raise bad("sft_warmup_steps", f"needs reference: copy (the reference is re-frozen from the policy), not {hp.reference!r}")
+        raise SettingError(f"model.sft_warmup_steps: needs reference: copy (the reference is re-frozen from the "
+                           f"policy), not {hp.reference!r}")
     if hp.reference == "adapter" and hp.lora is None:
-        raise bad("reference", "'adapter' needs LoRA (set model.lora): the reference is the policy with adapters disabled")
+        raise SettingError("model.reference: 'adapter' needs LoRA (set model.lora): the reference is the policy "
+                           "with adapters disabled")

@@ -7,12 +7,14 @@ tensor are ``[chosen; rejected]``. Training, validation, test and predict all ca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from stepwise_lit.data.batch import chosen, rejected
-from stepwise_lit.losses import aggregate_rewards, outcome_loss, step_loss
+from stepwise_lit.errors import SettingError
+from stepwise_lit.losses import AGGREGATION_STRATEGIES, aggregate_rewards, outcome_loss, step_loss
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,44 @@ class Objective:
     step_rewards: torch.Tensor
     verifier_rewards: torch.Tensor
     policy_logps: torch.Tensor
+
+
+def check_objective_settings(settings: ObjectiveSettings) -> None:
+    """Fails, naming the setting as the module's YAML does (``model.<setting>``), on values the
+    losses cannot use. (The loss types are `Literal` settings of the module, checked there.)
+
+    Raises:
+        SettingError: naming the setting.
+    """
+    s = settings
+
+    def bad(setting: str, problem: str) -> SettingError:
+        return SettingError(f"model.{setting}: {problem}")
+
+    if s.aggregation_strategy not in AGGREGATION_STRATEGIES:
+        raise bad("aggregation_strategy", f"unknown value {s.aggregation_strategy!r}; "
+                  f"choose one of {', '.join(AGGREGATION_STRATEGIES)}")
+    for name in ("step_beta", "outcome_beta", "soft_label_tau"):
+        if not (math.isfinite(getattr(s, name)) and getattr(s, name) > 0):
+            raise bad(name, f"must be a finite number > 0, got {getattr(s, name)}")
+    for name in ("step_reward_scale", "outcome_score_weight"):
+        if not 0.0 <= getattr(s, name) <= 1.0:
+            raise bad(name, f"must lie in [0, 1], got {getattr(s, name)}")
+    for name in ("step_loss_weight", "outcome_loss_weight", "sft_weight"):
+        if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
+            raise bad(name, f"must be a finite number >= 0, got {getattr(s, name)}")
+    if s.step_loss_weight + s.outcome_loss_weight + s.sft_weight == 0:
+        raise bad("step_loss_weight", "step_loss_weight, outcome_loss_weight and sft_weight are all 0: nothing to train")
+    if s.step_weights is not None:
+        if len(s.step_weights) == 0 or not all(math.isfinite(w) for w in s.step_weights):
+            raise bad("step_weights", f"must be a non-empty list of finite numbers, got {s.step_weights}")
+        if s.aggregation_strategy != "weighted_sum":
+            raise bad("step_weights", f"is only used by aggregation_strategy: weighted_sum, not {s.aggregation_strategy!r}")
+    elif s.aggregation_strategy == "weighted_sum":
+        raise bad("step_weights", "aggregation_strategy: weighted_sum needs step_weights (one weight per step; "
+                  "a step past the list takes the last), e.g. [1.0, 0.5]")
+    if not 0.0 < s.discount_gamma <= 1.0:
+        raise bad("discount_gamma", f"must lie in (0, 1], got {s.discount_gamma}")
 
 
 def verifier_rewards(

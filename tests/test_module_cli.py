@@ -44,7 +44,7 @@ def test_lora_from_yaml_or_a_flag_trains_two_steps(tmp_path, given, reference):
     adapter = json.loads((tmp_path / "run" / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4
     saved = json.loads((tmp_path / "run" / "export" / "stepwise_config.json").read_text())
-    assert saved["lora"]["r"] == 4 and saved["reference"] == reference
+    assert saved["lora"]["r"] == 4 and saved["reference"] == reference and saved["data"]["batch_size"] == 2
 
 
 def test_a_typo_in_a_choice_is_refused_by_the_parser(tmp_path, capsys):
