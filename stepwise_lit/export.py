@@ -102,7 +102,7 @@ def export_policy(module: L.LightningModule, target: str | os.PathLike, trainer:
         SettingError: If `target` holds anything but an earlier export of ours.
     """
     target = Path(target)
-    state_dict = full_state_dict(trainer.strategy.model, prefix="policy.") if is_sharded(module.policy) else None
+    state_dict = gathered_policy_state_dict(module, trainer)
     if trainer is not None and not trainer.is_global_zero:
         return target
     check_export_target(target, [])
@@ -123,6 +123,12 @@ def export_policy(module: L.LightningModule, target: str | os.PathLike, trainer:
             shutil.rmtree(staging)
     log.info("exported the policy to %s", target)
     return target
+
+
+def gathered_policy_state_dict(module: L.LightningModule, trainer: L.Trainer | None) -> dict[str, torch.Tensor] | None:
+    """The policy's full weights gathered on rank 0 when FSDP shards them (a collective: every
+    rank calls it); None when every rank holds them whole."""
+    return full_state_dict(trainer.strategy.model, prefix="policy.") if is_sharded(module.policy) else None
 
 
 def write_export(
