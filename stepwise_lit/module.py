@@ -319,12 +319,13 @@ class StepwiseDPOModule(L.LightningModule):
                 return self._nonfinite_step(loss, batch_idx)
             self.log("train/sft_loss", loss.detach(), batch_size=num_pairs(batch))
             return loss
-        out = self.objective(batch, self.missing_scores(batch))
+        step_scores = self.missing_scores(batch)  # [2B, S], a reward model's where the batch has none
+        out = self.objective(batch, step_scores)
         if not self._finite_on_every_rank(out.loss):
             return self._nonfinite_step(out.loss, batch_idx)
         self.log_dict(_losses(out, "train"), prog_bar=False, batch_size=num_pairs(batch))
         self.log("train_loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=num_pairs(batch))
-        self.train_metrics.update(**self._metric_inputs(batch, out))
+        self.train_metrics.update(**self._metric_inputs(batch, out, step_scores))
         return out.loss
 
     def on_validation_batch_start(self, batch: PairBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -345,14 +346,15 @@ class StepwiseDPOModule(L.LightningModule):
     def _eval_step(self, batch: PairBatch, stage: str) -> dict[str, torch.Tensor | None]:
         """Logs the losses and updates the metrics; returns the metric inputs (callbacks such
         as `stepwise_lit.reports.StepRewardReport` get them as `outputs`)."""
-        out = self.objective(batch, self.missing_scores(batch))
+        step_scores = self.missing_scores(batch)
+        out = self.objective(batch, step_scores)
         # Weighted by the rows that count: Lightning sums value x batch_size and batch_size over
         # the epoch and across ranks, so the logged value is the mean over every real row.
         weights = batch.get("pair_weights")
         self.log_dict(
             _losses(out, stage), batch_size=num_pairs(batch) if weights is None else float(weights.sum()), sync_dist=True
         )
-        inputs = self._metric_inputs(batch, out)
+        inputs = self._metric_inputs(batch, out, step_scores)
         self.val_metrics.update(**inputs)
         return inputs
 
@@ -368,15 +370,15 @@ class StepwiseDPOModule(L.LightningModule):
             "rejected_step_rewards": rejected(out.step_rewards),
         }
 
-    def _metric_inputs(self, batch: PairBatch, out: Objective) -> dict[str, torch.Tensor | None]:
-        """The `PreferenceMetrics.update` arguments of a batch."""
+    def _metric_inputs(self, batch: PairBatch, out: Objective, step_scores: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The `PreferenceMetrics.update` arguments of a batch whose verifier step scores are `step_scores`."""
         return dict(
             chosen_rewards=chosen(out.rewards),
             rejected_rewards=rejected(out.rewards),
             chosen_step_rewards=chosen(out.step_rewards),
             rejected_step_rewards=rejected(out.step_rewards),
-            chosen_step_scores=chosen(batch["step_scores"]),
-            rejected_step_scores=rejected(batch["step_scores"]),
+            chosen_step_scores=chosen(step_scores),
+            rejected_step_scores=rejected(step_scores),
             chosen_mask=chosen(batch["step_mask"]),
             rejected_mask=rejected(batch["step_mask"]),
             chosen_verifier_rewards=chosen(out.verifier_rewards),
