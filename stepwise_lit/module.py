@@ -65,7 +65,8 @@ class StepwiseDPOModule(L.LightningModule):
             byte-level tokenizer when that is None too. The CLI passes it on to the data module.
         tiny_model: Shape of the embedded model (used only when `model_name_or_path` is None).
         trust_remote_code: Allow code from the model repository. Off unless you set it.
-        dtype: Weight dtype at load; None keeps the checkpoint's. Mixed precision is the
+        dtype: Weight dtype at load: "float32", "bfloat16" or "float16"; None keeps the
+            checkpoint's. Mixed precision is the
             trainer's `precision` setting.
         reference: Where reference log-probs come from (`stepwise_lit.reference`): "copy" (a
             frozen model), "adapter" (the policy with LoRA adapters disabled, no second copy),
