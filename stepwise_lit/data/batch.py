@@ -82,11 +82,11 @@ def is_packed(batch: PairBatch) -> bool:
     return "segment_ids" in batch
 
 
-def chosen(values: torch.Tensor) -> torch.Tensor:
-    """The chosen rows ``[B, ...]`` of a ``[2B, ...]`` tensor."""
-    return values[: values.shape[0] // 2]
+def chosen(values: torch.Tensor | list) -> torch.Tensor | list:
+    """The chosen rows ``[B, ...]`` of a ``[2B, ...]`` tensor (or the first half of a list of 2B items)."""
+    return values[: len(values) // 2]
 
 
-def rejected(values: torch.Tensor) -> torch.Tensor:
-    """The rejected rows ``[B, ...]`` of a ``[2B, ...]`` tensor."""
-    return values[values.shape[0] // 2 :]
+def rejected(values: torch.Tensor | list) -> torch.Tensor | list:
+    """The rejected rows ``[B, ...]`` of a ``[2B, ...]`` tensor (or the second half of a list of 2B items)."""
+    return values[len(values) // 2 :]
