@@ -12,14 +12,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 
 from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rejected
-from stepwise_lit.distributed import (
-    CheckpointOnSigterm,
-    decoder_layers,
-    fully_shard_causal_lm,
-    gather_rng_states,
-    set_rng_state,
-)
+from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm
 from stepwise_lit.errors import SettingError
+from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
 from stepwise_lit.forward import check_lean_head, chosen_side, chosen_token_counts, step_logps
 from stepwise_lit.losses import OUTCOME_LOSS_TYPES, STEP_LOSS_TYPES
 from stepwise_lit.metrics import PreferenceMetrics
@@ -172,8 +167,8 @@ class StepwiseDPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.reference: Reference = NoReference()  # the mode's reference once `configure_model` ran
         self.missing_scores = MissingStepScores(reward_model)
-        self.train_metrics = PreferenceMetrics()
-        self.val_metrics = PreferenceMetrics()
+        self.train_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
+        self.val_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
         self.nonfinite_steps = 0
         self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
 
@@ -280,8 +275,8 @@ class StepwiseDPOModule(L.LightningModule):
         self._place_frozen_models()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """A checkpoint on SIGTERM (see `stepwise_lit.distributed.CheckpointOnSigterm`)."""
-        return [CheckpointOnSigterm()]
+        """A checkpoint on SIGTERM or SIGINT (see `stepwise_lit.faults.CheckpointOnSignal`)."""
+        return [CheckpointOnSignal()]
 
     def configure_optimizers(self):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -338,13 +333,13 @@ class StepwiseDPOModule(L.LightningModule):
     def on_predict_batch_start(self, batch: PairBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.reference.begin_batch(self.trainer, "val")
 
-    def validation_step(self, batch: PairBatch, batch_idx: int) -> dict[str, torch.Tensor | None]:
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> dict:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: PairBatch, batch_idx: int) -> dict[str, torch.Tensor | None]:
+    def test_step(self, batch: PairBatch, batch_idx: int) -> dict:
         return self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: PairBatch, stage: str) -> dict[str, torch.Tensor | None]:
+    def _eval_step(self, batch: PairBatch, stage: str) -> dict:
         """Logs the losses and updates the metrics; returns the metric inputs (callbacks such
         as `stepwise_lit.reports.StepRewardReport` get them as `outputs`)."""
         step_scores = self.missing_scores(batch)
@@ -371,21 +366,17 @@ class StepwiseDPOModule(L.LightningModule):
             "rejected_step_rewards": rejected(out.step_rewards),
         }
 
-    def _metric_inputs(self, batch: PairBatch, out: Objective, step_scores: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """The `PreferenceMetrics.update` arguments of a batch whose verifier step scores are `step_scores`."""
+    def _metric_inputs(self, batch: PairBatch, out: Objective, step_scores: torch.Tensor) -> dict:
+        """The `PreferenceMetrics.update` arguments of a batch whose verifier step scores are
+        `step_scores`: ``[2B, ...]`` tensors (chosen rows, then rejected), the pair count, the weights."""
         return dict(
-            chosen_rewards=chosen(out.rewards),
-            rejected_rewards=rejected(out.rewards),
-            chosen_step_rewards=chosen(out.step_rewards),
-            rejected_step_rewards=rejected(out.step_rewards),
-            chosen_step_scores=chosen(step_scores),
-            rejected_step_scores=rejected(step_scores),
-            chosen_mask=chosen(batch["step_mask"]),
-            rejected_mask=rejected(batch["step_mask"]),
-            chosen_verifier_rewards=chosen(out.verifier_rewards),
-            rejected_verifier_rewards=rejected(out.verifier_rewards),
-            chosen_logps=chosen(out.policy_logps),
-            rejected_logps=rejected(out.policy_logps),
+            rewards=out.rewards,  # β_o ρ(y), [2B]
+            step_rewards=out.step_rewards,  # h_t, [2B, S]
+            step_scores=step_scores,
+            step_mask=batch["step_mask"],
+            verifier_rewards=out.verifier_rewards,
+            logps=out.policy_logps,
+            num_pairs=num_pairs(batch),
             weight=batch.get("pair_weights"),
         )
 
@@ -451,9 +442,7 @@ class StepwiseDPOModule(L.LightningModule):
     def _log_epoch_metrics(self, metrics: PreferenceMetrics, stage: str) -> None:
         values = metrics.compute()
         scalars = {f"{stage}/{k}": v for k, v in values.items() if v.numel() == 1}
-        if not self.hparams.evaluate_step_accuracy:
-            scalars = {k: v for k, v in scalars.items() if "step_" not in k.split("/")[1]}
-        else:
+        if self.hparams.evaluate_step_accuracy:  # else the metrics compute no step keys
             headline = "step_accuracy" if self.hparams.step_accuracy_metric == "accuracy" else "step_auroc"
             if headline in values:
                 scalars[f"{stage}/step_metric"] = values[headline]

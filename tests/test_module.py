@@ -210,8 +210,7 @@ def test_reward_model_fills_missing_step_scores_online(batch):
     assert all(id(p) not in {id(q) for q in module.parameters()} for p in scorer.parameters())
     with torch.no_grad():
         inputs = module.validation_step(unscored, 0)  # the metrics see the scores the reward model gave
-    torch.testing.assert_close(torch.cat([inputs["chosen_step_scores"], inputs["rejected_step_scores"]]),
-                               batch["step_scores"])
+    torch.testing.assert_close(inputs["step_scores"], batch["step_scores"])
 
 
 def test_lora_export_merges_weights_that_reload_and_keeps_the_adapter(batch, tmp_path):
