@@ -220,7 +220,7 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
                           collate_fn=StepwiseCollator(datamodule.tokenizer.pad_token_id, pack_pairs=False))
     masks = [batch["attention_mask"] for batch in unpacked]  # the pairs as [chosen; rejected] rows, TRL's count
     module = StepwiseDPOModule(
-        tiny_model=TinyModelConfig(**BENCH_MODEL), export_on_fit_end=False,
+        tiny_model=TinyModelConfig(**BENCH_MODEL),
         reference="precomputed" if args.variant == "ours_precomputed" else "copy",
         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True),
         step_beta=BETA, outcome_beta=BETA, compile=args.variant == "ours_compiled",

@@ -69,8 +69,8 @@ class PhaseTimer(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.time_forwards(module.policy, "policy forward")
-        if module.reference_model is not None:
-            self.time_forwards(module.reference_model, "reference forward")
+        for reference in module.reference.models():
+            self.time_forwards(reference, "reference forward")
         self.mark = time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -107,7 +107,6 @@ def main() -> None:
     rows = token_rows(load_pairs(GSM8K_PATH, args.pairs_per_batch * total_steps, args.max_length), args.max_length)
     loader = DataLoader(rows, batch_size=args.pairs_per_batch, shuffle=False, collate_fn=StepwiseCollator(0, pack_pairs=not args.unpacked))
     module = StepwiseDPOModule(tiny_model=TinyModelConfig(**BENCH_MODEL), reference=args.reference,
-                               export_on_fit_end=False,
                                optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True))
     timer = PhaseTimer(profile_step=total_steps - 1)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=32, max_steps=total_steps, gradient_clip_val=1.0,

@@ -127,7 +127,7 @@ def evaluate(
         intermediate_size=3 * args.hidden_size,
     )
     model = StepwiseDPOModule(
-        tiny_model=shape, export_on_fit_end=False, sft_warmup_steps=args.sft_warmup_steps if train else 0,
+        tiny_model=shape, sft_warmup_steps=args.sft_warmup_steps if train else 0,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, fused=True), **settings
     )
     trainer = L.Trainer(

@@ -10,6 +10,9 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from stepwise_lit.errors import SettingError
+from stepwise_lit.models import check_source
+
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -86,6 +89,7 @@ def load_tokenizer(
     name_or_path: str | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    setting: str = "tokenizer_name_or_path",
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer, or build the embedded byte-level one.
 
@@ -95,16 +99,22 @@ def load_tokenizer(
         trust_remote_code: Passed to ``AutoTokenizer.from_pretrained``; only set it
             for sources you trust.
         chat_template: Jinja chat template that replaces the tokenizer's own.
+        setting: The setting `name_or_path` came from, as YAML names it (for errors).
 
     Returns:
         A tokenizer with a pad token (the eos token when the source has none).
 
     Raises:
+        SettingError: naming `setting`, when the tokenizer cannot be found or loaded.
         ValueError: If the loaded tokenizer has neither a pad nor an eos token.
     """
     if name_or_path is None:
         return build_byte_tokenizer(chat_template)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_source(setting, name_or_path, "tokenizer_config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # missing files; a folder without a tokenizer
+        raise SettingError(f"{setting}: cannot load a tokenizer from {name_or_path!r}: {error}") from error
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:

@@ -68,7 +68,7 @@ def run_case(case: str, layout: str, root: Path) -> dict[str, torch.Tensor]:
         pack_pairs=LAYOUTS[layout], cache_dir=str(root / "cache"),
     )
     module = StepwiseDPOModule(
-        tiny_model=TINY, export_on_fit_end=False, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        tiny_model=TINY, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         **CASES[case],
     )
     recorder = Recorder()

@@ -96,3 +96,18 @@ def test_length_grouping_sorts_within_runs_only():
         SequentialSampler(lengths), batch_size=1, drop_last=False, lengths=lengths, group_factor=3
     )
     assert [batch[0] for batch in sampler] == [2, 1, 0, 5, 4, 3]
+
+
+def test_pair_batch_helpers_read_the_collated_batch():
+    """Two pairs, the longest response with 3 steps: B = 2, S = 3; the chosen rows come first,
+    packed or not, and the helpers split any [2B, ...] tensor at B."""
+    from stepwise_lit.data.batch import chosen, is_packed, num_pairs, num_steps, rejected
+
+    rows = [token_row([5, 6, 10, 9], [0, 0, 1, 1], [5, 6, 13, 9], [0, 0, 1, 1]),
+            token_row([7, 20, 21, 22, 9], [0, 1, 2, 3, 3], [7, 23, 9], [0, 1, 1])]
+    for pack in (False, True):
+        batch = StepwiseCollator(pad_token_id=0, pack_pairs=pack)(rows)
+        assert (num_pairs(batch), num_steps(batch), is_packed(batch)) == (2, 3, pack)
+        assert chosen(batch["step_mask"]).sum(-1).tolist() == [1, 3]
+        assert rejected(batch["step_mask"]).sum(-1).tolist() == [1, 1]
+        assert [len(steps) for steps in chosen(batch["steps"])] == [1, 3]

@@ -60,7 +60,7 @@ class Probe(L.Callback):
             handle.write(json.dumps(record) + "\n")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.reference_before = [local(p).clone() for p in pl_module.reference_model.parameters()]
+        self.reference_before = [local(p).clone() for p in pl_module.reference.model.parameters()]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, {"event": "start", "world_size": trainer.world_size, "node_rank": trainer.node_rank,
@@ -87,7 +87,7 @@ class Probe(L.Callback):
         self.write(trainer, {"event": "val", "weighted_sum": mean.weighted_sum.item(), "total_weight": mean.total_weight.item()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        reference = list(pl_module.reference_model.parameters())
+        reference = list(pl_module.reference.model.parameters())
         optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         self.write(trainer, {
             "event": "end",

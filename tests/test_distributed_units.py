@@ -15,6 +15,7 @@ import yaml
 
 from stepwise_lit.data.sampling import MarkedRows, PaddedShardSampler, PairWeightCollator
 from stepwise_lit.distributed import CausalLMWrapPolicy, decoder_layers
+from stepwise_lit.export import gathered_policy_state_dict, whole_policy
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora
 from stepwise_lit.module import StepwiseDPOModule
@@ -86,9 +87,9 @@ def test_lora_policy_rebuilt_from_a_gathered_state_dict_merges_like_the_policy()
         for name, parameter in module.policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_()  # B starts at 0: make the adapter change the weights
-    expected = module._whole_policy_copy(None).merge_and_unload().state_dict()
+    expected = whole_policy(module, None).merge_and_unload().state_dict()
     torch.manual_seed(1)  # the rebuilt model's own initialisation must not matter
-    rebuilt = module._whole_policy_copy(module.policy.state_dict()).merge_and_unload().state_dict()
+    rebuilt = whole_policy(module, module.policy.state_dict()).merge_and_unload().state_dict()
     assert rebuilt.keys() == expected.keys()
     assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)
 
@@ -172,23 +173,23 @@ def test_fsdp1_config_wraps_layers_and_models_and_keeps_the_reference_apart(fsdp
     policy_weights = {k: v.clone() for k, v in module.policy.state_dict().items()}
     strategy.model = strategy._setup_model(module)
     module._trainer = SimpleNamespace(strategy=strategy)
-    module._place_frozen_models()
+    module.on_fit_start()
 
     def units(root: torch.nn.Module) -> dict[str, list[str]]:
         return {type(unit.module).__name__ + f"@{name}": list(unit._flat_param._fqns)
                 for name, unit in root.named_modules() if isinstance(unit, FSDP) and unit._flat_param is not None}
 
-    policy_units, reference_units = units(strategy.model), units(module.reference_model)
+    policy_units, reference_units = units(strategy.model), units(module.reference.model)
     assert sorted(k.split("@")[0] for k in policy_units) == ["LlamaDecoderLayer"] * 2 + ["LlamaForCausalLM"]
     assert sorted(k.split("@")[0] for k in reference_units) == ["LlamaDecoderLayer"] * 2 + ["LlamaForCausalLM"]
     policy_flat = {id(u._flat_param) for u in strategy.model.modules() if isinstance(u, FSDP)}
-    assert policy_flat.isdisjoint(id(u._flat_param) for u in module.reference_model.modules() if isinstance(u, FSDP))
+    assert policy_flat.isdisjoint(id(u._flat_param) for u in module.reference.model.modules() if isinstance(u, FSDP))
     checkpointed = [type(m._checkpoint_wrapped_module).__name__ for m in strategy.model.modules() if isinstance(m, CheckpointWrapper)]
     assert checkpointed == ["LlamaDecoderLayer"] * 2
-    assert not any(isinstance(m, CheckpointWrapper) for m in module.reference_model.modules())
+    assert not any(isinstance(m, CheckpointWrapper) for m in module.reference.model.modules())
 
     optimized = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
-    assert optimized and optimized.isdisjoint(id(p) for p in module.reference_model.parameters())
-    exported = module._full_policy_state_dict()
+    assert optimized and optimized.isdisjoint(id(p) for p in module.reference.model.parameters())
+    exported = gathered_policy_state_dict(module, module.trainer)
     assert exported.keys() == policy_weights.keys()
     assert all(torch.equal(exported[k], policy_weights[k]) for k in policy_weights)

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.export import export_policy
 from stepwise_lit.faults import SignalStop
 from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
@@ -49,7 +50,7 @@ class Recorder(L.Callback):
 
 def train(tmp_path, max_steps: int, recorder: Recorder, **settings) -> tuple[L.Trainer, StepwiseDPOModule]:
     torch.manual_seed(0)
-    module = StepwiseDPOModule(tiny_model=TINY, export_on_fit_end=False, **settings)
+    module = StepwiseDPOModule(tiny_model=TINY, **settings)
     data = StepwiseDataModule(path="synthetic", synthetic_train_size=16, synthetic_val_size=0, batch_size=4,
                               max_length=1024, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(
@@ -137,17 +138,17 @@ def fail_after_weights(module: StepwiseDPOModule, monkeypatch) -> None:
 def test_export_failing_mid_write_leaves_no_folder(module, tmp_path, monkeypatch):
     fail_after_weights(module, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
-        module.export_hf(tmp_path / "export")
+        export_policy(module, tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_failing_mid_write_keeps_the_previous_export(module, tmp_path, monkeypatch):
-    previous = module.export_hf(tmp_path / "export")
+    previous = export_policy(module, tmp_path / "export")
     files = {p.name: p.read_bytes() for p in previous.iterdir() if p.is_file()}
     with torch.no_grad():
         next(module.policy.parameters()).add_(1.0)
     fail_after_weights(module, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
-        module.export_hf(tmp_path / "export")
+        export_policy(module, tmp_path / "export")
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     assert {p.name: p.read_bytes() for p in previous.iterdir() if p.is_file()} == files

@@ -9,7 +9,11 @@ import torch
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.models import LoraSettings, TinyModelConfig
-from stepwise_lit.module import SettingError, StepwiseDPOModule
+from stepwise_lit.errors import SettingError
+from stepwise_lit.export import export_policy
+from stepwise_lit.forward import step_logps
+from stepwise_lit.module import StepwiseDPOModule
+from stepwise_lit.objective import Objective
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
@@ -43,6 +47,11 @@ def clone(batch: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def run_objective(module: StepwiseDPOModule, batch: dict) -> Objective:
+    """The losses of a batch as the training step computes them (missing scores filled)."""
+    return module.objective(batch, module.missing_scores(batch))
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -56,9 +65,9 @@ def test_total_loss_is_log2_when_policy_equals_reference(batch, settings):
     each of these losses is −log σ(0) = log 2 (soft_label: −p log ½ − (1−p) log ½ = log 2; step_bce:
     BCE(½, y) = log 2 for any y). The total 0.5·log 2 + 0.5·log 2 is log 2."""
     module = make_module(**settings)
-    out = module._shared_step(clone(batch))
-    torch.testing.assert_close(out["loss"], torch.tensor(math.log(2.0)))
-    torch.testing.assert_close(out["step_logratios"], torch.zeros_like(out["step_logratios"]))
+    out = run_objective(module, clone(batch))
+    torch.testing.assert_close(out.loss, torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(out.step_logratios, torch.zeros_like(out.step_logratios))
 
 
 def test_margin_loss_at_policy_equals_reference_is_the_offset_alone(batch):
@@ -66,12 +75,12 @@ def test_margin_loss_at_policy_equals_reference_is_the_offset_alone(batch):
     (DESIGN 5 lists it among the log-2 losses, which holds only for equal rewards). With
     first_divergence at h = 0 giving log 2: total = 0.5·log 2 + 0.5·mean(−log σ(−γδ))."""
     module = make_module(outcome_loss_type="margin", step_loss_type="first_divergence", margin_gamma=2.0)
-    out = module._shared_step(clone(batch))
+    out = run_objective(module, clone(batch))
     num_pairs = batch["first_divergence"].shape[0]
-    delta = out["rewards"][:num_pairs] - out["rewards"][num_pairs:]
+    delta = out.verifier_rewards[:num_pairs] - out.verifier_rewards[num_pairs:]
     assert delta.abs().min() > 0
     expected = 0.5 * math.log(2.0) + 0.5 * -torch.nn.functional.logsigmoid(-2.0 * delta).mean()
-    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(out.loss, expected)
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
@@ -81,12 +90,12 @@ def test_gradients_reach_only_the_policy_and_reference_is_unchanged(batch, lora)
     module = make_module(lora=lora, reference="adapter" if lora else "copy")
     optimizer = module.configure_optimizers()
     if lora is None:
-        reference_before = {k: v.clone() for k, v in module.reference_model.state_dict().items()}
+        reference_before = {k: v.clone() for k, v in module.reference.model.state_dict().items()}
     else:
         base_before = {k: v.clone() for k, v in module.policy.named_parameters() if not v.requires_grad}
     trainable_before = {k: v.clone() for k, v in module.policy.named_parameters() if v.requires_grad}
 
-    loss = module._shared_step(clone(batch))["loss"]
+    loss = run_objective(module, clone(batch)).loss
     loss.backward()
     optimizer.step()
 
@@ -96,8 +105,8 @@ def test_gradients_reach_only_the_policy_and_reference_is_unchanged(batch, lora)
     changed = [k for k, v in module.policy.named_parameters() if v.requires_grad and not torch.equal(v, trainable_before[k])]
     assert changed, "no trainable policy weight moved"
     if lora is None:
-        assert all(p.grad is None for p in module.reference_model.parameters())
-        for name, value in module.reference_model.state_dict().items():
+        assert all(p.grad is None for p in module.reference.model.parameters())
+        for name, value in module.reference.model.state_dict().items():
             assert torch.equal(value, reference_before[name]), name
         assert not any(k.startswith("reference") for k in module.state_dict())
     else:
@@ -113,7 +122,7 @@ def test_one_pass_step_logps_equal_per_prefix_forwards(batch, unpacked_batch):
     module = make_module()
     num_steps = batch["step_mask"].shape[1]
     with torch.no_grad():
-        one_pass = module._step_logps(module.policy, batch, num_steps)
+        one_pass = step_logps(module.policy, batch, num_steps)
         for row in range(unpacked_batch["input_ids"].shape[0]):
             length = int(unpacked_batch["attention_mask"][row].sum())
             ids, step_ids = unpacked_batch["input_ids"][row, :length], unpacked_batch["step_ids"][row, :length]
@@ -131,16 +140,16 @@ def test_swapping_chosen_and_rejected_negates_the_margin(unpacked_batch):
     """Swapping the halves of the batch swaps ρ(y_c) and ρ(y_r), so the reward margin changes sign."""
     batch = unpacked_batch
     module = make_module(reference="none")
-    out = module._shared_step(clone(batch))
+    out = run_objective(module, clone(batch))
     num_pairs = batch["first_divergence"].shape[0]
     swapped = clone(batch)
     for key in ("input_ids", "attention_mask", "step_ids", "step_scores", "step_mask", "has_step_scores",
                 "outcome_scores", "has_outcome_scores"):
         swapped[key] = torch.cat([batch[key][num_pairs:], batch[key][:num_pairs]])
     swapped["steps"] = batch["steps"][num_pairs:] + batch["steps"][:num_pairs]
-    out_swapped = module._shared_step(swapped)
-    margin = out["logratios"][:num_pairs] - out["logratios"][num_pairs:]
-    margin_swapped = out_swapped["logratios"][:num_pairs] - out_swapped["logratios"][num_pairs:]
+    out_swapped = run_objective(module, swapped)
+    margin = out.logratios[:num_pairs] - out.logratios[num_pairs:]
+    margin_swapped = out_swapped.logratios[:num_pairs] - out_swapped.logratios[num_pairs:]
     assert margin.abs().min() > 0
     torch.testing.assert_close(margin_swapped, -margin, atol=1e-5, rtol=1e-5)
 
@@ -150,7 +159,7 @@ def test_missing_scores_without_reward_model_is_an_error(batch):
     broken = clone(batch)
     broken["has_step_scores"][0] = False
     with pytest.raises(RuntimeError, match="no step scores and no reward_model"):
-        module._shared_step(broken)
+        run_objective(module, broken)
 
 
 @pytest.mark.parametrize(
@@ -166,6 +175,11 @@ def test_missing_scores_without_reward_model_is_an_error(batch):
         ({"step_reward_scale": 1.5}, "model.step_reward_scale"),
         ({"step_loss_weight": 0.0, "outcome_loss_weight": 0.0}, "model.step_loss_weight"),
         ({"reference": "adapter"}, "model.reference"),
+        ({"aggregation_strategy": "weighted_sum"}, "model.step_weights"),
+        ({"reference": "frozen"}, "model.reference"),
+        ({"dtype": "fp32"}, "model.dtype"),
+        ({"nonfinite_loss": "ignore"}, "model.nonfinite_loss"),
+        ({"step_accuracy_metric": "f1"}, "model.step_accuracy_metric"),
     ],
 )
 def test_bad_settings_fail_at_start_up_naming_the_setting(settings, setting_named):
@@ -186,11 +200,17 @@ def test_reward_model_fills_missing_step_scores_online(batch):
     num_pairs = batch["first_divergence"].shape[0]
     unscored["has_step_scores"][num_pairs:] = False
     unscored["step_scores"][num_pairs:] = 0.0
-    module._shared_step(unscored)
-    assert unscored["has_step_scores"].all()
-    torch.testing.assert_close(unscored["step_scores"], batch["step_scores"])
+    before = clone(unscored)
+    filled = module.missing_scores(unscored)
+    torch.testing.assert_close(filled, batch["step_scores"])
+    for key, value in before.items():  # the batch itself is not changed
+        assert torch.equal(unscored[key], value) if isinstance(value, torch.Tensor) else unscored[key] == value, key
     assert not any(k.startswith("reward") for k in module.state_dict())
-    assert all(id(p) not in {id(q) for q in module.parameters()} for p in module.reward_model.parameters())
+    scorer = module.missing_scores.scorer
+    assert all(id(p) not in {id(q) for q in module.parameters()} for p in scorer.parameters())
+    with torch.no_grad():
+        inputs = module.validation_step(unscored, 0)  # the metrics see the scores the reward model gave
+    torch.testing.assert_close(inputs["step_scores"], batch["step_scores"])
 
 
 def test_lora_export_merges_weights_that_reload_and_keeps_the_adapter(batch, tmp_path):
@@ -200,9 +220,9 @@ def test_lora_export_merges_weights_that_reload_and_keeps_the_adapter(batch, tmp
 
     module = make_module(lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), reference="adapter")
     optimizer = module.configure_optimizers()
-    module._shared_step(clone(batch))["loss"].backward()
+    run_objective(module, clone(batch)).loss.backward()
     optimizer.step()
-    export = module.export_hf(tmp_path / "export")
+    export = export_policy(module, tmp_path / "export")
     assert (export / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(export)
     ids = batch["input_ids"][:2, :40]
@@ -224,19 +244,19 @@ def test_sft_warmup_trains_nll_alone_then_refreezes_the_reference(tmp_path):
         cache_dir=str(tmp_path / "cache"),
     )
     torch.manual_seed(0)
-    module = StepwiseDPOModule(tiny_model=TINY, sft_warmup_steps=2, export_on_fit_end=False)
+    module = StepwiseDPOModule(tiny_model=TINY, sft_warmup_steps=2)
     module.configure_model()
-    initial_reference = {k: v.clone() for k, v in module.reference_model.state_dict().items()}
+    initial_reference = {k: v.clone() for k, v in module.reference.model.state_dict().items()}
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule)
-    for name, value in module.reference_model.state_dict().items():
+    for name, value in module.reference.model.state_dict().items():
         assert torch.equal(value, initial_reference[name]), "the warm-up changed the reference"
 
     batch = next(iter(datamodule.train_dataloader()))
     module.on_train_batch_start(batch, 0)  # global_step == 2: the warm-up is over
-    out = module._shared_step(clone(batch))
-    torch.testing.assert_close(out["step_logratios"], torch.zeros_like(out["step_logratios"]))
+    out = run_objective(module, clone(batch))
+    torch.testing.assert_close(out.step_logratios, torch.zeros_like(out.step_logratios))
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     saved = torch.load(tmp_path / "after.ckpt", weights_only=True)["warmup_reference_state_dict"]
     for name, value in module.policy.state_dict().items():
@@ -254,11 +274,11 @@ def test_predict_gives_the_training_paths_implicit_rewards(batch):
     num_pairs = batch["first_divergence"].shape[0]
     with torch.no_grad():
         predicted = module.predict_step(clone(batch), 0)
-        out = module._shared_step(clone(batch))
-    torch.testing.assert_close(predicted["chosen_rewards"], 0.1 * out["logratios"][:num_pairs])
-    torch.testing.assert_close(predicted["rejected_rewards"], 0.1 * out["logratios"][num_pairs:])
-    torch.testing.assert_close(predicted["chosen_step_rewards"], 0.1 * out["step_logratios"][:num_pairs])
-    torch.testing.assert_close(predicted["rejected_step_rewards"], 0.1 * out["step_logratios"][num_pairs:])
+        out = run_objective(module, clone(batch))
+    torch.testing.assert_close(predicted["chosen_rewards"], 0.1 * out.logratios[:num_pairs])
+    torch.testing.assert_close(predicted["rejected_rewards"], 0.1 * out.logratios[num_pairs:])
+    torch.testing.assert_close(predicted["chosen_step_rewards"], 0.1 * out.step_logratios[:num_pairs])
+    torch.testing.assert_close(predicted["rejected_step_rewards"], 0.1 * out.step_logratios[num_pairs:])
 
 
 def test_compiled_layers_give_the_same_loss_and_gradients(batch):
@@ -269,7 +289,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(batch):
     results = []
     for compiled in (False, True):
         module = make_module(compile=compiled)
-        loss = module._shared_step(clone(batch))["loss"]
+        loss = run_objective(module, clone(batch)).loss
         loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
     (loss, grads), (compiled_loss, compiled_grads) = results
@@ -282,4 +302,56 @@ def test_compiled_layers_give_the_same_loss_and_gradients(batch):
     if "target_ids" in shorter:
         shorter["target_ids"], shorter["target_step_ids"] = batch["target_ids"][:, :-8], batch["target_step_ids"][:, :-8]
     with torch.no_grad():
-        assert torch.isfinite(module._shared_step(shorter)["loss"])
+        assert torch.isfinite(run_objective(module, shorter).loss)
+
+
+def test_frozen_reference_is_moved_and_converted_but_never_registered():
+    """The reference model is held outside the registered submodules: not in `parameters()` (so
+    not in the optimizer or DDP's reducer), not in the state dict, yet `.to(dtype)` (what
+    Lightning's bf16-true conversion calls) converts it with the policy."""
+    module = make_module()
+    reference = module.reference.model
+    assert {id(p) for p in reference.parameters()}.isdisjoint(id(p) for p in module.parameters())
+    assert not any(k.startswith("reference") for k in module.state_dict())
+    module.to(torch.float64)
+    assert {p.dtype for p in reference.parameters()} == {torch.float64}
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float64}
+
+
+def test_lora_sft_warmup_refreezes_the_reference_with_the_adapter_merged(unpacked_batch, tmp_path):
+    """LoRA + reference: copy + sft_warmup_steps: at the end of the warm-up the reference becomes
+    the policy with its (trained) adapters merged, so its step log-probs equal the policy's."""
+    import lightning as L
+
+    datamodule = StepwiseDataModule(
+        path="synthetic", synthetic_train_size=6, synthetic_val_size=0, batch_size=3, max_length=256,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    torch.manual_seed(0)
+    lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    module = StepwiseDPOModule(tiny_model=TINY, lora=lora, sft_warmup_steps=1,
+                               optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule)  # step 1: SFT; step 2: the reference is re-frozen, then DPO
+    assert module.reference.from_warmup
+    module.on_train_batch_start(unpacked_batch, 0)  # already re-frozen: no second re-freeze
+    module.reference.refreeze_from(module.policy)  # the policy as it is now, adapters merged
+    num_steps = unpacked_batch["step_mask"].shape[1]
+    with torch.no_grad():
+        expected = step_logps(module.policy.eval(), unpacked_batch, num_steps)
+    torch.testing.assert_close(module.reference.step_logps(unpacked_batch, num_steps), expected, atol=1e-5, rtol=1e-5)
+    adapters = [p for name, p in module.policy.named_parameters() if "lora_B" in name]
+    assert any(p.abs().sum() > 0 for p in adapters), "the adapters never trained: the test would prove nothing"
+
+
+def test_max_length_above_the_models_positions_fails_at_setup(tmp_path):
+    """data.max_length above the model's max_position_embeddings stops before training, naming both."""
+    import lightning as L
+
+    datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=4, synthetic_val_size=0, batch_size=2,
+                                    max_length=2048, cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(SettingError, match=r"data.max_length: 2048 .*model.tiny_model.max_position_embeddings \(1024\)"):
+        trainer.fit(StepwiseDPOModule(tiny_model=TINY), datamodule)

@@ -9,7 +9,9 @@ import torch
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.models import LoraSettings, TinyModelConfig
-from stepwise_lit.module import SettingError, StepwiseDPOModule, _check_lean_head
+from stepwise_lit.errors import SettingError
+from stepwise_lit.forward import check_lean_head
+from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
@@ -23,7 +25,7 @@ def datamodule() -> StepwiseDataModule:
 
 
 def loss_and_grads(batch: dict, **settings) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Loss and trainable gradients of one shared step, the policy nudged off the reference."""
+    """Loss and trainable gradients of one batch's objective, the policy nudged off the reference."""
     torch.manual_seed(0)
     module = StepwiseDPOModule(tiny_model=TINY, **settings)
     module.configure_model()
@@ -31,9 +33,9 @@ def loss_and_grads(batch: dict, **settings) -> tuple[torch.Tensor, list[torch.Te
         for parameter in module.policy.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.01 * torch.randn_like(parameter))
-    out = module._shared_step({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    out["loss"].backward()
-    return out["loss"].detach(), [p.grad for p in module.policy.parameters() if p.requires_grad]
+    out = module.objective(batch, batch["step_scores"])
+    out.loss.backward()
+    return out.loss.detach(), [p.grad for p in module.policy.parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4)], ids=["full", "lora"])
@@ -51,12 +53,12 @@ def test_lean_logps_refuses_a_head_it_would_get_wrong():
     torch.manual_seed(0)
     module = StepwiseDPOModule(tiny_model=TINY)
     module.configure_model()
-    _check_lean_head(module.policy, sharded=False)
+    check_lean_head(module.policy, sharded=False)
     module.policy.config.final_logit_softcapping = 30.0
     with pytest.raises(SettingError, match="lean_logps"):
-        _check_lean_head(module.policy, sharded=False)
+        check_lean_head(module.policy, sharded=False)
     with pytest.raises(SettingError, match="FSDP"):
-        _check_lean_head(module.policy, sharded=True)
+        check_lean_head(module.policy, sharded=True)
 
 
 class GradientProbe(L.Callback):
@@ -74,5 +76,5 @@ def test_gradients_are_freed_after_the_optimizer_step(datamodule, tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[probe])
-    trainer.fit(StepwiseDPOModule(tiny_model=TINY, export_on_fit_end=False), datamodule=datamodule)
+    trainer.fit(StepwiseDPOModule(tiny_model=TINY), datamodule=datamodule)
     assert probe.held == [False, False]

@@ -3,7 +3,6 @@ the unpacked batch's (module level, plain and lean log-probs, sdpa and eager att
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,10 @@ from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.packing import pack_pair, packed_attention_mask
 from stepwise_lit.models import TinyModelConfig
-from stepwise_lit.module import SettingError, StepwiseDPOModule, _packed_mask_for
+from stepwise_lit.errors import SettingError
+from stepwise_lit.forward import chosen_side, chosen_token_counts, packed_mask_for, step_logps
+from stepwise_lit.module import StepwiseDPOModule
+from stepwise_lit.objective import sft_loss
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
@@ -107,26 +109,26 @@ def test_packed_batch_gives_the_unpacked_log_probs_loss_and_gradients(tmp_path, 
     unpacked, packed = batches(tmp_path, source)
     assert packed["attention_mask"].sum() < unpacked["attention_mask"].sum()
     module = make_module(lean_logps=lean)
-    for model in (module.policy, module.reference_model):
+    for model in (module.policy, module.reference.model):
         model.config._attn_implementation = attention
     num_steps = unpacked["step_mask"].shape[1]
     with torch.no_grad():
-        expected = module._step_logps(module.policy, unpacked, num_steps)
-        actual = module._step_logps(module.policy, packed, num_steps)
+        expected = step_logps(module.policy, unpacked, num_steps, lean)
+        actual = step_logps(module.policy, packed, num_steps, lean)
     assert (expected[unpacked["step_mask"]] != 0).all()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
     gradients = []
     for batch in (unpacked, packed):
         module.policy.zero_grad()
-        out = module._shared_step(copy.deepcopy(batch))
-        out["loss"].backward()
+        out = module.objective(batch, batch["step_scores"])
+        out.loss.backward()
         gradients.append((out, {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
     (out_unpacked, grads_unpacked), (out_packed, grads_packed) = gradients
-    assert out_unpacked["step_logratios"].abs().max() > 0
-    for key in ("loss", "sft_loss"):
-        torch.testing.assert_close(out_packed[key], out_unpacked[key], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_packed["step_logratios"], out_unpacked["step_logratios"], atol=1e-4, rtol=1e-4)
+    assert out_unpacked.step_logratios.abs().max() > 0
+    torch.testing.assert_close(out_packed.loss, out_unpacked.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_packed.sft_loss, out_unpacked.sft_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_packed.step_logratios, out_unpacked.step_logratios, atol=1e-4, rtol=1e-4)
     for name, grad in grads_unpacked.items():
         torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -135,9 +137,14 @@ def test_sft_warmup_loss_is_the_same_packed(tmp_path):
     """The warm-up NLL uses the chosen side alone: the packed rows cut to the chosen width."""
     unpacked, packed = batches(tmp_path, "synthetic")
     module = make_module(sft_warmup_steps=1)
-    torch.testing.assert_close(
-        module._sft_warmup_step(packed)["loss"], module._sft_warmup_step(unpacked)["loss"], atol=1e-6, rtol=1e-6
-    )
+    num_steps = unpacked["step_mask"].shape[1]
+
+    def warmup_loss(batch):
+        chosen_logps = step_logps(module.policy, chosen_side(batch), num_steps).sum(-1)
+        return sft_loss(chosen_logps, chosen_token_counts(batch), None)
+
+    assert chosen_side(packed)["input_ids"].shape[1] < packed["input_ids"].shape[1]
+    torch.testing.assert_close(warmup_loss(packed), warmup_loss(unpacked), atol=1e-6, rtol=1e-6)
 
 
 def test_packing_fails_naming_the_setting_for_attention_without_4d_masks():
@@ -145,7 +152,7 @@ def test_packing_fails_naming_the_setting_for_attention_without_4d_masks():
     batch = {"segment_ids": segments, "position_ids": torch.arange(4)[None]}
     flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(SettingError, match="data.pack_pairs.*flash_attention_2"):
-        _packed_mask_for(flash, batch)
+        packed_mask_for(flash, batch)
     windowed = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", sliding_window=3))
     with pytest.raises(SettingError, match="data.pack_pairs.*sliding window"):
-        _packed_mask_for(windowed, batch)
+        packed_mask_for(windowed, batch)

@@ -1,4 +1,4 @@
-"""Collation of token rows into the batch of docs/contract.md, and length-grouped batching."""
+"""Collation of token rows into a `PairBatch` (``stepwise_lit.data.batch``), and length-grouped batching."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-from stepwise_lit.data.formats import SIDES
+from stepwise_lit.data.batch import PairBatch
+from stepwise_lit.data.records import SIDES
 from stepwise_lit.data.packing import PADDING, pack_pair
 
 
@@ -26,11 +27,11 @@ class StepwiseCollator:
         self.pad_token_id = pad_token_id
         self.pack_pairs = pack_pairs
 
-    def __call__(self, rows: Sequence[dict]) -> dict:
+    def __call__(self, rows: Sequence[dict]) -> PairBatch:
         """Collate token rows (see ``stepwise_lit.data.tokenize.tokenize_row``).
 
         Returns:
-            ``input_ids``, ``attention_mask``, ``step_ids`` long ``[2B, L]``;
+            A `PairBatch`: ``input_ids``, ``attention_mask``, ``step_ids`` long ``[2B, L]``;
             ``step_scores`` float ``[2B, S]`` (0 where padded or missing),
             ``step_mask`` bool ``[2B, S]``; ``has_step_scores``, ``has_outcome_scores``
             bool ``[2B]``; ``outcome_scores`` float ``[2B]`` (0 where missing);
@@ -49,7 +50,7 @@ class StepwiseCollator:
         outcome_scores = torch.tensor([row[f"{side}_score"] for side in SIDES for row in rows], dtype=torch.float32)
         has_step_scores = torch.tensor([not any(map(math.isnan, scores)) for scores in step_scores])
         scores_tensor, step_mask = pad_step_scores(step_scores)  # [2B, S]
-        batch = {
+        batch: PairBatch = {
             **(self._packed_tokens(rows) if self.pack_pairs else self._tokens(rows)),
             "step_scores": scores_tensor,
             "step_mask": step_mask,

@@ -172,7 +172,7 @@ class StepwiseDataModule(L.LightningDataModule):
             step_wise_prompt_template=step_wise_prompt_template if use_step_wise_prompt else None,
         )
         self.cache_root = Path(cache_dir or os.environ.get("STEPWISE_LIT_CACHE", "~/.cache/stepwise_lit")).expanduser()
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code, setting="data.tokenizer_name_or_path")
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 

@@ -14,11 +14,15 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from stepwise_lit.data.batch import PairBatch
+from stepwise_lit.models import DTYPES
+
 logger = logging.getLogger("stepwise_lit")
 
 Prompt = str | list[dict]
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCORER_DTYPES = {"auto": "auto", **DTYPES}
+"""`dtype` names a scorer takes: the model dtypes, and "auto" (the checkpoint's own)."""
 
 
 class StepScorer(torch.nn.Module, abc.ABC):
@@ -80,6 +84,53 @@ class StepScorer(torch.nn.Module, abc.ABC):
         return super().train(False)
 
 
+class MissingStepScores:
+    """Scores, with a step scorer, the responses of a batch whose step scores are missing.
+
+    A plain object, not a `torch.nn.Module`: the scorer it holds is never registered with the
+    LightningModule, so it is never in `parameters()`, the optimizer or a checkpoint; the
+    LightningModule moves it with its own device and dtype changes through `models()`.
+
+    Args:
+        scorer: The step scorer, or None (then a batch with missing scores is an error).
+    """
+
+    def __init__(self, scorer: StepScorer | None) -> None:
+        self.scorer = scorer
+        if scorer is not None:
+            scorer.eval().requires_grad_(False)
+
+    def models(self) -> list[torch.nn.Module]:
+        """The scorer, when there is one."""
+        return [self.scorer] if self.scorer is not None else []
+
+    def __call__(self, batch: PairBatch) -> torch.Tensor:
+        """The batch's step scores with every missing response scored: a new float ``[2B, S]``
+        tensor (the batch's own when none is missing; the batch is not changed).
+
+        Raises:
+            RuntimeError: If a response has no scores and there is no scorer.
+        """
+        missing = (~batch["has_step_scores"]).nonzero().flatten().tolist()
+        if not missing:
+            return batch["step_scores"]
+        if self.scorer is None:
+            raise RuntimeError(
+                f"{len(missing)} rows in this batch have no step scores and no reward_model is set: "
+                "score the data first (python -m stepwise_lit.score) or set model.reward_model."
+            )
+        num_pairs = len(batch["prompts"])
+        scores = self.scorer.score_steps(
+            [batch["prompts"][row % num_pairs] for row in missing],
+            [batch["steps"][row] for row in missing],
+            [batch["reference_solutions"][row % num_pairs] for row in missing],
+        )
+        filled = batch["step_scores"].clone()
+        for row, row_scores in zip(missing, scores):
+            filled[row, : len(row_scores)] = torch.tensor(row_scores, dtype=filled.dtype)
+        return filled
+
+
 def check_scores(scorer: str, steps: Sequence[Sequence[str]], scores: list[list[float]]) -> None:
     """Checks a scorer's output: one list per response, one value in [-1, 1] per step.
 
@@ -109,9 +160,9 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     Raises:
         ValueError: For any other name.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in SCORER_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SCORER_DTYPES)}, got {dtype!r}")
+    return SCORER_DTYPES[dtype]
 
 
 def load_pretrained(

@@ -1,5 +1,5 @@
-"""`reference: precomputed`: the reference pass inside the run, its cache, and the same losses as
-a live frozen copy; under DDP and FSDP2 (2 CPU processes) as in one process."""
+"""`stepwise_lit.reference`, `reference: precomputed`: the reference pass inside the run, its cache,
+and the same losses as a live frozen copy; under DDP and FSDP2 (2 CPU processes) as in one process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import yaml
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.precompute import PrecomputedReference
+from stepwise_lit.reference import PrecomputedReference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
@@ -45,7 +45,7 @@ class LossProbe(L.Callback):
         if self.out_dir is not None:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
             record = {"losses": self.losses, "val_loss": self.val_loss,
-                      "reference_model": pl_module.reference_model is not None}
+                      "reference_model": bool(pl_module.reference.models())}
             (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -54,13 +54,13 @@ def data_and_module(reference: str, cache: Path) -> tuple[StepwiseDataModule, St
     L.seed_everything(0)
     datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=TRAIN_PAIRS, synthetic_val_size=VAL_PAIRS,
                                     batch_size=BATCH, max_length=1024, cache_dir=str(cache))
-    module = StepwiseDPOModule(tiny_model=TinyModelConfig(**TINY), reference=reference, export_on_fit_end=False,
+    module = StepwiseDPOModule(tiny_model=TinyModelConfig(**TINY), reference=reference,
                                optimizer=lambda params: torch.optim.AdamW(params, lr=LR))
     return datamodule, module
 
 
 def train(reference: str, cache: Path, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None):
-    """Fit the tiny model on synthetic pairs; returns the loss probe and the precompute callback (or None)."""
+    """Fit the tiny model on synthetic pairs; returns the loss probe and the precomputed reference (or None)."""
     datamodule, module = data_and_module(reference, cache)
     probe = LossProbe()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
@@ -68,8 +68,8 @@ def train(reference: str, cache: Path, root: Path, max_steps: int = STEPS, ckpt_
                         default_root_dir=str(root), callbacks=[probe, L.pytorch.callbacks.ModelCheckpoint(
                             dirpath=str(root / "checkpoints"), save_last=True, every_n_train_steps=1)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # our config dataclasses are registered safe globals
-    precomputed = next((c for c in trainer.callbacks if isinstance(c, PrecomputedReference)), None)
-    assert (module.reference_model is None) == (reference == "precomputed")
+    precomputed = module.reference if isinstance(module.reference, PrecomputedReference) else None
+    assert (not module.reference.models()) == (reference == "precomputed")
     return probe, precomputed
 
 
@@ -129,11 +129,10 @@ def test_standalone_validate_and_predict_use_the_cached_reference(tmp_path, cach
                             enable_model_summary=False, default_root_dir=str(tmp_path / reference))
         (metrics,) = trainer.validate(module, datamodule=datamodule, ckpt_path=last, weights_only=True, verbose=False)
         predictions = trainer.predict(module, datamodule=datamodule, ckpt_path=last, weights_only=True)
-        callback = next((c for c in trainer.callbacks if isinstance(c, PrecomputedReference)), None)
-        return metrics, predictions, callback, module
+        return metrics, predictions, module.reference, module
 
     metrics, predictions, callback, module = evaluate("precomputed")
-    assert callback.computed == [] and module.reference_model is None
+    assert callback.computed == [] and not module.reference.models()
     torch.testing.assert_close(torch.tensor(metrics["val/loss"]), torch.tensor(live.val_loss), rtol=0, atol=1e-5)
     _, live_predictions, _, _ = evaluate("copy")
     assert any(p["chosen_rewards"].abs().max() > 0 for p in live_predictions), "rewards all 0: nothing was trained"
@@ -155,9 +154,10 @@ def test_ddp_and_fsdp2_precomputed_match_one_process(tmp_path, cache, live, stra
             "max_steps": STEPS, "val_check_interval": STEPS, "num_sanity_val_steps": 0, "logger": False,
             "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
             "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": "test_precompute.LossProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}],
+            "callbacks": [{"class_path": "test_reference.LossProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}],
         },
-        "model": {"tiny_model": TINY, "reference": "precomputed", "export_on_fit_end": False,
+        "export": {"enabled": False},
+        "model": {"tiny_model": TINY, "reference": "precomputed",
                   "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR}}},
         "data": {"path": "synthetic", "synthetic_train_size": TRAIN_PAIRS, "synthetic_val_size": VAL_PAIRS,
                  "batch_size": BATCH // 2, "max_length": 1024, "cache_dir": str(cache)},

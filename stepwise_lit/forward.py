@@ -1,0 +1,116 @@
+"""One model's per-step log-probs of a pair batch, packed or not, from logits or lean.
+
+The policy and every reference mode go through `step_logps`, so the label shift and the
+step sums can never differ between them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stepwise_lit.data.batch import PairBatch, chosen, is_packed, num_pairs
+from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask
+from stepwise_lit.errors import SettingError
+from stepwise_lit.logps import next_token_targets, target_step_logps
+
+LEAN_CHUNK_ELEMENTS = 2**25
+"""`lean_logps`: LM-head outputs per chunk (positions x vocabulary): 128 MiB in fp32."""
+
+
+def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: bool = False) -> torch.Tensor:
+    """Per-step log-probs of the batch's responses from one forward pass of `model`.
+
+    Args:
+        model: A Hugging Face causal LM (or a PEFT model around one).
+        batch: Unpacked (``2B`` rows) or packed (B rows ``[prefix | chosen rest | rejected rest]``);
+            `chosen_side` gives a batch of the chosen responses alone, which this takes too.
+        num_steps: S, the step columns of the result (the batch's most steps).
+        lean: Apply the LM head to the final hidden states a chunk at a time
+            (`stepwise_lit.logps.step_logps_from_hidden`), never building ``[rows, L, V]`` logits;
+            check the head with `check_lean_head` first.
+
+    Returns:
+        float ``[2B, S]``: chosen rows, then rejected rows (``[B, S]`` for a chosen side alone).
+    """
+    if is_packed(batch):
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "attention_mask": packed_mask_for(model, batch),  # [B, 1, L, L]
+        }
+        target_ids, target_step_ids = batch["target_ids"], batch["target_step_ids"]  # [B, L, K], K = 2 (or 1)
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        target_ids, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
+    if lean:  # the decoder's hidden states, then the LM head in chunks
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        weight = model.get_output_embeddings().weight
+        chunk_size = max(1, LEAN_CHUNK_ELEMENTS // weight.shape[0])
+        logps = target_step_logps(hidden, target_ids, target_step_ids, num_steps, weight, chunk_size)
+    else:
+        logits = model(**inputs, use_cache=False).logits
+        logps = target_step_logps(logits, target_ids, target_step_ids, num_steps)
+    return logps.transpose(0, 1).reshape(-1, num_steps)  # [N, K, S] -> [K·N, S]
+
+
+def chosen_side(batch: PairBatch) -> PairBatch:
+    """The token tensors of the chosen responses alone (a new batch; `batch` is not changed).
+    Packed, the chosen side is each row's first ``c_end`` positions (prefix + chosen rest), so the
+    rows are cut to the longest of those and keep only the chosen targets."""
+    if is_packed(batch):
+        width = int((batch["segment_ids"] <= CHOSEN_REST).sum(-1).max())
+        side = {key: batch[key][:, :width] for key in ("input_ids", "position_ids", "segment_ids")}
+        side.update({key: batch[key][:, :width, :1] for key in ("target_ids", "target_step_ids")})
+        return side
+    return {key: batch[key][: num_pairs(batch)] for key in ("input_ids", "attention_mask", "step_ids")}
+
+
+def chosen_token_counts(batch: PairBatch) -> torch.Tensor:
+    """Response tokens of each chosen side, long ``[B]``, in an unpacked or a packed batch."""
+    if is_packed(batch):
+        return (batch["target_step_ids"][..., 0] > 0).sum(-1)
+    return (chosen(batch["step_ids"])[:, 1:] > 0).sum(-1)
+
+
+def packed_mask_for(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+    """The 4D mask ``[B, 1, L, L]`` of a packed batch in the form `model`'s attention takes
+    (boolean for sdpa, additive in the weights' dtype for eager).
+
+    Raises:
+        SettingError: naming ``data.pack_pairs``, for attention that takes no 4D mask or a
+            sliding window shorter than a row's positions.
+    """
+    config = model.config
+    attention = config._attn_implementation
+    if attention not in ("sdpa", "eager"):
+        raise SettingError(
+            f"data.pack_pairs: packed rows need a 4D attention mask, which {attention!r} attention does not "
+            "take (sdpa and eager do); set data.pack_pairs: false"
+        )
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window is not None and int(batch["position_ids"].max()) >= window:
+        raise SettingError(
+            f"data.pack_pairs: a response is longer than the model's sliding window ({window} tokens), which "
+            "the packed mask does not apply; set data.pack_pairs: false"
+        )
+    dtype = None if attention == "sdpa" else next(model.parameters()).dtype
+    return packed_attention_mask(batch["segment_ids"], dtype)
+
+
+def check_lean_head(model: torch.nn.Module, sharded: bool) -> None:
+    """`lean_logps` applies the LM-head weight itself: fails on heads it would get wrong, and
+    under FSDP (the root's weights are gathered only inside the model's own forward).
+
+    Raises:
+        SettingError: naming ``model.lean_logps``.
+    """
+    config = model.config
+    if sharded:
+        raise SettingError("model.lean_logps: not supported with FSDP strategies; set it to false")
+    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
+        getattr(config, "logit_scale", None) not in (None, 1.0)
+    ):
+        raise SettingError(
+            f"model.lean_logps: {type(model).__name__}'s LM head has a bias, logit softcapping or logit "
+            "scaling, which the lean path does not apply; set it to false"
+        )
