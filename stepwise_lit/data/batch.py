@@ -1,7 +1,7 @@
 """The collated pair batch: what `StepwiseCollator` gives and every later stage reads.
 
 Rows ``0..B-1`` of every ``[2B, ...]`` tensor are the chosen responses and rows
-``B..2B-1`` the rejected ones (``SIDES`` order); `num_pairs`, `num_steps`, `is_packed`,
+``B..2B-1`` the rejected ones (``stepwise_lit.data.records.SIDES`` order); `num_pairs`, `num_steps`, `is_packed`,
 `chosen` and `rejected` read a batch so that nobody slices it by hand. Nothing changes a
 batch in place once collated: what a later stage computes (reference log-probs, scores from
 a reward model) is returned as new tensors.
@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import NotRequired, TypedDict
 
 import torch
-
-"""The two responses of a pair, in the order their rows are stacked."""
 
 
 class PairBatch(TypedDict):
