@@ -193,7 +193,7 @@ def test_max_num_steps_with_truncation_error_names_the_limit(tmp_path):
 @pytest.mark.parametrize(
     ("truncation", "kept_rows", "logged"),
     [
-        ("truncate", 2, "long.jsonl: cut 1 of 2 rows at step boundaries"),
+        ("truncate", 2, "long.jsonl: cut the responses of 1 of 2 rows at step boundaries"),
         ("drop", 1, "long.jsonl: dropped 1 of 2 rows (does not fit whole"),
     ],
 )
