@@ -1,0 +1,194 @@
+"""Labelled responses for error localisation: one solution, its steps, and where its first error is.
+
+A canonical labelled response is a plain dict:
+
+| field | type | notes |
+| --- | --- | --- |
+| ``prompt`` | str or chat messages | the problem |
+| ``steps`` | list[str], >= 1 | joined in order they give the response text |
+| ``step_scores`` | list[float] in [-1, 1] | +1 right, -1 wrong, 0 neutral or not labelled |
+| ``first_error`` | int | 0-based index of the earliest wrong step, -1 when every step is right |
+| ``id`` | str | the source's, else ``<file stem>-<0-based row>`` |
+| ``reference_answer`` | str or None | the correct final answer, where the source has it |
+
+``first_error`` is the label the evaluation side scores against: ProcessBench
+(Zheng et al. 2024, arXiv:2412.06559) counts a prediction right when the first step a
+scorer flags (reward below a threshold) is exactly ``first_error``, or when it flags
+none and ``first_error`` is -1 (``stepwise_lit.evaluate.ProcessBenchF1``, whose
+``labels`` are these values). The step scores agree with it by validation: every score
+before ``first_error`` is >= 0 and the score at it is < 0 (so
+``stepwise_lit.evaluate.first_error_labels`` on the scores gives ``first_error`` back).
+
+Sources (:data:`LabelledFormat`), read with :func:`read_labelled`:
+
+- ``processbench``: ProcessBench rows ``{id, generator, problem, steps, label,
+  final_answer_correct}``, ``label`` the index of the earliest wrong step or -1. ProcessBench
+  labels only that step, so the scores are +1 before it, -1 at it and 0 (not labelled)
+  after it. Steps are paragraphs: each but the last ends with ``"\\n\\n"``.
+- ``trl_stepwise``: TRL's stepwise-supervision rows ``{prompt, completions, labels}``
+  (``labels`` one bool per step): scores +1 / -1, first error the first False. Steps end
+  with ``"\\n"`` but the last (TRL's default step separator).
+- ``labelled``: canonical labelled responses (e.g. a file written from
+  ``stepwise_lit.data.synthetic.generate_labelled``).
+
+Places in messages count as in ``stepwise_lit.data.formats``: ``line N`` for JSON Lines and
+CSV, ``row N`` otherwise, both 1-based, and fields are named as the source file names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from stepwise_lit.data.formats import (
+    Records,
+    check_score_value,
+    checked_optional_text,
+    checked_prompt,
+    checked_steps,
+    read_records,
+)
+from stepwise_lit.data.records import RecordContext, checked_id, join_as_lines
+from stepwise_lit.errors import DataFormatError
+
+LABELLED_KEYS = ("prompt", "steps", "step_scores", "first_error", "id", "reference_answer")
+LabelledFormat = Literal["processbench", "trl_stepwise", "labelled"]
+
+
+def processbench(record: dict, context: RecordContext) -> dict:
+    """A ProcessBench row: +1 before ``label``, -1 at it, 0 (not labelled) after it."""
+    steps = checked_steps(record, "steps", context)
+    label = record.get("label")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise context.error("label", f"expected an integer step index or -1, got {type(label).__name__} {label!r:.40}")
+    if not -1 <= label < len(steps):
+        raise context.error("label", f"{label} is not -1 or a step index in 0..{len(steps) - 1} ({len(steps)} steps)")
+    scores = [1.0] * len(steps) if label == -1 else [1.0] * label + [-1.0] + [0.0] * (len(steps) - label - 1)
+    return {
+        "prompt": record.get("problem"),
+        "steps": [step + "\n\n" for step in steps[:-1]] + steps[-1:],
+        "step_scores": scores,
+        "first_error": label,
+        "id": record.get("id"),
+    }
+
+
+def trl_stepwise(record: dict, context: RecordContext) -> dict:
+    """A TRL stepwise-supervision row: one bool label per completion step, +1 / -1."""
+    steps = checked_steps(record, "completions", context)
+    labels = record.get("labels")
+    if not isinstance(labels, (list, tuple)):
+        raise context.error("labels", "missing" if labels is None else f"expected a list of booleans, got {type(labels).__name__}")
+    if len(labels) != len(steps):
+        raise context.error("labels", f"completions has {len(steps)} steps but labels has {len(labels)} values")
+    for position, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise context.error("labels", f"label {position + 1} is {type(label).__name__} {label!r:.40}, expected true or false")
+    return {
+        "prompt": record.get("prompt"),
+        "steps": join_as_lines(steps),
+        "step_scores": [1.0 if label else -1.0 for label in labels],
+        "first_error": labels.index(False) if False in labels else -1,
+        "id": record.get("id"),
+    }
+
+
+def labelled(record: dict, context: RecordContext) -> dict:
+    """The canonical labelled response itself."""
+    return record
+
+
+LabelledReader = Callable[[dict, RecordContext], dict]
+LABELLED_READERS: dict[str, LabelledReader] = {
+    "processbench": processbench,
+    "trl_stepwise": trl_stepwise,
+    "labelled": labelled,
+}
+# Canonical field -> the source's name for it, for messages.
+SOURCE_FIELD_NAMES = {"processbench": {"prompt": "problem"}, "trl_stepwise": {"steps": "completions"}}
+
+
+def read_labelled(path: str | Path, format: str) -> list[dict]:
+    """Read labelled responses from a ``.json``, ``.jsonl``, ``.parquet`` or ``.csv`` file.
+
+    Args:
+        path: The file.
+        format: One of :data:`LabelledFormat`.
+
+    Returns:
+        Valid canonical labelled responses, in file order.
+
+    Raises:
+        DataFormatError: Naming the file, line or row, field and problem of the first bad record.
+    """
+    return labelled_responses(read_records(path), format, Path(path).name)
+
+
+def labelled_responses(records: Sequence[dict], format: str, source: str) -> list[dict]:
+    """Convert records (e.g. rows of a hub dataset) with the reader for ``format`` and validate them.
+
+    Args:
+        records: Input records; :class:`~stepwise_lit.data.formats.Records` give their line
+            numbers to messages, other sequences are counted as rows (1-based).
+        format: One of :data:`LabelledFormat`.
+        source: File or dataset name for messages.
+
+    Returns:
+        Valid canonical labelled responses, in record order.
+
+    Raises:
+        DataFormatError: For an unknown format, no records, or the first bad record.
+    """
+    reader = LABELLED_READERS.get(format)
+    if reader is None:
+        raise DataFormatError(f"unknown format {format!r}; expected one of {', '.join(sorted(LABELLED_READERS))}", source=source)
+    if not records:
+        raise DataFormatError("no records (the source is empty)", source=source)
+    line_numbers = records.line_numbers if isinstance(records, Records) else None
+    responses = []
+    for index, record in enumerate(records):
+        line = None if line_numbers is None else line_numbers[index]
+        context = RecordContext(source, index, "", 0, line=line, field_names=SOURCE_FIELD_NAMES.get(format, {}))
+        if not isinstance(record, dict):
+            raise context.error(None, f"expected a record object (dict), got {type(record).__name__}")
+        responses.append(validate_labelled(reader(record, context), context))
+    return responses
+
+
+def validate_labelled(response: Any, context: RecordContext) -> dict:
+    """Check a canonical labelled response and return it with exactly :data:`LABELLED_KEYS`.
+
+    Raises:
+        DataFormatError: Naming the first problem: a bad prompt or steps, a score count
+            that differs from the step count, a score that is not a finite number in
+            [-1, 1], a ``first_error`` that is not -1 or a step index, or scores that
+            disagree with ``first_error``.
+    """
+    if not isinstance(response, dict):
+        raise context.error(None, f"expected a labelled response (dict), got {type(response).__name__}")
+    steps = checked_steps(response, "steps", context)
+    scores = response.get("step_scores")
+    if not isinstance(scores, (list, tuple)):
+        raise context.error("step_scores", "missing" if scores is None else f"expected a list of numbers, got {type(scores).__name__}")
+    if len(scores) != len(steps):
+        raise context.error("step_scores", f"steps has {len(steps)} steps but step_scores has {len(scores)} values")
+    for position, score in enumerate(scores):
+        check_score_value(score, "step_scores", f"score {position + 1}", context)
+    first_error = response.get("first_error")
+    if isinstance(first_error, bool) or not isinstance(first_error, int) or not -1 <= first_error < len(steps):
+        raise context.error("first_error", f"expected -1 or a step index in 0..{len(steps) - 1}, got {first_error!r:.40}")
+    first_negative = next((position for position, score in enumerate(scores) if score < 0), -1)
+    if first_negative != first_error:
+        raise context.error(
+            "step_scores",
+            f"the first negative score is at step index {first_negative} but first_error is {first_error}",
+        )
+    return {
+        "prompt": checked_prompt(response, context),
+        "steps": steps,
+        "step_scores": [float(score) for score in scores],
+        "first_error": first_error,
+        "id": checked_id(response, context) or context.default_id(),
+        "reference_answer": checked_optional_text(response, "reference_answer", context),
+    }
