@@ -77,11 +77,7 @@ def processbench(record: dict, context: RecordContext) -> dict:
 def trl_stepwise(record: dict, context: RecordContext) -> dict:
     """A TRL stepwise-supervision row: one bool label per completion step, +1 / -1."""
     steps = checked_steps(record, "completions", context)
-    labels = record.get("labels")
-    if not isinstance(labels, (list, tuple)):
-        raise context.error("labels", "missing" if labels is None else f"expected a list of booleans, got {type(labels).__name__}")
-    if len(labels) != len(steps):
-        raise context.error("labels", f"completions has {len(steps)} steps but labels has {len(labels)} values")
+    labels = one_per_step(record, "labels", "booleans", ("completions", len(steps)), context)
     for position, label in enumerate(labels):
         if not isinstance(label, bool):
             raise context.error("labels", f"label {position + 1} is {type(label).__name__} {label!r:.40}, expected true or false")
@@ -92,6 +88,25 @@ def trl_stepwise(record: dict, context: RecordContext) -> dict:
         "first_error": labels.index(False) if False in labels else -1,
         "id": record.get("id"),
     }
+
+
+def one_per_step(record: dict, field: str, items: str, steps: tuple[str, int], context: RecordContext) -> list:
+    """The list in ``field`` with one value per step.
+
+    Args:
+        record: The record.
+        field: The list's field.
+        items: What the list holds, for messages (``"booleans"``).
+        steps: The steps' field name (as the record names it) and how many steps there are.
+        context: Where the record comes from.
+    """
+    values = record.get(field)
+    if not isinstance(values, (list, tuple)):
+        raise context.error(field, "missing" if values is None else f"expected a list of {items}, got {type(values).__name__}")
+    steps_field, num_steps = steps
+    if len(values) != num_steps:
+        raise context.error(field, f"{steps_field} has {num_steps} steps but {field} has {len(values)} values")
+    return list(values)
 
 
 def labelled(record: dict, context: RecordContext) -> dict:
@@ -168,11 +183,7 @@ def validate_labelled(response: Any, context: RecordContext) -> dict:
     if not isinstance(response, dict):
         raise context.error(None, f"expected a labelled response (dict), got {type(response).__name__}")
     steps = checked_steps(response, "steps", context)
-    scores = response.get("step_scores")
-    if not isinstance(scores, (list, tuple)):
-        raise context.error("step_scores", "missing" if scores is None else f"expected a list of numbers, got {type(scores).__name__}")
-    if len(scores) != len(steps):
-        raise context.error("step_scores", f"steps has {len(steps)} steps but step_scores has {len(scores)} values")
+    scores = one_per_step(response, "step_scores", "numbers", ("steps", len(steps)), context)
     for position, score in enumerate(scores):
         check_score_value(score, "step_scores", f"score {position + 1}", context)
     first_error = response.get("first_error")
