@@ -1,12 +1,14 @@
-"""Labelled responses (error localisation): ProcessBench and TRL stepwise-supervision rows, validation."""
+"""Labelled responses (error localisation): ProcessBench, TRL stepwise-supervision and PRM800K rows, validation."""
 
 import json
+import logging
+from pathlib import Path
 from typing import get_args
 
 import pytest
 import torch
 
-from stepwise_lit.data.formats import DataFormatError
+from stepwise_lit.data.formats import DataFormatError, read_records
 from stepwise_lit.data.labelled import LABELLED_KEYS, LABELLED_READERS, LabelledFormat, labelled_responses, read_labelled
 from stepwise_lit.evaluate import first_error_labels
 from stepwise_lit.errors import UserError
@@ -122,7 +124,7 @@ def test_canonical_labelled_responses_are_checked(changes, message):
 
 
 def test_unknown_format_and_no_records():
-    with pytest.raises(DataFormatError, match="unknown format 'prm'; expected one of labelled, processbench, trl_stepwise"):
+    with pytest.raises(DataFormatError, match="unknown format 'prm'; expected one of labelled, prm800k, processbench, trl_stepwise"):
         labelled_responses([CANONICAL], "prm", "x.jsonl")
     with pytest.raises(DataFormatError, match=r"x.jsonl: no records \(the source is empty\)"):
         labelled_responses([], "labelled", "x.jsonl")
@@ -131,3 +133,73 @@ def test_unknown_format_and_no_records():
 def test_the_format_choices_are_the_registered_readers():
     assert set(get_args(LabelledFormat)) == set(LABELLED_READERS)
     assert list(labelled_responses([CANONICAL], "labelled", "x")[0]) == list(LABELLED_KEYS)
+
+
+# ---------------------------------------------------------------- PRM800K
+
+PRM800K = Path(__file__).parents[2] / "shared" / "data" / "prm800k" / "prm800k_found_records.jsonl"
+
+
+def prm800k_record(finish_reason="found_error"):
+    """Step 1 rated 0 and chosen; step 2 not chosen (labelling found an error): its -1 completion ends the response."""
+    return {
+        "labeler": "L",
+        "timestamp": "T",
+        "question": {"problem": "What is 1 + 1?", "ground_truth_answer": "2"},
+        "label": {
+            "finish_reason": finish_reason,
+            "steps": [
+                {"completions": [{"text": "Add the ones.", "rating": 0}], "human_completion": None, "chosen_completion": 0},
+                {
+                    "completions": [{"text": "So it is 2.", "rating": 1}, {"text": "So it is 3.", "rating": -1}],
+                    "human_completion": None,
+                    "chosen_completion": None,
+                },
+            ],
+        },
+    }
+
+
+def test_prm800k_trajectory_ends_with_the_error_labelling_found():
+    (response,) = labelled_responses([prm800k_record()], "prm800k", "phase2.jsonl")
+    assert response == {
+        "prompt": "What is 1 + 1?",
+        "steps": ["Add the ones.\n", "So it is 3."],
+        "step_scores": [0.0, -1.0],
+        "first_error": 1,
+        "id": "L:T",
+        "reference_answer": "2",
+    }
+
+
+def test_prm800k_human_completion_is_a_right_step():
+    record = prm800k_record("solution")
+    record["label"]["steps"][1]["human_completion"] = {"text": "It is 2.", "rating": None, "source": "human"}
+    (response,) = labelled_responses([record], "prm800k", "phase1.jsonl")
+    assert (response["steps"], response["step_scores"], response["first_error"]) == (
+        ["Add the ones.\n", "It is 2."], [0.0, 1.0], -1
+    )
+
+
+def test_prm800k_bad_problem_is_skipped_and_counted(caplog):
+    records = [prm800k_record(), prm800k_record("bad_problem")]
+    with caplog.at_level(logging.WARNING, logger="stepwise_lit"):
+        assert len(labelled_responses(records, "prm800k", "phase2.jsonl")) == 1
+    assert "phase2.jsonl: skipped 1 of 2 records (finish_reason is bad_problem)" in caplog.text
+
+
+def test_prm800k_problem_that_is_not_text_names_its_field():
+    record = prm800k_record()
+    record["question"]["problem"] = 7
+    with pytest.raises(DataFormatError, match=r"p.jsonl row 1: field 'question.problem': expected a string or a list"):
+        labelled_responses([record], "prm800k", "p.jsonl")
+
+
+@pytest.mark.skipif(not PRM800K.exists(), reason="shared PRM800K data not present")
+def test_prm800k_found_records_end_at_their_error_exactly_when_labelling_found_one():
+    records = read_records(PRM800K)
+    responses = read_labelled(PRM800K, "prm800k")
+    assert len(responses) == len(records) == 16
+    for record, response in zip(records, responses):
+        found_error = record["label"]["finish_reason"] == "found_error"
+        assert response["first_error"] == (len(response["steps"]) - 1 if found_error else -1)

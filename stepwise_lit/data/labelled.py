@@ -28,6 +28,14 @@ Sources (:data:`LabelledFormat`), read with :func:`read_labelled`:
 - ``trl_stepwise``: TRL's stepwise-supervision rows ``{prompt, completions, labels}``
   (``labels`` one bool per step): scores +1 / -1, first error the first False. Steps end
   with ``"\\n"`` but the last (TRL's default step separator).
+- ``prm800k``: PRM800K label records (``../shared/data/prm800k/README.md``): the labeller's
+  rated trajectory (as the ``prm800k`` pair format follows it: chosen completions, human
+  completions scored +1) with its ratings -1 / 0 / +1 as scores; where it stops without an
+  error at a step with a completion rated -1 (``finish_reason`` ``found_error``), that
+  completion ends it. First error: the first -1. A trajectory that stops without one is
+  labelled all right as far as it goes. ``ground_truth_answer`` is the reference answer.
+  Records with ``finish_reason`` ``bad_problem`` or no rated step are skipped, counted in
+  the log. Steps end with ``"\n"`` but the last.
 - ``labelled``: canonical labelled responses (e.g. a file written from
   ``stepwise_lit.data.synthetic.generate_labelled``).
 
@@ -37,6 +45,7 @@ CSV, ``row N`` otherwise, both 1-based, and fields are named as the source file 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -49,11 +58,14 @@ from stepwise_lit.data.formats import (
     checked_steps,
     read_records,
 )
-from stepwise_lit.data.records import RecordContext, checked_id, join_as_lines
+from stepwise_lit.data.prm800k import checked_prm800k_step, first_rated, labelled_trajectory
+from stepwise_lit.data.records import RecordContext, RecordSkipped, checked_id, join_as_lines, required_object
 from stepwise_lit.errors import DataFormatError
 
+logger = logging.getLogger(__name__)
+
 LABELLED_KEYS = ("prompt", "steps", "step_scores", "first_error", "id", "reference_answer")
-LabelledFormat = Literal["processbench", "trl_stepwise", "labelled"]
+LabelledFormat = Literal["processbench", "trl_stepwise", "prm800k", "labelled"]
 
 
 def processbench(record: dict, context: RecordContext) -> dict:
@@ -90,6 +102,32 @@ def trl_stepwise(record: dict, context: RecordContext) -> dict:
     }
 
 
+def prm800k_solution(record: dict, context: RecordContext) -> dict:
+    """A PRM800K label record: the rated trajectory, ended by a -1 completion where labelling found one."""
+    question = required_object(record, "question", context)
+    steps = required_object(record, "label", context).get("steps")
+    if not isinstance(steps, list):
+        raise context.error("label.steps", "expected a list of step objects")
+    if record["label"].get("finish_reason") == "bad_problem":
+        raise RecordSkipped("finish_reason is bad_problem")
+    steps = [checked_prm800k_step(step, position, context) for position, step in enumerate(steps)]
+    path = labelled_trajectory(steps)  # [(text, score)]
+    error = first_rated(steps[len(path)], -1) if len(path) < len(steps) else None
+    if error is not None and all(score >= 0 for _, score in path):
+        path.append((error["text"], -1.0))
+    if not path:
+        raise RecordSkipped("no rated step")
+    scores = [score for _, score in path]
+    return {
+        "prompt": question.get("problem"),
+        "steps": join_as_lines([text for text, _ in path]),
+        "step_scores": scores,
+        "first_error": scores.index(-1.0) if -1.0 in scores else -1,
+        "id": record.get("id") or f"{record.get('labeler', context.default_id())}:{record.get('timestamp', '')}",
+        "reference_answer": question.get("ground_truth_answer"),
+    }
+
+
 def one_per_step(record: dict, field: str, items: str, steps: tuple[str, int], context: RecordContext) -> list:
     """The list in ``field`` with one value per step.
 
@@ -118,10 +156,15 @@ LabelledReader = Callable[[dict, RecordContext], dict]
 LABELLED_READERS: dict[str, LabelledReader] = {
     "processbench": processbench,
     "trl_stepwise": trl_stepwise,
+    "prm800k": prm800k_solution,
     "labelled": labelled,
 }
 # Canonical field -> the source's name for it, for messages.
-SOURCE_FIELD_NAMES = {"processbench": {"prompt": "problem"}, "trl_stepwise": {"steps": "completions"}}
+SOURCE_FIELD_NAMES = {
+    "processbench": {"prompt": "problem"},
+    "trl_stepwise": {"steps": "completions"},
+    "prm800k": {"prompt": "question.problem", "reference_answer": "question.ground_truth_answer"},
+}
 
 
 def read_labelled(path: str | Path, format: str) -> list[dict]:
@@ -150,7 +193,8 @@ def labelled_responses(records: Sequence[dict], format: str, source: str) -> lis
         source: File or dataset name for messages.
 
     Returns:
-        Valid canonical labelled responses, in record order.
+        Valid canonical labelled responses, in record order; records that give none
+        (PRM800K ``bad_problem``) are counted in the log.
 
     Raises:
         DataFormatError: For an unknown format, no records, or the first bad record.
@@ -162,12 +206,18 @@ def labelled_responses(records: Sequence[dict], format: str, source: str) -> lis
         raise DataFormatError("no records (the source is empty)", source=source)
     line_numbers = records.line_numbers if isinstance(records, Records) else None
     responses = []
+    skipped: dict[str, int] = {}
     for index, record in enumerate(records):
         line = None if line_numbers is None else line_numbers[index]
         context = RecordContext(source, index, "", 0, line=line, field_names=SOURCE_FIELD_NAMES.get(format, {}))
         if not isinstance(record, dict):
             raise context.error(None, f"expected a record object (dict), got {type(record).__name__}")
-        responses.append(validate_labelled(reader(record, context), context))
+        try:
+            responses.append(validate_labelled(reader(record, context), context))
+        except RecordSkipped as skip:
+            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+    for reason, count in skipped.items():
+        logger.warning("%s: skipped %d of %d records (%s)", source, count, len(records), reason)
     return responses
 
 
