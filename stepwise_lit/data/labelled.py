@@ -24,7 +24,8 @@ Sources (:data:`LabelledFormat`), read with :func:`read_labelled`:
 - ``processbench``: ProcessBench rows ``{id, generator, problem, steps, label,
   final_answer_correct}``, ``label`` the index of the earliest wrong step or -1. ProcessBench
   labels only that step, so the scores are +1 before it, -1 at it and 0 (not labelled)
-  after it. Steps are paragraphs: each but the last ends with ``"\\n\\n"``.
+  after it. ProcessBench's steps are paragraphs without separators; here each but the
+  last ends with a blank line (``"\\n\\n"``), so the response reads as paragraphs.
 - ``trl_stepwise``: TRL's stepwise-supervision rows ``{prompt, completions, labels}``
   (``labels`` one bool per step): scores +1 / -1, first error the first False. Steps end
   with ``"\\n"`` but the last (TRL's default step separator).
@@ -35,7 +36,7 @@ Sources (:data:`LabelledFormat`), read with :func:`read_labelled`:
   completion ends it. First error: the first -1. A trajectory that stops without one is
   labelled all right as far as it goes. ``ground_truth_answer`` is the reference answer.
   Records with ``finish_reason`` ``bad_problem`` or no rated step are skipped, counted in
-  the log. Steps end with ``"\n"`` but the last.
+  the log. Steps end with ``"\\n"`` but the last.
 - ``labelled``: canonical labelled responses (e.g. a file written from
   ``stepwise_lit.data.synthetic.generate_labelled``).
 
