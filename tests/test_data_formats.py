@@ -384,7 +384,7 @@ def test_the_format_choices_are_the_registered_adapters():
 
 def test_unknown_format():
     assert error_message([valid_row()], format="xml") == (
-        "train.jsonl: unknown format 'xml'; expected one of delimited, gsm8k, preference, prm800k, stepwise, synthetic"
+        "train.jsonl: unknown format 'xml'; expected one of delimited, gsm8k, preference, prm800k, step_dpo, stepwise, synthetic"
     )
 
 

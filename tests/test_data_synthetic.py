@@ -1,4 +1,4 @@
-"""The embedded synthetic arithmetic pairs."""
+"""The embedded synthetic arithmetic pairs and labelled solutions."""
 
 import re
 from collections import Counter
@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from stepwise_lit.data.formats import to_canonical
-from stepwise_lit.data.synthetic import TEMPLATES, generate_pairs
+from stepwise_lit.data.labelled import labelled_responses
+from stepwise_lit.data.synthetic import TEMPLATES, generate_labelled, generate_pairs
 
 EQUATION = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
 
@@ -96,3 +97,46 @@ def test_max_value_bounds_every_number_and_keeps_the_error_visible():
                 assert max(int(left), int(operand), int(result)) <= 20, step
                 true_result = eval(f"{left} {symbol} {operand}")
                 assert (int(result) == true_result) == (score == 1.0), step
+
+
+# ---------------------------------------------------------------- labelled solutions
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    return generate_labelled(200, seed=5)
+
+
+def test_labelled_solutions_are_valid_seeded_and_of_the_pairs_problems(labelled):
+    assert labelled_responses(labelled, "labelled", "synthetic") == labelled
+    assert generate_labelled(200, seed=5) == labelled
+    assert generate_labelled(20, seed=6) != labelled[:20]
+    assert [row["prompt"] for row in labelled] == [pair["prompt"] for pair in generate_pairs(200, seed=5)]
+
+
+def test_the_error_share_is_error_fraction_and_the_first_error_is_the_first_false_equation(labelled):
+    """100 of 200 solutions (round(200 * 0.5)) carry the slip; in those, every step before
+    ``first_error`` holds and the step at it does not; the others hold throughout and end
+    with the reference answer."""
+    assert sum(row["first_error"] >= 0 for row in labelled) == 100
+    for row in labelled:
+        steps, first_error = row["steps"], row["first_error"]
+        holds = [equation_holds(step) for step in steps]
+        if first_error == -1:
+            assert all(holds) and row["step_scores"] == [1.0] * len(steps)
+            assert steps[-1].endswith(f"The answer is {row['reference_answer']}.\n")
+        else:
+            assert holds[:first_error] == [True] * first_error and not holds[first_error]
+            assert row["step_scores"] == [1.0] * first_error + [-1.0] * (len(steps) - first_error)
+    assert len({row["first_error"] for row in labelled if row["first_error"] >= 0}) > 3  # errors at varied steps
+
+
+@pytest.mark.parametrize("fraction, wrong", [(0.0, 0), (0.25, 3), (1.0, 12)])
+def test_error_fraction_sets_how_many_solutions_are_wrong(fraction, wrong):
+    rows = generate_labelled(12, seed=0, error_fraction=fraction)
+    assert sum(row["first_error"] >= 0 for row in rows) == wrong
+
+
+def test_error_fraction_outside_zero_to_one():
+    with pytest.raises(ValueError, match=r"error_fraction must be in \[0, 1\], got 1.5"):
+        generate_labelled(4, seed=0, error_fraction=1.5)

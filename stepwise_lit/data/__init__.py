@@ -1,9 +1,10 @@
-"""Data pipeline: input formats, synthetic data, step-aware tokenization, collation, DataModule."""
+"""Data pipeline: input formats, labelled responses, synthetic data, step-aware tokenization, collation, DataModule."""
 
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
 from stepwise_lit.data.formats import DataFormatError, extract_steps, read_records, to_canonical, validate_row
+from stepwise_lit.data.labelled import labelled_responses, read_labelled
 from stepwise_lit.data.records import RecordContext
-from stepwise_lit.data.synthetic import generate_pairs
+from stepwise_lit.data.synthetic import generate_labelled, generate_pairs
 from stepwise_lit.data.tokenize import (
     TokenizeSettings,
     canonical_dataset,
@@ -32,7 +33,10 @@ __all__ = [
     "canonical_dataset",
     "extract_steps",
     "first_divergence",
+    "generate_labelled",
     "generate_pairs",
+    "labelled_responses",
+    "read_labelled",
     "read_records",
     "to_canonical",
     "tokenize_dataset",

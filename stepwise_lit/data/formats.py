@@ -8,8 +8,8 @@ canonical rows; :func:`to_canonical` runs an adapter over all records, counts
 and logs the records that give no row, and validates every row it keeps.
 
 This module holds the file readers, the registry of adapters (:data:`ADAPTERS`), the
-canonical row validation and the small adapters; the GSM8K and PRM800K adapters live in
-``stepwise_lit.data.gsm8k`` and ``stepwise_lit.data.prm800k``.
+canonical row validation and the small adapters; the GSM8K, PRM800K and Step-DPO adapters live
+in ``stepwise_lit.data.gsm8k``, ``stepwise_lit.data.prm800k`` and ``stepwise_lit.data.stepdpo``.
 
 Places in messages count as an editor shows them: ``line N`` (the 1-based line of the
 file) for JSON Lines and CSV, ``row N`` (1-based) for any other source.
@@ -32,6 +32,7 @@ from datasets.utils import tqdm
 from stepwise_lit.data.gsm8k import gsm8k
 from stepwise_lit.data.prm800k import prm800k
 from stepwise_lit.data.records import SIDES, RecordContext, RecordSkipped, checked_id, required_text
+from stepwise_lit.data.stepdpo import step_dpo
 from stepwise_lit.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ CANONICAL_KEYS = (
     "id",
     "reference_solution",
 )
-Format = Literal["delimited", "stepwise", "preference", "gsm8k", "prm800k", "synthetic"]
+Format = Literal["delimited", "stepwise", "preference", "gsm8k", "prm800k", "step_dpo", "synthetic"]
 # Formats whose responses are text fields split into steps: messages name the user's field.
 TEXT_RESPONSE_FIELDS = {"chosen_steps": "chosen", "rejected_steps": "rejected"}
 PROGRESS_MIN_RECORDS = 1000  # fewer records convert in a blink: no progress bar
@@ -454,6 +455,7 @@ ADAPTERS: dict[str, Adapter] = {
     "preference": preference,
     "gsm8k": gsm8k,
     "prm800k": prm800k,
+    "step_dpo": step_dpo,
     "synthetic": stepwise,
 }
 

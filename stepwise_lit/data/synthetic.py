@@ -9,12 +9,18 @@ error on is a false equation that can be seen within the step itself, and the
 final answer is wrong. Step scores are +1 before the error and -1 from it on.
 Correct intermediate values stay below 100 so a tiny byte-level model can learn
 to check them.
+
+:func:`generate_labelled` gives single labelled solutions of the same problems for error
+localisation (``stepwise_lit.data.labelled``): the correct solution, or the slipped one
+with its first wrong step known.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from stepwise_lit.answers import extract_embedded
 
 MAX_VALUE = 99
 NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Juno")
@@ -140,6 +146,54 @@ def generate_pairs(
         row["id"] = f"synthetic-{seed}-{len(rows)}"
         rows.append(row)
     return rows
+
+
+def generate_labelled(
+    num_responses: int,
+    seed: int,
+    min_steps: int = 2,
+    max_steps: int = 8,
+    max_value: int = MAX_VALUE,
+    error_fraction: float = 0.5,
+) -> list[dict]:
+    """Generate labelled solutions (``stepwise_lit.data.labelled``): right ones and ones with a known first error.
+
+    The problems are those of ``generate_pairs(num_responses, seed, min_steps, max_steps,
+    max_value)`` (use a seed not used for training data to hold them out). A seeded draw
+    of ``round(num_responses * error_fraction)`` of them give their slipped solution
+    (scores +1 before the slip, -1 from it on, ``first_error`` the slipped step), the
+    others their correct one (all +1, ``first_error`` -1).
+
+    Args:
+        num_responses: How many solutions (one per problem).
+        seed: Seed of the problems and of the draw.
+        min_steps: Fewest steps per solution, at least 1.
+        max_steps: Most steps per solution.
+        max_value: Largest number in a problem, at least 10.
+        error_fraction: Share of solutions with an error, in [0, 1].
+
+    Returns:
+        Canonical labelled responses with ``id`` (the pair's) and ``reference_answer``
+        (the correct final value).
+    """
+    if not 0.0 <= error_fraction <= 1.0:
+        raise ValueError(f"error_fraction must be in [0, 1], got {error_fraction}")
+    pairs = generate_pairs(num_responses, seed, min_steps, max_steps, max_value)
+    wrong = set(random.Random(f"{seed}:labelled").sample(range(num_responses), round(num_responses * error_fraction)))
+    return [labelled_solution(pair, "rejected" if index in wrong else "chosen") for index, pair in enumerate(pairs)]
+
+
+def labelled_solution(pair: dict, side: str) -> dict:
+    """One side of a generated pair as a labelled response (its first -1 score is its first error)."""
+    scores = pair[f"{side}_step_scores"]
+    return {
+        "prompt": pair["prompt"],
+        "steps": pair[f"{side}_steps"],
+        "step_scores": scores,
+        "first_error": scores.index(-1.0) if -1.0 in scores else -1,
+        "id": pair["id"],
+        "reference_answer": extract_embedded(pair["reference_solution"]),
+    }
 
 
 def generate_pair(rng: random.Random, num_steps: int, max_value: int = MAX_VALUE) -> dict | None:
