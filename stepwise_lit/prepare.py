@@ -109,11 +109,11 @@ def prepare(
 
     Args:
         format: An input format of ``stepwise_lit.data.formats`` (gsm8k, prm800k,
-            synthetic, delimited, stepwise, preference); ignored when generating.
+            step_dpo, synthetic, delimited, stepwise, preference); ignored when generating.
         output: Where the rows go (``.jsonl`` or ``.parquet``).
         input: The raw source: a file, a data folder or a hub id ``owner/name``; None
             generates `num_pairs` synthetic pairs.
-        step_delimiter: Splits text responses into steps (``delimited``, ``preference``).
+        step_delimiter: Splits text responses into steps (``delimited``, ``preference``, ``step_dpo``).
         num_pairs: Pairs to generate when there is no input.
         seed: Seed of the synthetic generator and of the GSM8K corruption.
         require_scores: Reject rows without step scores instead of leaving them to ``score``.

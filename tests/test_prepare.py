@@ -122,7 +122,7 @@ def test_help_lists_the_data_settings_under_train_names(capsys):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert "--data.step_delimiter" in help_text and "--config" in help_text and "--output" in help_text
-    assert "{delimited,stepwise,preference,gsm8k,prm800k,synthetic}" in help_text
+    assert "{delimited,stepwise,preference,gsm8k,prm800k,step_dpo,synthetic}" in help_text
 
 
 def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, capsys):

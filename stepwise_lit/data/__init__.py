@@ -1,7 +1,8 @@
 """Data pipeline: input formats, labelled responses, synthetic data, step-aware tokenization, collation, DataModule."""
 
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
-from stepwise_lit.data.formats import DataFormatError, extract_steps, read_records, to_canonical, validate_row
+from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical, validate_row
+from stepwise_lit.data.records import extract_steps
 from stepwise_lit.data.labelled import labelled_responses, read_labelled
 from stepwise_lit.data.records import RecordContext
 from stepwise_lit.data.synthetic import generate_labelled, generate_pairs

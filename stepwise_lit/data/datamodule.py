@@ -36,7 +36,7 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, SequentialSampler
 
 from stepwise_lit import arithmetic
-from stepwise_lit.data import formats, gsm8k, prm800k, records, synthetic
+from stepwise_lit.data import formats, gsm8k, prm800k, records, stepdpo, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
 from stepwise_lit.data.formats import DATA_FILE_SUFFIXES, Format, read_records, to_canonical
@@ -63,7 +63,7 @@ DEFAULT_MAX_PROMPT_LENGTH = 512
 POSITIVE_SETTINGS = (
     "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size"
 )
-DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, synthetic, tokenize_module)
+DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
 # A hub dataset id: "owner/name" (letters, digits, "-", "_", "."), nothing that looks like a local path.
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -85,7 +85,8 @@ class StepwiseDataModule(L.LightningDataModule):
         format: Input format (ignored for the embedded synthetic data): ``delimited``
             (``prompt``, ``chosen``, ``rejected`` texts split on ``step_delimiter``),
             ``stepwise`` (canonical rows), ``preference`` (TRL rows), ``gsm8k``,
-            ``prm800k`` or ``synthetic``.
+            ``prm800k``, ``step_dpo`` (Step-DPO rows: ``prompt``, ``initial_reason_steps``,
+            ``chosen``, ``rejected``; set ``step_delimiter`` to ``"\nStep"``) or ``synthetic``.
         split: Split of a hub dataset given as ``path``.
         val_split: Split of a hub dataset given as ``val_path``.
         step_delimiter: Non-empty text that starts a new step in text responses.

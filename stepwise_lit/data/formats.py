@@ -31,7 +31,7 @@ from datasets.utils import tqdm
 
 from stepwise_lit.data.gsm8k import gsm8k
 from stepwise_lit.data.prm800k import prm800k
-from stepwise_lit.data.records import SIDES, RecordContext, RecordSkipped, checked_id, required_text
+from stepwise_lit.data.records import SIDES, RecordContext, RecordSkipped, checked_id, extract_steps, required_text
 from stepwise_lit.data.stepdpo import step_dpo
 from stepwise_lit.errors import DataFormatError
 
@@ -57,37 +57,6 @@ PROGRESS_MIN_RECORDS = 1000  # fewer records convert in a blink: no progress bar
 
 
 # ---------------------------------------------------------------- step splitting
-
-
-def extract_steps(text: str, delimiter: str, max_steps: int | None = None) -> list[str]:
-    """Split a response into steps before each occurrence of ``delimiter``.
-
-    Each step after the first starts with the delimiter (``"\\n\\nStep 2: ..."``), so
-    ``"".join(steps) == text``. Text before the first delimiter is a step of its own
-    unless it is empty. A whitespace-only piece is joined to the step before it, so
-    no step is blank unless the whole text is.
-
-    Args:
-        text: The response text.
-        delimiter: Non-empty step delimiter, e.g. ``"\\n\\nStep"``.
-        max_steps: If given, steps past this many are joined into the last one.
-
-    Returns:
-        The steps; empty only when ``text`` is empty.
-    """
-    if not delimiter:
-        raise ValueError("step delimiter must be a non-empty string")
-    first, *rest = text.split(delimiter)
-    pieces = ([first] if first else []) + [delimiter + piece for piece in rest]
-    steps: list[str] = []
-    for piece in pieces:
-        if steps and not piece.strip():
-            steps[-1] += piece
-        else:
-            steps.append(piece)
-    if max_steps is not None and len(steps) > max_steps:
-        steps = steps[: max_steps - 1] + ["".join(steps[max_steps - 1 :])]
-    return steps
 
 
 # ---------------------------------------------------------------- reading files

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from itertools import accumulate
 
-from stepwise_lit.data.records import SIDES, RecordContext, checked_id, required_text
+from stepwise_lit.data.records import SIDES, RecordContext, checked_id, extract_steps, required_text
 
 # Score of the steps from the parting step on, per side.
 CONTINUATION_SCORES = {"chosen": 1.0, "rejected": -1.0}
@@ -63,13 +63,12 @@ def continued_steps(prefix: str, continuation: str, delimiter: str, score: float
     Args:
         prefix: The shared text (correct steps).
         continuation: The text that follows it in this response.
-        delimiter: Step delimiter (see :func:`~stepwise_lit.data.formats.extract_steps`).
+        delimiter: Step delimiter (see :func:`~stepwise_lit.data.records.extract_steps`).
         score: Score of every step that reaches into ``continuation``.
 
     Returns:
         The steps (joined, they give ``prefix + continuation``) and one score per step.
     """
-    from stepwise_lit.data.formats import extract_steps  # the registry imports this module
 
     steps = extract_steps(prefix + continuation, delimiter)
     ends = accumulate(len(step) for step in steps)  # where each step ends in the text
