@@ -429,6 +429,21 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+def registered(
+    registry: dict[str, Callable], format: str, records: Sequence[dict], source: str
+) -> tuple[Callable, list[int] | None]:
+    """The reader of `format` in `registry` and the records' line numbers (None: places are rows).
+
+    Raises:
+        DataFormatError: For an unknown format or no records at all.
+    """
+    if format not in registry:
+        raise DataFormatError(f"unknown format {format!r}; expected one of {', '.join(sorted(registry))}", source=source)
+    if not records:
+        raise DataFormatError("no records (the source is empty)", source=source)
+    return registry[format], records.line_numbers if isinstance(records, Records) else None
+
+
 def to_canonical(
     records: Sequence[dict],
     format: str,
@@ -457,12 +472,7 @@ def to_canonical(
     Raises:
         DataFormatError: For an unknown format, no records at all, or the first invalid record.
     """
-    adapter = ADAPTERS.get(format)
-    if adapter is None:
-        raise DataFormatError(f"unknown format {format!r}; expected one of {', '.join(sorted(ADAPTERS))}", source=source)
-    if not records:
-        raise DataFormatError("no records (the source is empty)", source=source)
-    line_numbers = records.line_numbers if isinstance(records, Records) else None
+    adapter, line_numbers = registered(ADAPTERS, format, records, source)
     field_names = TEXT_RESPONSE_FIELDS if format in ("delimited", "preference") else {}
     rows: list[dict] = []
     places: list[dict[str, int]] = []

@@ -52,16 +52,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stepwise_lit.data.formats import (
-    Records,
     check_score_value,
     checked_optional_text,
     checked_prompt,
     checked_steps,
     read_records,
+    registered,
 )
 from stepwise_lit.data.prm800k import checked_prm800k_step, first_rated, labelled_trajectory
 from stepwise_lit.data.records import RecordContext, RecordSkipped, checked_id, join_as_lines, required_object
-from stepwise_lit.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +199,7 @@ def labelled_responses(records: Sequence[dict], format: str, source: str) -> lis
     Raises:
         DataFormatError: For an unknown format, no records, or the first bad record.
     """
-    reader = LABELLED_READERS.get(format)
-    if reader is None:
-        raise DataFormatError(f"unknown format {format!r}; expected one of {', '.join(sorted(LABELLED_READERS))}", source=source)
-    if not records:
-        raise DataFormatError("no records (the source is empty)", source=source)
-    line_numbers = records.line_numbers if isinstance(records, Records) else None
+    reader, line_numbers = registered(LABELLED_READERS, format, records, source)
     responses = []
     skipped: dict[str, int] = {}
     for index, record in enumerate(records):
