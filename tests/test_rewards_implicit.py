@@ -158,3 +158,12 @@ def test_an_export_of_the_embedded_model_needs_a_reference(tmp_path):
 def test_another_source_needs_step_beta(folders):
     with pytest.raises(ValueError, match=r"^step_beta: .*not an export of stepwise_lit"):
         ImplicitStepScorer(folders["policy"], folders["reference"])
+
+
+def test_a_reference_with_another_vocabulary_is_refused(tmp_path, folders):
+    tokenizer = load_tokenizer(None)
+    tokenizer.add_tokens(["<extra>"])
+    build_tiny_model(tokenizer, SHAPE).save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"^ref_model_name_or_path: .*260-token vocabulary, the policy 259"):
+        ImplicitStepScorer(folders["policy"], str(tmp_path / "other"), step_beta=0.1)

@@ -195,6 +195,7 @@ class ImplicitStepScorer(StepScorer):
         if ref_model_name_or_path is not None or not adapter_only:
             source = ref_model_name_or_path or default_reference(export_config, model_name_or_path)
             self.reference, _ = load_pretrained(AutoModelForCausalLM, source, trust_remote_code, dtype)
+            check_same_vocabulary(self.policy, self.reference, source)
         data = export_config.get("data") or {}
         self.max_prompt_length = data.get("max_prompt_length")
         self.prompt_template = data.get("step_wise_prompt_template") if data.get("use_step_wise_prompt") else None
@@ -285,6 +286,21 @@ class ImplicitStepScorer(StepScorer):
             return policy, step_logps(self.reference, batch, num_steps)
         with self.policy.disable_adapter():
             return policy, step_logps(self.policy, batch, num_steps)
+
+
+def check_same_vocabulary(policy: torch.nn.Module, reference: torch.nn.Module, source: str) -> None:
+    """Fails unless the two models' output vocabularies have the same size (a reference with another
+    tokenizer would score other tokens than the policy's).
+
+    Raises:
+        ValueError: Naming ``ref_model_name_or_path``.
+    """
+    sizes = [model.get_output_embeddings().weight.shape[0] for model in (policy, reference)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(
+            f"ref_model_name_or_path: {source} has a {sizes[1]}-token vocabulary, the policy {sizes[0]}: "
+            "the reference must share the policy's tokenizer"
+        )
 
 
 def rows_of(values: torch.Tensor, step_mask: torch.Tensor) -> list[list[float]]:
