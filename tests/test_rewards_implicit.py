@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.synthetic import generate_pairs
+from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_response, tokenize_row
 from stepwise_lit.export import MARKER, export_policy
 from stepwise_lit.models import LoraSettings, TinyModelConfig, build_tiny_model
 from stepwise_lit.module import StepwiseDPOModule
@@ -167,3 +168,16 @@ def test_a_reference_with_another_vocabulary_is_refused(tmp_path, folders):
     tokenizer.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"^ref_model_name_or_path: .*260-token vocabulary, the policy 259"):
         ImplicitStepScorer(folders["policy"], str(tmp_path / "other"), step_beta=0.1)
+
+
+@pytest.mark.parametrize("max_prompt_length", [None, 32])
+def test_a_single_response_is_laid_out_as_a_training_side(max_prompt_length):
+    """`tokenize_response` gives the ids and step ids `tokenize_row` gives each side of a pair that
+    fits whole, with the same prompt cut."""
+    tokenizer = load_tokenizer(None)
+    row = {**ROWS[0], "prompt": [{"role": "user", "content": ROWS[0]["prompt"]}]}
+    token_row = tokenize_row(row, tokenizer, TokenizeSettings(max_prompt_length=max_prompt_length))
+    for side in ("chosen", "rejected"):
+        input_ids, step_ids, cut = tokenize_response(row["prompt"], row[f"{side}_steps"], tokenizer, max_prompt_length)
+        assert (input_ids, step_ids, cut) == (
+            token_row[f"{side}_input_ids"], token_row[f"{side}_step_ids"], token_row["prompt_cut"])
