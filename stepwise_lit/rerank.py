@@ -1,6 +1,6 @@
 """Best-of-N: pick one of N sampled solutions per prompt, by implicit step reward, log-prob or vote.
 
-Rules (`RERANK_RULES`), each giving the chosen candidate's index per prompt:
+Rules, each giving the chosen candidate's index per prompt:
 
 - ``implicit_min`` / ``implicit_sum``: the highest min (sum) over steps of the implicit step
   reward h_t (`stepwise_lit.rewards.implicit.ImplicitStepScorer.raw_step_rewards`, per token when
@@ -25,12 +25,10 @@ from stepwise_lit.answers import AnswerSourceName, answers_match, extract_answer
 from stepwise_lit.evaluate import majority_answer
 from stepwise_lit.rewards.implicit import ImplicitStepScorer
 
-RERANK_RULES = ("implicit_min", "implicit_sum", "log_prob", "majority")
-
-
 def split_solution(text: str, step_end: str = "\n") -> list[str]:
     """The steps of a generated solution: pieces of `text` each ending with `step_end` (the last may
-    not); a piece with only whitespace joins the step before it (the first step, before any), so ``"".join(steps) == text``.
+    not); a piece with only whitespace joins the step before it (the first step, before any), so
+    ``"".join(steps) == text``.
 
     Args:
         text: The solution.
@@ -38,6 +36,9 @@ def split_solution(text: str, step_end: str = "\n") -> list[str]:
 
     Returns:
         At least one step (``[""]`` for an empty solution, whose one step is its EOS).
+
+    Raises:
+        ValueError: If `step_end` is empty.
     """
     if not step_end:
         raise ValueError("step_end must not be empty")
@@ -79,7 +80,9 @@ def pick_by_majority(answers: Sequence[str | None], source: AnswerSourceName) ->
     winner = majority_answer(list(answers), source)
     if winner is None:
         return 0
-    return next(index for index, answer in enumerate(answers) if answer is not None and answers_match(answer, winner, source))
+    return next(
+        index for index, answer in enumerate(answers) if answer is not None and answers_match(answer, winner, source)
+    )
 
 
 def choose(
@@ -88,7 +91,8 @@ def choose(
     answers: Sequence[Sequence[str | None]],
     source: AnswerSourceName,
 ) -> dict[str, list[int]]:
-    """The chosen candidate per prompt under each rule of `RERANK_RULES`.
+    """The chosen candidate per prompt under each rule (``implicit_min``, ``implicit_sum``, ``log_prob``,
+    ``majority``; see the module docstring).
 
     Args:
         step_rewards: Per prompt, per candidate, the step rewards h_t.

@@ -190,7 +190,9 @@ class ImplicitStepScorer(StepScorer):
         if adapter_only:
             self.policy, self.tokenizer = load_adapter_policy(adapter, model_name_or_path, trust_remote_code, dtype)
         else:
-            self.policy, self.tokenizer = load_pretrained(AutoModelForCausalLM, model_name_or_path, trust_remote_code, dtype)
+            self.policy, self.tokenizer = load_pretrained(
+                AutoModelForCausalLM, model_name_or_path, trust_remote_code, dtype
+            )
         self.reference = None  # None: the policy with its adapter disabled
         if ref_model_name_or_path is not None or not adapter_only:
             source = ref_model_name_or_path or default_reference(export_config, model_name_or_path)
