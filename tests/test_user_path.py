@@ -20,6 +20,8 @@ import torch
 from entry import run_entry, write_config, write_pairs
 from stepwise_lit import prepare, score
 from stepwise_lit.cli import main
+from stepwise_lit.models import TinyModelConfig, build_tiny_model
+from stepwise_lit.tokenizer import load_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 GSM8K_TRAIN = SHARED / "gsm8k" / "train.jsonl"
@@ -295,3 +297,36 @@ def test_score_with_the_embedded_genrm_config(tmp_path, files, capsys):
     assert outcome.code == 0, outcome.err[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and all(-1 <= s <= 1 for row in rows for s in row["chosen_step_scores"])
+
+
+@pytest.fixture(scope="module")
+def implicit_prm(tmp_path_factory) -> dict:
+    """`scorer` / `model.reward_model` settings of an implicit PRM: two random tiny Llamas saved with
+    the byte tokenizer, one as the policy, one as the reference."""
+    folder, tokenizer = tmp_path_factory.mktemp("implicit_prm"), load_tokenizer(None)
+    for seed, name in enumerate(("policy", "reference")):
+        torch.manual_seed(seed)
+        build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+                         ).save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    return {
+        "class_path": "stepwise_lit.rewards.ImplicitStepScorer",
+        "init_args": {"model_name_or_path": str(folder / "policy"), "ref_model_name_or_path": str(folder / "reference"),
+                      "step_beta": 0.5, "batch_size": 4, "progress": False},
+    }
+
+
+def test_score_with_the_implicit_prm_from_yaml(tmp_path, files, implicit_prm, capsys):
+    config, out = tmp_path / "score.yaml", tmp_path / "scored.jsonl"
+    config.write_text(json.dumps({"scorer": implicit_prm, "batch_size": 4, "trainer": {"enable_progress_bar": False}}))
+    outcome = run_entry(score.main, ["--config", str(config), "--input", str(files["unscored"]), "--output", str(out)],
+                        capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    scores = [s for row in rows for side in ("chosen", "rejected") for s in row[f"{side}_step_scores"]]
+    assert len(rows) == 8 and all(-1 <= s <= 1 for s in scores) and any(s != 0 for s in scores)
+
+
+def test_unscored_rows_scored_online_by_the_implicit_prm(tmp_path, cache_dir, files, implicit_prm, capsys):
+    data = {"path": str(files["unscored"]), "format": "stepwise", "val_fraction": 0.25, "require_scores": False}
+    fit(tmp_path, {"data": data, "model": {"reward_model": implicit_prm}}, cache_dir, capsys)

@@ -138,6 +138,38 @@ def response_token_ids(steps: list[str], tokenizer: PreTrainedTokenizerBase) -> 
     return encoding["input_ids"], step_ids_from_offsets(starts, [len(step) for step in steps])
 
 
+def tokenize_response(
+    prompt: str | list[dict],
+    steps: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int | None = None,
+    step_wise_prompt_template: str | None = None,
+) -> tuple[list[int], list[int], bool]:
+    """One whole response laid out as `tokenize_row` lays out a side, for scoring a single response.
+
+    ``input_ids`` = prompt tokens (cut from the left to `max_prompt_length`) + response tokens
+    + EOS; ``step_ids`` = 0 on the prompt, ``t`` on the tokens of step ``t`` and on EOS the last
+    step. The response is never cut (no ``max_length`` / ``max_num_steps``).
+
+    Args:
+        prompt: A string or chat messages.
+        steps: Step texts; their concatenation is the response.
+        tokenizer: The tokenizer (needs an EOS token).
+        max_prompt_length: Most prompt tokens; None for no limit.
+        step_wise_prompt_template: Template with ``{prompt}`` for string prompts, or None.
+
+    Returns:
+        ``(input_ids, step_ids, prompt_cut)``; `prompt_cut` is True when the prompt was cut.
+    """
+    prompt_ids = prompt_token_ids(prompt, tokenizer, step_wise_prompt_template)
+    prompt_cut = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+    if prompt_cut:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    response_ids, response_step_ids = response_token_ids(steps, tokenizer)
+    input_ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
+    return input_ids, [0] * len(prompt_ids) + response_step_ids + [len(steps)], prompt_cut
+
+
 def step_ids_from_offsets(token_starts: list[int], step_lengths: list[int]) -> list[int]:
     """1-based step of each token: the step holding the token's first character.
 

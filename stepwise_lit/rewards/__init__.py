@@ -4,6 +4,7 @@ from stepwise_lit.rewards.base import StepScorer
 from stepwise_lit.rewards.classifier import ClassifierStepScorer
 from stepwise_lit.rewards.combined import CombinedRewardModel
 from stepwise_lit.rewards.genrm import GenerativeStepScorer
+from stepwise_lit.rewards.implicit import ImplicitStepScorer
 from stepwise_lit.rewards.outcome import OutcomeRewardModel
 from stepwise_lit.rewards.rules import ArithmeticStepVerifier
 
@@ -12,6 +13,7 @@ __all__ = [
     "ClassifierStepScorer",
     "CombinedRewardModel",
     "GenerativeStepScorer",
+    "ImplicitStepScorer",
     "OutcomeRewardModel",
     "StepScorer",
 ]
