@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -24,11 +25,13 @@ from stepwise_lit.tokenizer import load_tokenizer
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
 # tests/entry.py's BASE: synthetic pairs, seed 0, 8 training then 4 validation pairs, numbers up to 10
-VAL_ROWS = generate_pairs(12, seed=0, max_value=10)[8:]
+# (a fifth validation pair, for the distributed test, is the next one the generator draws)
+FIVE_VAL_ROWS = generate_pairs(13, seed=0, max_value=10)[8:]
+VAL_ROWS = FIVE_VAL_ROWS[:4]
 EVALUATION = {"enabled": True, "max_prompts": None, "generation": {"max_new_tokens": 8}}
 
 
-REFERENCES = {row["prompt"]: int(reference_answer(row["reference_solution"], [], "embedded")) for row in VAL_ROWS}
+REFERENCES = {row["prompt"]: int(reference_answer(row["reference_solution"], [], "embedded")) for row in FIVE_VAL_ROWS}
 
 
 def scripted_completion(prompt: str) -> str:
@@ -96,7 +99,7 @@ def test_per_token_step_rewards_divide_by_counts_and_zero_padding():
 
 def expected_solve_rate() -> float:
     """By hand: the validation references are 2, 6, 7 and 9; the odd ones are solved: 2 / 4."""
-    assert sorted(REFERENCES.values()) == [2, 6, 7, 9]
+    assert sorted(REFERENCES[row["prompt"]] for row in VAL_ROWS) == [2, 6, 7, 9]
     return 0.5
 
 
@@ -222,3 +225,49 @@ def test_evaluate_command_bad_input_exits_2(tmp_path, exported, capsys):
     missing = [*argv[:3], str(tmp_path / "none.jsonl"), *argv[4:]]
     outcome = run_entry(evaluation.main, missing, capsys)
     assert outcome.code == 2 and "data.path" in outcome.err and "does not exist" in outcome.err
+
+
+class ScriptedGeneration(L.Callback):
+    """For runs in other processes: makes every rank's generator scripted (`scripted_generate`)
+    and record the prompts it generates for in ``<out_dir>/rank<r>.json``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        record = self.out_dir / f"rank{trainer.global_rank}.json"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        def generate(generator, prompts, settings):
+            record.write_text(json.dumps(json.loads(record.read_text()) + list(prompts) if record.exists() else list(prompts)))
+            return scripted_generate(generator, prompts, settings)
+
+        TransformersGenerator.generate = generate
+
+
+@pytest.mark.slow
+def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
+    """5 validation prompts on 2 DDP ranks: rank 0 generates prompts 0, 2, 4 and rank 1 prompts
+    1, 3 and prompt 0 again as padding (weight 0), so every prompt counts once. The solve rate
+    equals one process's and the hand value: references 2, 6, 7, 9 and the fifth's; odd ones solved."""
+    from test_distributed import finish, start
+
+    expected = sum(REFERENCES[row["prompt"]] % 2 for row in FIVE_VAL_ROWS) / 5
+    reports = {}
+    for devices in (1, 2):
+        folder = tmp_path / f"devices{devices}"
+        probe = {"class_path": "test_evaluation.ScriptedGeneration", "init_args": {"out_dir": str(folder / "prompts")}}
+        changes = {
+            "trainer": {"devices": devices, "strategy": "ddp" if devices > 1 else "auto", "callbacks": [probe]},
+            "data": {"synthetic_val_size": 5},
+            "evaluation": EVALUATION,
+        }
+        finish(start(write_config(folder, changes, cache_dir), subcommand="validate"))
+        reports[devices] = json.loads((folder / "run" / "report" / "val" / "report.json").read_text())
+        generated = [json.loads((folder / "prompts" / f"rank{rank}.json").read_text()) for rank in range(devices)]
+        prompts = [row["prompt"] for row in FIVE_VAL_ROWS]
+        assert generated == ([prompts] if devices == 1 else [prompts[0::2], prompts[1::2] + prompts[:1]])
+    for report in reports.values():
+        assert report["metrics"]["solve_rate"] == pytest.approx(expected)
+        assert report["generation"]["num_prompts"] == 5
+    assert reports[1]["metrics"]["processbench_f1"] == reports[2]["metrics"]["processbench_f1"]
