@@ -52,11 +52,12 @@ from stepwise_lit.evaluation import SolveRateEvaluation
 from stepwise_lit.metrics import PreferenceMetrics
 
 REPORT_FILE = "report.json"
-HISTORY_METRICS = ("reward_accuracy", "reward_margin")
+HISTORY_METRICS = ("reward_accuracy", "reward_margin", "solve_rate")
 HISTORY_STAGES = ("train", "val")
 _HISTORY_LABELS = {
     "reward_accuracy": "reward accuracy (chosen > rejected)",
     "reward_margin": "reward margin (chosen − rejected)",
+    "solve_rate": "solve rate (evaluation.during_fit)",
 }
 _REPORTED_STAGES = (TrainerFn.VALIDATING, TrainerFn.TESTING)
 PROCESSBENCH_METRICS = ("processbench_f1", "error_acc", "correct_acc", "within_response_auroc")
@@ -403,10 +404,10 @@ def build_report(
 
 
 def read_history(path: str | Path) -> dict[str, dict[str, list[float]]]:
-    """Reward accuracy and margin over training from a CSVLogger ``metrics.csv``.
+    """Reward accuracy and margin, and the solve rate when logged, over training from a CSVLogger ``metrics.csv``.
 
     Returns:
-        For each ``{train,val}/{reward_accuracy,reward_margin}`` column present,
+        For each ``{train,val}/{reward_accuracy,reward_margin,solve_rate}`` column present,
         ``{"step": [...], "value": [...]}`` of its non-empty rows, in file order.
     """
     with open(path, newline="") as handle:
@@ -498,10 +499,12 @@ def step_reward_figure(stage: str, good: torch.Tensor, bad: torch.Tensor, bins: 
 
 
 def history_figure(history: dict) -> Figure:
-    """Reward accuracy and reward margin against the training step, train and val."""
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
-    for position, metric in enumerate(HISTORY_METRICS, start=1):
-        axes = figure.add_subplot(1, len(HISTORY_METRICS), position)
+    """Reward accuracy, reward margin and (when logged) the solve rate against the training
+    step, train and val; one panel per metric found."""
+    shown = [metric for metric in HISTORY_METRICS if any(f"{stage}/{metric}" in history["series"] for stage in HISTORY_STAGES)]
+    figure = Figure(figsize=(5.5 * len(shown), 4.2), layout="constrained")
+    for position, metric in enumerate(shown, start=1):
+        axes = figure.add_subplot(1, len(shown), position)
         for stage, marker in zip(HISTORY_STAGES, ("o", "s")):
             series = history["series"].get(f"{stage}/{metric}")
             if series:

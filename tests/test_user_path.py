@@ -271,6 +271,7 @@ def test_generation_evaluation_from_yaml(tmp_path, cache_dir, capsys):
     report = json.loads((root / "report" / "val" / "report.json").read_text())
     assert report["generation"]["num_prompts"] == 2 and 0 <= report["metrics"]["solve_rate"] <= 1
     assert report["processbench"]["per_token"] is True
+    assert "val/solve_rate" in report["history"]["series"]  # fit's validations, read from its metrics.csv
 
 
 def test_validate_without_a_checkpoint_warns_that_the_model_is_random(tmp_path, cache_dir, capsys, caplog):
