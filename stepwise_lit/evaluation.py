@@ -31,6 +31,7 @@ from typing import get_args
 import lightning as L
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
@@ -276,8 +277,9 @@ class SolveRateEvaluation(L.Callback):
             The reference answer is read the same way from the row's ``reference_solution``,
             else from its chosen solution (see `reference_answer`).
         max_prompts: Most distinct prompts evaluated (the first ones of the split); None: all.
-        generation: How to decode (`stepwise_lit.generate.GenerationSettings`): greedy by
-            default; ``do_sample: true`` with ``num_samples: k`` adds pass@k and maj@k.
+        generation: How to decode (`stepwise_lit.generate.GenerationSettings`, set as
+            ``evaluation.generation.max_new_tokens`` ...): greedy by default; ``do_sample: true``
+            with ``num_samples: k`` adds pass@k and maj@k. Not changed by the callback.
         verifier: A step scorer (e.g. ``stepwise_lit.rewards.ArithmeticStepVerifier``) that
             flags generated steps (score < 0); None: no flag metrics.
         during_fit: Also evaluate at every validation during ``fit`` (not the sanity check),
@@ -289,7 +291,7 @@ class SolveRateEvaluation(L.Callback):
         enabled: bool = False,
         source: AnswerSourceName = "embedded",
         max_prompts: int | None = 64,
-        generation: GenerationSettings | None = None,
+        generation: GenerationSettings = GenerationSettings(),
         verifier: StepScorer | None = None,
         during_fit: bool = False,
     ) -> None:
@@ -300,7 +302,7 @@ class SolveRateEvaluation(L.Callback):
         self.enabled = enabled
         self.source = source
         self.max_prompts = max_prompts
-        self.generation = generation or GenerationSettings()
+        self.generation = generation
         self.verifier = verifier
         self.during_fit = during_fit
         self.metrics = GenerationMetrics(source, self.generation.num_samples)
@@ -313,6 +315,20 @@ class SolveRateEvaluation(L.Callback):
         return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) or (
             self.during_fit and trainer.state.fn == TrainerFn.FITTING
         )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fails at start under FSDP: a sharded policy's forward is collective, and ranks that
+        decode different lengths would wait on each other forever.
+
+        Raises:
+            SettingError: Naming ``evaluation.enabled``.
+        """
+        if self.enabled and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise SettingError(
+                "evaluation.enabled: generation needs the whole policy on every rank (DDP or one process); "
+                f"it does not run under {type(trainer.strategy).__name__}. Evaluate the exported model with "
+                "python -m stepwise_lit.evaluate instead"
+            )
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module, "val")

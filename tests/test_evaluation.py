@@ -184,6 +184,19 @@ def test_the_threshold_setting_wins_and_per_token_is_recorded(tmp_path, cache_di
     assert processbench["per_token"] is True
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("--evaluation.generation.num_samples=3", "generation.num_samples: must be at least 1, and 1 with greedy decoding"),
+        ("--evaluation.max_prompts=0", "evaluation.max_prompts: must be at least 1 or null, got 0"),
+    ],
+)
+def test_bad_evaluation_settings_exit_2_naming_the_setting(tmp_path, cache_dir, capsys, setting, message):
+    config = write_config(tmp_path, {}, cache_dir)
+    outcome = run_entry(main, ["validate", "--config", str(config), "--evaluation.enabled=true", setting], capsys)
+    assert outcome.code == 2 and message in outcome.err
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, cache_dir) -> Path:
     """The tiny model after two steps, exported (`<root>/export`)."""
