@@ -181,23 +181,22 @@ class GenerationMetrics(torch.nn.Module):
         verifier: StepScorer,
         step_end: str,
     ) -> None:
-        """Scores every completion's steps; a completion without a step counts as a solution without a flag."""
-        rows = [
-            (problem, split_steps(text, step_end), float(weight))
+        """Scores every completion's steps in one call; a completion without a step is a solution without a flag."""
+        responses = [
+            (problem, split_steps(text, step_end), torch.tensor(weight))
             for problem, samples, weight in zip(problems, completions, weights.tolist())
             for text in samples
         ]
-        scored = [row for row in rows if row[1]]
-        scores = verifier.score_steps([row[0].prompt for row in scored], [row[1] for row in scored],
-                                      [row[0].solution for row in scored]) if scored else []
-        flags = [torch.tensor([score < 0 for score in row_scores]) for row_scores in scores]
-        for (_, _, weight), row_flags in zip(scored, flags):
-            self.flagged_step_share.update(row_flags.float(), torch.tensor(weight))
-            if row_flags.any():
-                self.first_flagged_step.update(row_flags.long().argmax().float() + 1, torch.tensor(weight))
-        solution_flags = [float(row_flags.any()) for row_flags in flags] + [0.0] * (len(rows) - len(scored))
-        solution_weights = [row[2] for row in scored] + [row[2] for row in rows if not row[1]]
-        self.flagged_solution_share.update(torch.tensor(solution_flags), torch.tensor(solution_weights))
+        scored = [(problem, steps) for problem, steps, _ in responses if steps]
+        scores = iter(verifier.score_steps(
+            [problem.prompt for problem, _ in scored], [steps for _, steps in scored], [problem.solution for problem, _ in scored]
+        ) if scored else [])
+        for _, steps, weight in responses:
+            flags = torch.tensor([score < 0 for score in next(scores)]) if steps else torch.zeros(0, dtype=torch.bool)
+            self.flagged_solution_share.update(flags.any().float(), weight)
+            self.flagged_step_share.update(flags.float(), weight)
+            if flags.any():
+                self.first_flagged_step.update(flags.long().argmax().float() + 1, weight)
 
     def compute(self, with_flags: bool) -> dict[str, float | int | None]:
         """The values (every rank takes part): ``num_prompts``, ``k``, ``solve_rate``,
@@ -360,6 +359,7 @@ class SolveRateEvaluation(L.Callback):
             pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
             datamodule.hparams.max_prompt_length, progress=False,
         )
+        self.metrics.to(pl_module.device)  # torchmetrics syncs its states where they are (NCCL: on the GPU)
         self.metrics.reset()
         completions = evaluate_problems(generator, mine, weights, self.generation, self.metrics, self.verifier)
         self.results = {
