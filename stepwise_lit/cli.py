@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.evaluation import SolveRateEvaluation
 from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.export import HuggingFaceExport
 from stepwise_lit.module import StepwiseDPOModule
@@ -61,6 +62,7 @@ class StepwiseCLI(LightningCLI):
             help="Intra-op CPU threads for torch (torch.set_num_threads); null keeps torch's default. "
             "1 is fastest for tiny models, whose matrices are too small to split across cores.",
         )
+        parser.add_lightning_class_args(SolveRateEvaluation, "evaluation")
         parser.add_lightning_class_args(StepRewardReport, "report")
         parser.add_lightning_class_args(HuggingFaceExport, "export")
 

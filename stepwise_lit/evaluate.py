@@ -16,7 +16,11 @@ token count) removes that, and is passed the same way.
 Every metric takes a per-prompt (per-response) ``weights`` (0 for the duplicates a
 distributed sampler pads with) and keeps sums as states (``dist_reduce_fx="sum"``), so
 the value over ranks equals the value over all inputs on one rank;
-:class:`WithinResponseAUROC` keeps the scores themselves (``"cat"``) for an exact AUROC.
+:class:`WithinResponseAUROC` and :class:`LabelledStepRewards` (the responses a threshold
+is chosen on) keep the values themselves (``"cat"``).
+
+``python -m stepwise_lit.evaluate`` is the evaluation command (generate from an exported
+model on a data file, write ``report.json``); see :func:`stepwise_lit.evaluation.main`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from stepwise_lit.answers import AnswerSourceName, answer_key, answers_match
+from stepwise_lit.data.batch import PairBatch, is_packed
+from stepwise_lit.logps import next_token_targets
 from stepwise_lit.metrics import WeightedMean
 
 
@@ -400,3 +406,90 @@ class WithinResponseAUROC(Metric):
         if isinstance(self.rewards, list) and not self.rewards:  # a list before a sync, one tensor after
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         return auroc(dim_zero_cat(self.rewards), dim_zero_cat(self.good) > 0)
+
+
+def step_token_counts(batch: PairBatch, num_steps: int) -> torch.Tensor:
+    """Tokens each step's log-prob sums over, long ``[2B, S]`` (chosen rows, then rejected), packed or not.
+
+    Counted from the targets the log-probs use (``stepwise_lit.forward.step_logps``), so a
+    response's last step counts its EOS token as its log-prob does; 0 past a response's steps.
+
+    Args:
+        batch: An unpacked or packed pair batch.
+        num_steps: S, the step columns.
+    """
+    if is_packed(batch):
+        target_step_ids = batch["target_step_ids"]  # [B, L, 2]
+    else:
+        _, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
+    counts = torch.nn.functional.one_hot(target_step_ids, num_steps + 1).sum(1)[..., 1:]  # [N, K, S]
+    return counts.transpose(0, 1).reshape(-1, num_steps)
+
+
+def per_token_step_rewards(step_rewards: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
+    """The length-normalised step reward ``h_t / n_t``; 0 where a step has no token (padding).
+
+    Args:
+        step_rewards: ``[N, S]`` step rewards ``h_t``.
+        token_counts: ``[N, S]`` tokens per step ``n_t`` (:func:`step_token_counts`).
+    """
+    return torch.where(token_counts > 0, step_rewards / token_counts.clamp(min=1), torch.zeros_like(step_rewards))
+
+
+class LabelledStepRewards(Metric):
+    """Collects labelled responses' step rewards, to choose a threshold on (:func:`choose_threshold`).
+
+    States are ``"cat"``: the real steps' rewards flattened, each response's step count,
+    label and weight, so after a sync every rank holds every response. Responses of weight
+    0 (distributed padding) are not kept.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("rewards", "lengths", "labels", "weights"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(
+        self, step_rewards: torch.Tensor, step_mask: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> None:
+        """Add N responses.
+
+        Args:
+            step_rewards: ``[N, S]`` step rewards.
+            step_mask: ``[N, S]`` bool, real steps, a prefix of each row.
+            labels: ``[N]`` earliest wrong step (0-based) or -1.
+            weights: ``[N]`` response weights; None: all 1.
+        """
+        weights = ones_if_none(weights, labels.shape[0], step_rewards.device)
+        kept = weights > 0
+        step_mask = step_mask.bool()[kept]
+        self.rewards.append(step_rewards[kept][step_mask].double())
+        self.lengths.append(step_mask.sum(-1).double())
+        self.labels.append(labels[kept].double())
+        self.weights.append(weights[kept].double())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``step_rewards`` ``[N, S]`` (0 past a response's steps), ``step_mask`` ``[N, S]``,
+        ``labels`` ``[N]`` long and ``weights`` ``[N]`` of every response kept."""
+        if isinstance(self.rewards, list) and not self.rewards:  # a list before a sync, one tensor after
+            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+            return {"step_rewards": empty[:, None], "step_mask": empty[:, None].bool(), "labels": empty.long(), "weights": empty}
+        rewards, lengths = dim_zero_cat(self.rewards), dim_zero_cat(self.lengths).long()
+        num_steps = int(lengths.max()) if lengths.numel() else 0
+        step_mask = torch.arange(num_steps, device=lengths.device) < lengths[:, None]  # [N, S]
+        step_rewards = torch.zeros(step_mask.shape, dtype=torch.float64, device=rewards.device)
+        step_rewards[step_mask] = rewards
+        return {
+            "step_rewards": step_rewards,
+            "step_mask": step_mask,
+            "labels": dim_zero_cat(self.labels).long(),
+            "weights": dim_zero_cat(self.weights),
+        }
+
+
+if __name__ == "__main__":
+    from stepwise_lit.evaluation import main
+
+    main()

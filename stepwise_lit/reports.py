@@ -6,11 +6,18 @@ at the end of the run, writes to ``<default_root_dir>/report/<stage>/``:
 
 - ``report.json``: the metrics of :class:`~stepwise_lit.metrics.PreferenceMetrics`
   (reward accuracy and margin, step accuracy and AUROC, first-error
-  localisation, ...), step accuracy by step index, a summary of the implicit
-  step rewards of steps the verifier marks good (``g_t > 0``) and bad
-  (``g_t < 0``), and the training curves read from the run's ``metrics.csv``;
-- ``step_accuracy_by_index.png``, ``step_reward_distribution.png`` and, when a
-  ``metrics.csv`` is found, ``training_curves.png``.
+  localisation, ...), ProcessBench localisation of the implicit step rewards
+  (``processbench_f1``, ``error_acc``, ``correct_acc`` at a threshold chosen on
+  validation, ``within_response_auroc``; see `processbench_values`), the solve
+  rates of :class:`~stepwise_lit.evaluation.SolveRateEvaluation` when it ran
+  (``solve_rate``, ``pass_at_k``, ``maj_at_k``), step accuracy by step index, a
+  summary of the implicit step rewards of steps the verifier marks good
+  (``g_t > 0``) and bad (``g_t < 0``), and the training curves read from the
+  run's ``metrics.csv``;
+- ``step_accuracy_by_index.png``, ``step_reward_distribution.png``, when a
+  ``metrics.csv`` is found ``training_curves.png``, and with solve rates ``solve_rate.png``.
+
+The ProcessBench values are also logged (``val/processbench_f1`` ...).
 
 The same plots and the step reward histograms go to TensorBoard when a
 ``TensorBoardLogger`` is on. ``fit`` never writes a report.
@@ -31,16 +38,30 @@ from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.figure import Figure
 from torchmetrics.aggregation import CatMetric, SumMetric
 
+from stepwise_lit.data.batch import PairBatch, num_steps
+from stepwise_lit.evaluate import (
+    LabelledStepRewards,
+    ProcessBenchF1,
+    WithinResponseAUROC,
+    choose_threshold,
+    first_error_labels,
+    per_token_step_rewards,
+    step_token_counts,
+)
+from stepwise_lit.evaluation import SolveRateEvaluation
 from stepwise_lit.metrics import PreferenceMetrics
 
 REPORT_FILE = "report.json"
-HISTORY_METRICS = ("reward_accuracy", "reward_margin")
+HISTORY_METRICS = ("reward_accuracy", "reward_margin", "solve_rate")
 HISTORY_STAGES = ("train", "val")
 _HISTORY_LABELS = {
     "reward_accuracy": "reward accuracy (chosen > rejected)",
     "reward_margin": "reward margin (chosen − rejected)",
+    "solve_rate": "solve rate (evaluation.during_fit)",
 }
 _REPORTED_STAGES = (TrainerFn.VALIDATING, TrainerFn.TESTING)
+PROCESSBENCH_METRICS = ("processbench_f1", "error_acc", "correct_acc", "within_response_auroc")
+GENERATION_METRICS = ("solve_rate", "pass_at_k", "maj_at_k", "flagged_step_share", "flagged_solution_share", "first_flagged_step")
 
 
 class StepRewardReport(L.Callback):
@@ -55,6 +76,13 @@ class StepRewardReport(L.Callback):
         enabled: Write the report; False switches it off.
         bins: Histogram bins of the step reward distribution.
         max_step_index: Most step indices shown by step accuracy by step index.
+        per_token: Localise errors with the per-token step reward ``h_t / n_t`` (``n_t`` the
+            step's tokens, its EOS included for the last step) instead of ``h_t``, which sums
+            over the step's tokens and so grows with the step's length.
+        threshold: The ProcessBench threshold of ``test`` (a step reward below it marks the
+            step wrong); None: the one ``validate`` chose and wrote to
+            ``<default_root_dir>/report/val/report.json`` (when ``dirpath`` is None), else no
+            ProcessBench values. ``validate`` always chooses its own (best F1 on its data).
     """
 
     def __init__(
@@ -64,6 +92,8 @@ class StepRewardReport(L.Callback):
         enabled: bool = True,
         bins: int = 40,
         max_step_index: int = 16,
+        per_token: bool = False,
+        threshold: float | None = None,
     ) -> None:
         self.dirpath = dirpath
         self.history = history
@@ -73,12 +103,19 @@ class StepRewardReport(L.Callback):
         self.good_step_rewards = CatMetric(nan_strategy="disable")
         self.bad_step_rewards = CatMetric(nan_strategy="disable")
         self.num_pairs = SumMetric(nan_strategy="disable")
+        self.per_token = per_token
+        self.threshold = threshold
+        self.labelled = LabelledStepRewards()
+        self.within_response_auroc = WithinResponseAUROC()
 
     def _active(self, trainer: L.Trainer) -> bool:
         return self.enabled and trainer.state.fn in _REPORTED_STAGES
 
     def _accumulators(self) -> tuple[torch.nn.Module, ...]:
-        return self.metrics, self.good_step_rewards, self.bad_step_rewards, self.num_pairs
+        return (
+            self.metrics, self.good_step_rewards, self.bad_step_rewards, self.num_pairs, self.labelled,
+            self.within_response_auroc,
+        )
 
     # ------------------------------------------------------------ hooks
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,19 +126,19 @@ class StepRewardReport(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active(trainer):
-            self._collect(outputs)
+            self._collect(outputs, batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active(trainer):
-            self._collect(outputs)
+            self._collect(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer):
-            self._report(trainer, "val")
+            self._report(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer):
-            self._report(trainer, "test")
+            self._report(trainer, pl_module, "test")
 
     # ------------------------------------------------------------ collecting
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -112,8 +149,10 @@ class StepRewardReport(L.Callback):
             accumulator.to(pl_module.device)
             accumulator.reset()
 
-    def _collect(self, outputs: dict[str, torch.Tensor | int | None]) -> None:
-        """Adds one batch: the `PreferenceMetrics.update` arguments an eval step returns."""
+    def _collect(self, outputs: dict[str, torch.Tensor | int | None], batch: PairBatch) -> None:
+        """Adds one batch: the `PreferenceMetrics.update` arguments an eval step returns, and
+        the ProcessBench labels of its responses (`first_error_labels` of the verifier step
+        scores; responses without step scores are left out)."""
         if not isinstance(outputs, dict) or "step_rewards" not in outputs:
             raise RuntimeError(
                 "StepRewardReport needs the eval step to return the PreferenceMetrics.update arguments "
@@ -129,21 +168,41 @@ class StepRewardReport(L.Callback):
         self.good_step_rewards.update(step_rewards[counted & (step_scores > 0)])
         self.bad_step_rewards.update(step_rewards[counted & (step_scores < 0)])
         self.num_pairs.update(weight.float().sum())
+        step_mask = outputs["step_mask"].bool()
+        if self.per_token:
+            step_rewards = per_token_step_rewards(step_rewards, step_token_counts(batch, num_steps(batch)))
+        response_weight = weight.float().repeat(2) * batch["has_step_scores"].float()  # [2N]
+        labels = first_error_labels(step_scores, step_mask)
+        self.labelled.update(step_rewards, step_mask, labels, response_weight)
+        self.within_response_auroc.update(step_rewards, step_scores, step_mask, response_weight)
 
     # ------------------------------------------------------------ writing
-    def _report(self, trainer: L.Trainer, stage: str) -> None:
-        """Computes (every rank takes part in the sync) and writes the report (rank 0)."""
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Computes (every rank takes part in the sync), logs the ProcessBench values and
+        writes the report (rank 0)."""
         values = self.metrics.compute()
         good, bad = _concatenated(self.good_step_rewards), _concatenated(self.bad_step_rewards)
         num_pairs = float(self.num_pairs.compute())
+        threshold, threshold_source = (None, "validation data") if stage == "val" else self._test_threshold(trainer)
+        processbench = processbench_values(
+            self.labelled.compute(), float(self.within_response_auroc.compute()), threshold, threshold_source
+        )
+        processbench["per_token"] = self.per_token
+        for name in PROCESSBENCH_METRICS:
+            if processbench[name] is not None:
+                pl_module.log(f"{stage}/{name}", processbench[name], sync_dist=True)
         if not trainer.is_global_zero:
             return
+        generation = next(
+            (callback.results for callback in trainer.callbacks if isinstance(callback, SolveRateEvaluation)), None
+        )
         history_path = self._history_path(trainer)
         report = build_report(
             stage, values, good, bad, num_pairs,
             checkpoint=trainer.ckpt_path, global_step=_evaluated_step(trainer),
             history=read_history(history_path) if history_path else None,
             history_source=str(history_path) if history_path else None,
+            processbench=processbench, generation=generation,
         )
         folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "report" / stage
         folder.mkdir(parents=True, exist_ok=True)
@@ -156,6 +215,18 @@ class StepRewardReport(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 _log_to_tensorboard(logger, stage, figures, good, bad, report["global_step"])
+
+    def _test_threshold(self, trainer: L.Trainer) -> tuple[float | None, str | None]:
+        """The ProcessBench threshold of ``test`` and where it comes from (see ``threshold``)."""
+        if self.threshold is not None:
+            return self.threshold, "report.threshold"
+        if self.dirpath is None:
+            path = Path(trainer.default_root_dir) / "report" / "val" / REPORT_FILE
+            if path.is_file():
+                threshold = (json.loads(path.read_text()).get("processbench") or {}).get("threshold")
+                if threshold is not None:
+                    return float(threshold), str(path)
+        return None, None
 
     def _history_path(self, trainer: L.Trainer) -> Path | None:
         """The metrics.csv to read the training curves from (see `find_history`), None when there is none."""
@@ -181,6 +252,40 @@ def find_history(checkpoint: Path, exclude: Collection[Path] = ()) -> Path | Non
         if path.is_file() and path.parent not in exclude and _has_training_metrics(path)
     ]
     return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def processbench_values(
+    labelled: dict[str, torch.Tensor], within_response_auroc: float, threshold: float | None, threshold_source: str | None
+) -> dict:
+    """ProcessBench localisation of the collected responses' step rewards.
+
+    Args:
+        labelled: `LabelledStepRewards.compute()`: step rewards, mask, labels, weights.
+        within_response_auroc: `WithinResponseAUROC.compute()`.
+        threshold: The threshold to score at; None: choose it here (`choose_threshold`,
+            best F1 on these responses), as ``validate`` does.
+        threshold_source: Where a given threshold comes from; with no threshold and no
+            source (``test`` without a validation threshold) nothing is scored.
+
+    Returns:
+        ``threshold``, ``threshold_source``, ``num_erroneous`` and ``num_correct`` (responses
+        with and without a wrong step, weighted), and the `PROCESSBENCH_METRICS` (None where
+        there is no threshold or no response to count).
+    """
+    labels, weights = labelled["labels"], labelled["weights"]
+    erroneous = float(weights[labels >= 0].sum())
+    correct = float(weights[labels < 0].sum())
+    values = {"threshold": threshold, "threshold_source": threshold_source, "num_erroneous": _count(erroneous),
+              "num_correct": _count(correct), "within_response_auroc": _number(within_response_auroc)}
+    if threshold is None and threshold_source == "validation data" and erroneous > 0 and correct > 0:
+        values["threshold"] = threshold = choose_threshold(labelled["step_rewards"], labelled["step_mask"], labels, weights)
+    if threshold is None:
+        return {**values, "threshold_source": None, "processbench_f1": None, "error_acc": None, "correct_acc": None}
+    metric = ProcessBenchF1(threshold, sync_on_compute=False)
+    metric.update(labelled["step_rewards"], labelled["step_mask"], labels, weights)
+    scores = metric.compute()
+    return {**values, "processbench_f1": _number(scores["f1"]), "error_acc": _number(scores["error_acc"]),
+            "correct_acc": _number(scores["correct_acc"])}
 
 
 def _has_training_metrics(path: Path) -> bool:
@@ -241,6 +346,8 @@ def build_report(
     global_step: int,
     history: dict[str, dict[str, list[float]]] | None,
     history_source: str | None,
+    processbench: dict | None = None,
+    generation: dict | None = None,
 ) -> dict:
     """The JSON-ready report.
 
@@ -254,6 +361,8 @@ def build_report(
         global_step: The training step of the evaluated weights.
         history: Training curves (see `read_history`), None when no metrics.csv was found.
         history_source: The metrics.csv the curves come from.
+        processbench: `processbench_values`, or None.
+        generation: `SolveRateEvaluation.results`, or None when it did not run.
 
     Returns:
         ``stage``, ``num_pairs`` (an int unless a pair weight is fractional), ``checkpoint``,
@@ -261,7 +370,9 @@ def build_report(
         (``step``: 1-based step numbers up to the last one seen; ``chosen``, ``rejected``:
         accuracies; ``chosen_count``, ``rejected_count``: steps counted, ints unless a pair
         weight is fractional), ``step_rewards`` (``good``, ``bad``: summaries), ``history``
-        (``source``, ``series``) or None.
+        (``source``, ``series``) or None, ``processbench`` (threshold, its source, counts,
+        ``per_token``) and ``generation`` (source, k, prompts, settings, examples) or None;
+        their scalars (`PROCESSBENCH_METRICS`, `GENERATION_METRICS`) are in ``metrics``.
     """
     counts = values["chosen_steps_by_index"].cpu(), values["rejected_steps_by_index"].cpu()
     seen = ((counts[0] > 0) | (counts[1] > 0)).nonzero()
@@ -270,12 +381,22 @@ def build_report(
     for side, count in zip(("chosen", "rejected"), counts):
         by_index[side] = [_number(v) for v in values[f"{side}_step_accuracy_by_index"][:num_indices]]
         by_index[f"{side}_count"] = [_count(c) for c in count[:num_indices].tolist()]
+    metrics = {name: _number(value) for name, value in values.items() if value.numel() == 1}
+    sections = {}
+    for section, found, names in (
+        ("processbench", processbench, PROCESSBENCH_METRICS), ("generation", generation, GENERATION_METRICS)
+    ):
+        if found is not None:
+            metrics.update({name: found[name] for name in names if name in found})
+            sections[section] = {key: value for key, value in found.items() if key not in names}
     return {
         "stage": stage,
         "num_pairs": _count(num_pairs),
         "checkpoint": checkpoint,
         "global_step": global_step,
-        "metrics": {name: _number(value) for name, value in values.items() if value.numel() == 1},
+        "metrics": metrics,
+        "processbench": sections.get("processbench"),
+        "generation": sections.get("generation"),
         "step_accuracy_by_index": by_index,
         "step_rewards": {"good": summarize(good), "bad": summarize(bad)},
         "history": None if history is None else {"source": history_source, "series": history},
@@ -283,10 +404,10 @@ def build_report(
 
 
 def read_history(path: str | Path) -> dict[str, dict[str, list[float]]]:
-    """Reward accuracy and margin over training from a CSVLogger ``metrics.csv``.
+    """Reward accuracy and margin, and the solve rate when logged, over training from a CSVLogger ``metrics.csv``.
 
     Returns:
-        For each ``{train,val}/{reward_accuracy,reward_margin}`` column present,
+        For each ``{train,val}/{reward_accuracy,reward_margin,solve_rate}`` column present,
         ``{"step": [...], "value": [...]}`` of its non-empty rows, in file order.
     """
     with open(path, newline="") as handle:
@@ -309,7 +430,26 @@ def report_figures(report: dict, good: torch.Tensor, bad: torch.Tensor, bins: in
     }
     if report["history"] and report["history"]["series"]:
         figures["training_curves"] = history_figure(report["history"])
+    if report["generation"] is not None:
+        figures["solve_rate"] = solve_rate_figure(report)
     return figures
+
+
+def solve_rate_figure(report: dict) -> Figure:
+    """Bars of the solve rate and, when sampled, pass@k and maj@k."""
+    k = report["generation"]["k"]
+    names = {"solve_rate": "solve rate (first completion)", "pass_at_k": f"pass@{k}", "maj_at_k": f"maj@{k}"}
+    shown = {label: report["metrics"][name] for name, label in names.items() if report["metrics"].get(name) is not None}
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    bars = axes.bar(list(shown), list(shown.values()), color="tab:blue")
+    axes.bar_label(bars, fmt="%.3f")
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("share of prompts solved")
+    axes.set_title(f"Generated solutions ({report['stage']}, {report['generation']['num_prompts']:g} prompts, "
+                   f"{report['generation']['source']} answers)")
+    axes.grid(alpha=0.3, axis="y")
+    return figure
 
 
 def step_accuracy_figure(report: dict) -> Figure:
@@ -359,10 +499,12 @@ def step_reward_figure(stage: str, good: torch.Tensor, bad: torch.Tensor, bins: 
 
 
 def history_figure(history: dict) -> Figure:
-    """Reward accuracy and reward margin against the training step, train and val."""
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
-    for position, metric in enumerate(HISTORY_METRICS, start=1):
-        axes = figure.add_subplot(1, len(HISTORY_METRICS), position)
+    """Reward accuracy, reward margin and (when logged) the solve rate against the training
+    step, train and val; one panel per metric found."""
+    shown = [metric for metric in HISTORY_METRICS if any(f"{stage}/{metric}" in history["series"] for stage in HISTORY_STAGES)]
+    figure = Figure(figsize=(5.5 * len(shown), 4.2), layout="constrained")
+    for position, metric in enumerate(shown, start=1):
+        axes = figure.add_subplot(1, len(shown), position)
         for stage, marker in zip(HISTORY_STAGES, ("o", "s")):
             series = history["series"].get(f"{stage}/{metric}")
             if series:
@@ -394,6 +536,13 @@ def format_table(report: dict, folder: Path) -> str:
     for kind, summary in report["step_rewards"].items():
         lines.append(
             f"  {kind:<14}{summary['count']:>8}{_cell(summary['mean']):>10}{_cell(summary['std']):>10}{_cell(summary['median']):>10}"
+        )
+    processbench = report["processbench"]
+    if processbench is not None:
+        threshold = processbench["threshold"]
+        lines.append(
+            f"  ProcessBench threshold {_cell(threshold)} (from {processbench['threshold_source']})" if threshold is not None
+            else "  ProcessBench: no threshold (validate chooses one; or set report.threshold)"
         )
     if report["history"] is None:
         lines.append("  no metrics.csv found for the training curves (set report.history)")

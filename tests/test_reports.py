@@ -19,7 +19,8 @@ from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.reports import StepRewardReport, build_report, report_figures
+from stepwise_lit.evaluate import LabelledStepRewards
+from stepwise_lit.reports import StepRewardReport, build_report, processbench_values, report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
@@ -197,3 +198,34 @@ def test_counts_are_ints_for_whole_weights_and_floats_for_fractional_ones():
     assert all(type(c) is int for c in whole["step_accuracy_by_index"]["rejected_count"])
     fractional = _step_report(torch.tensor([1.0, 0.5]))
     assert fractional["num_pairs"] == 1.5 and fractional["step_accuracy_by_index"]["chosen_count"] == [1.5, 1.5]
+
+
+def labelled_responses() -> dict[str, torch.Tensor]:
+    """Four responses, two steps each, plus one of weight 0 (distributed padding) that must not count."""
+    metric = LabelledStepRewards()
+    metric.update(
+        torch.tensor([[0.5, -1.0], [0.2, 0.3], [-0.4, 0.1], [-0.2, 0.4], [-9.0, 0.0]]),
+        torch.ones(5, 2, dtype=torch.bool),
+        torch.tensor([1, -1, 0, -1, 0]),
+        torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]),
+    )
+    return metric.compute()
+
+
+def test_processbench_values_at_a_given_threshold_by_hand():
+    """Threshold 0: the first step below it is step 1, none, step 0, step 0; labels 1, -1, 0, -1.
+    error_acc = 2/2, correct_acc = 1/2 (the last response is flagged at step 0), F1 = 2·1·0.5/1.5 = 2/3."""
+    values = processbench_values(labelled_responses(), 0.75, 0.0, "report.threshold")
+    assert values["num_erroneous"] == 2 and values["num_correct"] == 2
+    assert values["error_acc"] == 1.0 and values["correct_acc"] == 0.5
+    assert values["processbench_f1"] == pytest.approx(2 / 3)
+    assert values["within_response_auroc"] == 0.75 and values["threshold_source"] == "report.threshold"
+
+
+def test_processbench_values_choose_the_validation_threshold_by_hand():
+    """Every response is right for thresholds in (-0.4, -0.2]; the smallest candidate there is
+    the midpoint -0.3 (F1 1). Without a threshold or a validation source nothing is scored."""
+    values = processbench_values(labelled_responses(), 0.75, None, "validation data")
+    assert values["threshold"] == pytest.approx(-0.3) and values["processbench_f1"] == 1.0
+    unscored = processbench_values(labelled_responses(), 0.75, None, None)
+    assert unscored["threshold"] is None and unscored["processbench_f1"] is None and unscored["error_acc"] is None

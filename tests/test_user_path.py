@@ -258,6 +258,24 @@ def test_validate_and_test_a_checkpoint(tmp_path, cache_dir, capsys):
         assert report
 
 
+def test_generation_evaluation_from_yaml(tmp_path, cache_dir, capsys):
+    """`evaluation.*` (greedy decoding, the rule verifier, also during fit) and `report.per_token`:
+    the solve rate is logged at fit's validation and lands in validate's report.json."""
+    evaluation = {
+        "enabled": True, "during_fit": True, "source": "embedded", "max_prompts": 2, "verifier": RULE_SCORER,
+        "generation": {"max_new_tokens": 16, "max_steps": 2, "batch_size": 2},
+    }
+    root = fit(tmp_path, {"evaluation": evaluation, "report": {"per_token": True}}, cache_dir, capsys)
+    (metrics_file,) = (root / "csv").glob("version_*/metrics.csv")
+    assert any(row.get("val/solve_rate") for row in csv.DictReader(metrics_file.open()))
+    outcome = run_entry(main, ["validate", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", "last"], capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    report = json.loads((root / "report" / "val" / "report.json").read_text())
+    assert report["generation"]["num_prompts"] == 2 and 0 <= report["metrics"]["solve_rate"] <= 1
+    assert report["processbench"]["per_token"] is True
+    assert "val/solve_rate" in report["history"]["series"]  # fit's validations, read from its metrics.csv
+
+
 def test_validate_without_a_checkpoint_warns_that_the_model_is_random(tmp_path, cache_dir, capsys, caplog):
     config = write_config(tmp_path, {}, cache_dir)
     outcome = run_entry(main, ["validate", "--config", str(config), "--report.enabled=false"], capsys)

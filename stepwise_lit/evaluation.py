@@ -1,0 +1,484 @@
+"""Does the policy solve more problems? Generation-based evaluation in ``validate``/``test`` and as a command.
+
+:class:`SolveRateEvaluation` (a callback, settings under ``evaluation``) decodes the
+policy on the validation split's distinct prompts once per ``validate``/``test`` run,
+extracts each completion's final answer (:mod:`stepwise_lit.answers`) and grades it
+against the problem's reference answer (:func:`reference_answer`): ``solve_rate`` (greedy
+pass@1), and with ``generation.num_samples`` k > 1 (sampling) ``pass_at_k`` and
+``maj_at_k``. With a ``verifier`` (any ``StepScorer``, e.g. the rule verifier for
+arithmetic) it also scores the generated steps: the share it flags (score < 0), the
+share of solutions with a flagged step, and the mean 1-based position of the first
+flagged step. Values are logged as ``val/solve_rate`` ... (``test/...``), so they land in
+``metrics.csv``, and :class:`~stepwise_lit.reports.StepRewardReport` puts them in
+``report.json`` with a plot.
+
+``python -m stepwise_lit.evaluate --model <exported folder> --data.path <file>
+--data.format gsm8k --source gsm8k --output <folder>`` (:func:`main`) does the same for
+an exported model and a data file and writes ``<output>/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import get_args
+
+import lightning as L
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torchmetrics.aggregation import SumMetric
+
+from stepwise_lit.answers import AnswerSourceName, extract_answer
+from stepwise_lit.data.formats import Format, read_records, to_canonical
+from stepwise_lit.data.sampling import PaddedShardSampler
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.evaluate import MajorityAtK, PassAtK, SolveRate
+from stepwise_lit.generate import GenerationSettings, Prompt, TransformersGenerator
+from stepwise_lit.metrics import WeightedMean
+from stepwise_lit.models import TinyModelConfig, load_causal_lm
+from stepwise_lit.rewards.base import StepScorer
+from stepwise_lit.tokenizer import load_tokenizer
+
+log = logging.getLogger("stepwise_lit")
+
+REPORT_FILE = "report.json"
+EXPORT_CONFIG = "stepwise_config.json"  # what stepwise_lit.export writes beside the weights
+NUM_EXAMPLES = 3  # completions shown in the report
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A held-out problem to solve.
+
+    Attributes:
+        prompt: The prompt as the data has it (text or chat messages).
+        answer: Its reference final answer (:func:`reference_answer`).
+        solution: The reference solution text, passed to a verifier.
+    """
+
+    prompt: Prompt
+    answer: str
+    solution: str
+
+
+def reference_answer(reference_solution: str | None, chosen_steps: Sequence[str], source: AnswerSourceName) -> str | None:
+    """A problem's reference final answer: extracted from the row's ``reference_solution``
+    when it has one, else from its chosen solution (``"".join(chosen_steps)``).
+
+    For the embedded task the reference solution is the correct solution (``... The answer
+    is 14.``); for GSM8K it is the data set's answer (``... #### 72``). A reference that
+    states no answer by the source's rule (a MATH ``answer`` field is the bare answer, not a
+    ``\\boxed{}``) is the answer itself, stripped.
+
+    Returns:
+        The answer, or None when the row has neither a reference solution nor a chosen one.
+    """
+    text = reference_solution if reference_solution else "".join(chosen_steps)
+    if not text.strip():
+        return None
+    answer = extract_answer(text, source)
+    return answer if answer is not None else text.strip()
+
+
+def held_out_problems(
+    prompts: Sequence[Prompt],
+    reference_solutions: Sequence[str | None],
+    chosen_steps: Sequence[Sequence[str]],
+    source: AnswerSourceName,
+    max_prompts: int | None,
+) -> tuple[list[Problem], int]:
+    """The distinct prompts of some rows with their reference answers, in first-seen order.
+
+    A prompt's first row gives its reference; rows without one are left out.
+
+    Returns:
+        The problems (at most ``max_prompts``), and the rows left out for having no reference.
+    """
+    problems: dict[str, Problem] = {}
+    without_reference = 0
+    for prompt, solution, steps in zip(prompts, reference_solutions, chosen_steps):
+        key = json.dumps(prompt)
+        if key in problems:
+            continue
+        answer = reference_answer(solution, steps, source)
+        if answer is None:
+            without_reference += 1
+            continue
+        problems[key] = Problem(prompt, answer, solution or "".join(steps))
+        if max_prompts is not None and len(problems) == max_prompts:
+            break
+    return list(problems.values()), without_reference
+
+
+def split_steps(text: str, step_end: str) -> list[str]:
+    """A completion's steps: each ends with ``step_end`` (kept), the rest is a last step;
+    blank steps are dropped. ``"".join`` of the result is ``text`` minus its blank steps."""
+    pieces = text.split(step_end)
+    steps = [piece + step_end for piece in pieces[:-1]] + [pieces[-1]]
+    return [step for step in steps if step.strip()]
+
+
+class GenerationMetrics(torch.nn.Module):
+    """Solve rates and verifier flags of generated solutions, synced across ranks by torchmetrics.
+
+    Args:
+        source: How answers are extracted and compared.
+        num_samples: Completions per prompt; pass@k and maj@k (k = ``num_samples``) when above 1.
+    """
+
+    def __init__(self, source: AnswerSourceName, num_samples: int) -> None:
+        super().__init__()
+        self.source = source
+        self.num_samples = num_samples
+        self.solve_rate = SolveRate(source)
+        self.pass_at_k = PassAtK(num_samples, source)
+        self.maj_at_k = MajorityAtK(source)
+        self.num_prompts = SumMetric(nan_strategy="disable")
+        self.flagged_step_share = WeightedMean()
+        self.flagged_solution_share = WeightedMean()
+        self.first_flagged_step = WeightedMean()
+
+    def update(
+        self,
+        problems: Sequence[Problem],
+        completions: Sequence[Sequence[str]],
+        weights: torch.Tensor,
+        verifier: StepScorer | None = None,
+        step_end: str = "\n",
+    ) -> None:
+        """Grade N prompts' completions.
+
+        Args:
+            problems: N problems.
+            completions: Per problem, its ``num_samples`` completions; the first is the one
+                ``solve_rate`` grades (the greedy one when decoding greedily).
+            weights: ``[N]`` prompt weights (0: a distributed shard's padding).
+            verifier: Scores the completions' steps (:func:`split_steps` on ``step_end``); None: no flags.
+            step_end: The text that ends a step.
+        """
+        answers = [[extract_answer(text, self.source) for text in samples] for samples in completions]
+        references = [problem.answer for problem in problems]
+        self.solve_rate.update([samples[0] for samples in answers], references, weights)
+        self.num_prompts.update(weights.float().sum())
+        if self.num_samples > 1:
+            self.pass_at_k.update(answers, references, weights)
+            self.maj_at_k.update(answers, references, weights)
+        if verifier is not None:
+            self.update_flags(problems, completions, weights, verifier, step_end)
+
+    def update_flags(
+        self,
+        problems: Sequence[Problem],
+        completions: Sequence[Sequence[str]],
+        weights: torch.Tensor,
+        verifier: StepScorer,
+        step_end: str,
+    ) -> None:
+        """Scores every completion's steps in one call; a completion without a step is a solution without a flag."""
+        responses = [
+            (problem, split_steps(text, step_end), torch.tensor(weight))
+            for problem, samples, weight in zip(problems, completions, weights.tolist())
+            for text in samples
+        ]
+        scored = [(problem, steps) for problem, steps, _ in responses if steps]
+        scores = iter(verifier.score_steps(
+            [problem.prompt for problem, _ in scored], [steps for _, steps in scored], [problem.solution for problem, _ in scored]
+        ) if scored else [])
+        for _, steps, weight in responses:
+            flags = torch.tensor([score < 0 for score in next(scores)]) if steps else torch.zeros(0, dtype=torch.bool)
+            self.flagged_solution_share.update(flags.any().float(), weight)
+            self.flagged_step_share.update(flags.float(), weight)
+            if flags.any():
+                self.first_flagged_step.update(flags.long().argmax().float() + 1, weight)
+
+    def compute(self, with_flags: bool) -> dict[str, float | int | None]:
+        """The values (every rank takes part): ``num_prompts``, ``k``, ``solve_rate``,
+        ``pass_at_k`` and ``maj_at_k`` (None when k = 1), and with flags ``flagged_step_share``,
+        ``flagged_solution_share`` and ``first_flagged_step`` (None where nothing was counted)."""
+        sampled = self.num_samples > 1
+        values = {
+            "num_prompts": count(self.num_prompts.compute()),
+            "k": self.num_samples,
+            "solve_rate": number(self.solve_rate.compute()),
+            "pass_at_k": number(self.pass_at_k.compute()) if sampled else None,
+            "maj_at_k": number(self.maj_at_k.compute()) if sampled else None,
+        }
+        if with_flags:
+            for name in ("flagged_step_share", "flagged_solution_share", "first_flagged_step"):
+                values[name] = number(getattr(self, name).compute())
+        return values
+
+    def reset(self) -> None:
+        for metric in self.children():
+            metric.reset()
+
+
+def count(value: torch.Tensor) -> int | float:
+    """A weighted count for JSON: an int when whole (0/1 prompt weights), else a float."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def number(value: torch.Tensor) -> float | None:
+    """A JSON number: float, or None for NaN (nothing counted)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def evaluate_problems(
+    generator: TransformersGenerator,
+    problems: Sequence[Problem],
+    weights: torch.Tensor,
+    settings: GenerationSettings,
+    metrics: GenerationMetrics,
+    verifier: StepScorer | None,
+) -> list[list[str]]:
+    """Generates for ``problems`` and updates ``metrics``; returns the completions."""
+    completions = generator.generate([problem.prompt for problem in problems], settings) if problems else []
+    metrics.update(problems, completions, weights, verifier, settings.step_end)
+    return completions
+
+
+def examples(problems: Sequence[Problem], completions: Sequence[Sequence[str]], source: AnswerSourceName) -> list[dict]:
+    """The first :data:`NUM_EXAMPLES` problems with their first completion, its answer and the reference."""
+    return [
+        {"prompt": problem.prompt, "completion": samples[0], "answer": extract_answer(samples[0], source), "reference": problem.answer}
+        for problem, samples in list(zip(problems, completions))[:NUM_EXAMPLES]
+    ]
+
+
+class SolveRateEvaluation(L.Callback):
+    """Greedy (or sampled) solutions of the validation split's prompts, graded at the start
+    of every ``validate``/``test`` epoch (before the pair metrics; off during ``fit`` unless
+    ``during_fit``).
+
+    Prompts are the split's distinct prompts in order, at most ``max_prompts``, formatted and
+    cut as training formats them (``data.use_step_wise_prompt``/``step_wise_prompt_template``,
+    ``data.max_prompt_length`` from the left). Under DDP each rank generates its in-order
+    share once; the shares are padded to equal length with repeats of weight 0
+    (``data.sampling.PaddedShardSampler``), so the values equal one process's. The results
+    (:attr:`results`) go to the logger as ``<stage>/solve_rate``, ``<stage>/pass_at_k``,
+    ``<stage>/maj_at_k`` and ``<stage>/flagged_step_share``, and into ``report.json``.
+
+    Args:
+        enabled: Generate at all. Off by default: decoding costs more than the pair metrics
+            (configs/tiny.yaml's model, 64 prompts, one CPU core: 0.6 s for 64 new tokens each,
+            1.1 s for 128; a trained model stops earlier, at its EOS).
+        source: How final answers are read and compared: ``embedded`` (``The answer is N``),
+            ``gsm8k`` (``#### N``, else the last number) or ``math`` (the last ``\\boxed{}``).
+            The reference answer is read the same way from the row's ``reference_solution``,
+            else from its chosen solution (see `reference_answer`).
+        max_prompts: Most distinct prompts evaluated (the first ones of the split); None: all.
+        generation: How to decode (`stepwise_lit.generate.GenerationSettings`, set as
+            ``evaluation.generation.max_new_tokens`` ...): greedy by default; ``do_sample: true``
+            with ``num_samples: k`` adds pass@k and maj@k. Not changed by the callback.
+        verifier: A step scorer (e.g. ``stepwise_lit.rewards.ArithmeticStepVerifier``) that
+            flags generated steps (score < 0); None: no flag metrics.
+        during_fit: Also evaluate at every validation during ``fit`` (not the sanity check),
+            which logs ``val/solve_rate`` over training; costs the decoding time each time.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = False,
+        source: AnswerSourceName = "embedded",
+        max_prompts: int | None = 64,
+        generation: GenerationSettings = GenerationSettings(),
+        verifier: StepScorer | None = None,
+        during_fit: bool = False,
+    ) -> None:
+        if source not in get_args(AnswerSourceName):
+            raise SettingError(f"evaluation.source: unknown value {source!r}; choose one of {', '.join(get_args(AnswerSourceName))}")
+        if max_prompts is not None and max_prompts < 1:
+            raise SettingError(f"evaluation.max_prompts: must be at least 1 or null, got {max_prompts}")
+        self.enabled = enabled
+        self.source = source
+        self.max_prompts = max_prompts
+        self.generation = generation
+        self.verifier = verifier
+        self.during_fit = during_fit
+        self.metrics = GenerationMetrics(source, self.generation.num_samples)
+        self.results: dict | None = None
+
+    def active(self, trainer: L.Trainer) -> bool:
+        """Whether this epoch is evaluated."""
+        if not self.enabled or trainer.sanity_checking:
+            return False
+        return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) or (
+            self.during_fit and trainer.state.fn == TrainerFn.FITTING
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fails at start under FSDP: a sharded policy's forward is collective, and ranks that
+        decode different lengths would wait on each other forever.
+
+        Raises:
+            SettingError: Naming ``evaluation.enabled``.
+        """
+        if self.enabled and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise SettingError(
+                "evaluation.enabled: generation needs the whole policy on every rank (DDP or one process); "
+                f"it does not run under {type(trainer.strategy).__name__}. Evaluate the exported model with "
+                "python -m stepwise_lit.evaluate instead"
+            )
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module, "test")
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Generates this rank's share, computes the global values into :attr:`results` and logs them."""
+        self.results = None
+        if not self.active(trainer):
+            return
+        datamodule = trainer.datamodule
+        rows = datamodule.val_dataset
+        if rows is None:
+            log.warning("evaluation: no validation split, nothing to generate for")
+            return
+        problems, without_reference = held_out_problems(
+            [json.loads(prompt) for prompt in rows["prompt_json"]], rows["reference_solution"], rows["chosen_steps"],
+            self.source, self.max_prompts,
+        )
+        if without_reference:
+            log.warning("evaluation: %d rows without a reference solution or chosen steps left out", without_reference)
+        share = trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+        positions = list(PaddedShardSampler(problems, **share)) if problems else []
+        mine = [problems[position % len(problems)] for position in positions]
+        weights = torch.tensor([float(position < len(problems)) for position in positions])
+        generator = TransformersGenerator(
+            pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
+            datamodule.hparams.max_prompt_length, progress=False,
+        )
+        self.metrics.to(pl_module.device)  # torchmetrics syncs its states where they are (NCCL: on the GPU)
+        self.metrics.reset()
+        completions = evaluate_problems(generator, mine, weights, self.generation, self.metrics, self.verifier)
+        self.results = {
+            "source": self.source,
+            **self.metrics.compute(with_flags=self.verifier is not None),
+            "generation": asdict(self.generation),
+            "examples": examples(mine, completions, self.source),
+        }
+        for name in ("solve_rate", "pass_at_k", "maj_at_k", "flagged_step_share"):
+            if self.results.get(name) is not None:
+                pl_module.log(f"{stage}/{name}", float(self.results[name]), sync_dist=True)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def build_parser() -> ArgumentParser:
+    """The options of ``python -m stepwise_lit.evaluate``."""
+    parser = ArgumentParser(
+        prog="python -m stepwise_lit.evaluate",
+        description="Generate solutions with an exported model for a data file's prompts and write report.json.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
+    parser.add_argument("--model", type=str, required=True, help="exported model folder (stepwise_lit.export)")
+    parser.add_argument("--data.path", type=str, required=True, help="data file (.json/.jsonl/.parquet/.csv)")
+    parser.add_argument("--data.format", type=Format, required=True, help="its format (as data.format of training)")
+    parser.add_argument("--data.step_delimiter", type=str | None, default=None,
+                        help="text that starts a step in text responses; null: the exported run's, else '\\n\\nStep'")
+    parser.add_argument("--data.max_prompt_length", type=int | None, default=None,
+                        help="most prompt tokens, cut from the left; null: the exported run's setting")
+    parser.add_argument("--data.step_wise_prompt_template", type=str | None, default=None,
+                        help="template with {prompt}; null: the exported run's (when it used one), else none")
+    parser.add_argument("--source", type=AnswerSourceName, default="embedded", help="answer extraction: embedded, gsm8k, math")
+    parser.add_argument("--max_prompts", type=int | None, default=None, help="most distinct prompts (the first ones); null: all")
+    parser.add_class_arguments(GenerationSettings, "generation")
+    parser.add_argument("--output", type=str, required=True, help="folder for report.json (created)")
+    parser.add_argument("--trust_remote_code", type=bool, default=False, help="allow code from the model folder")
+    parser.add_argument("--device", type=str | None, default=None, help="torch device; null: cuda when available, else cpu")
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
+    return parser
+
+
+def exported_data_settings(model: Path) -> dict:
+    """The data settings the exported run trained with (``stepwise_config.json``'s ``data``); {} when absent."""
+    path = model / EXPORT_CONFIG
+    return (json.loads(path.read_text()).get("data") or {}) if path.is_file() else {}
+
+
+def prompt_settings(config, trained: dict) -> tuple[str | None, int | None, str]:
+    """Template, max prompt length and step delimiter: the options given, else the exported run's."""
+    template = config.data.step_wise_prompt_template
+    if template is None and trained.get("use_step_wise_prompt"):
+        template = trained.get("step_wise_prompt_template")
+    max_prompt_length = config.data.max_prompt_length or trained.get("max_prompt_length")
+    return template, max_prompt_length, config.data.step_delimiter or trained.get("step_delimiter") or "\n\nStep"
+
+
+def check_options(config) -> None:
+    """Fails on options that cannot work, before a model is loaded.
+
+    Raises:
+        SettingError: Naming the option.
+    """
+    if not Path(config.model).is_dir():
+        raise SettingError(f"model: {config.model} is not a folder (give the folder written by the export)")
+    path = Path(config.data.path)
+    if not path.is_file():
+        raise SettingError(f"data.path: {path} {'is a folder' if path.exists() else 'does not exist'}; give a data file")
+    if config.max_prompts is not None and config.max_prompts < 1:
+        raise SettingError(f"max_prompts: must be at least 1 or null, got {config.max_prompts}")
+    if config.data.max_prompt_length is not None and config.data.max_prompt_length < 1:
+        raise SettingError(f"data.max_prompt_length: must be at least 1 or null, got {config.data.max_prompt_length}")
+    report = Path(config.output) / REPORT_FILE
+    if report.exists():
+        raise SettingError(f"output: {report} exists; name a new folder (evaluate never overwrites a report)")
+    check_writable_folder(config.output, "output")
+
+
+def evaluate_file(config) -> dict:
+    """Runs the command's evaluation and writes ``<output>/report.json``; returns the report."""
+    check_options(config)
+    settings = GenerationSettings(**config.generation.as_dict())
+    model_path = Path(config.model)
+    template, max_prompt_length, step_delimiter = prompt_settings(config, exported_data_settings(model_path))
+    path = Path(config.data.path)
+    rows = to_canonical(read_records(path), config.data.format, path.name, step_delimiter, require_scores=False)
+    problems, without_reference = held_out_problems(
+        [row["prompt"] for row in rows], [row["reference_solution"] for row in rows], [row["chosen_steps"] for row in rows],
+        config.source, config.max_prompts,
+    )
+    if not problems:
+        raise SettingError(f"data.path: none of the {len(rows)} rows of {path} has a reference solution or chosen steps")
+    tokenizer = load_tokenizer(str(model_path), config.trust_remote_code, setting="model")
+    model = load_causal_lm(str(model_path), tokenizer, TinyModelConfig(), config.trust_remote_code, setting="model")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generator = TransformersGenerator(model.to(device), tokenizer, template, max_prompt_length)
+    metrics = GenerationMetrics(config.source, settings.num_samples)
+    completions = evaluate_problems(generator, problems, torch.ones(len(problems)), settings, metrics, None)
+    report = {
+        "model": str(model_path),
+        "data": str(path),
+        "source": config.source,
+        **metrics.compute(with_flags=False),
+        "rows_without_reference": without_reference,
+        "generation": asdict(settings),
+        "prompt": {"template": template, "max_prompt_length": max_prompt_length},
+        "examples": examples(problems, completions, config.source),
+    }
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    rates = ", ".join(f"{name} {report[name]:.4f}" for name in ("solve_rate", "pass_at_k", "maj_at_k") if report[name] is not None)
+    print(f"evaluate: {report['num_prompts']:g} prompts, {rates}; written to {output / REPORT_FILE}")
+    return report
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Runs ``python -m stepwise_lit.evaluate`` (`args`: without the program name; None reads
+    ``sys.argv``). Bad options or data end with a one-paragraph message and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if args is None else list(args)
+    exit_on_user_error(lambda: evaluate_file(build_parser().parse_args(args)), argv)
