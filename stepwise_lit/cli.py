@@ -34,8 +34,10 @@ RESOLVED_BY_LIGHTNING = ("best", "hpc")  # special --ckpt_path values Lightning 
 class StepwiseCLI(LightningCLI):
     """LightningCLI with the tokenizer settings linked from the model to the data module,
     CSV + TensorBoard loggers under `trainer.default_root_dir` unless the config names loggers,
-    and the evaluation report of `validate`/`test` (`StepRewardReport`, settings under `report`;
-    `--report.enabled=false` switches it off).
+    the evaluation report of `validate`/`test` (`StepRewardReport`, settings under `report`;
+    `--report.enabled=false` switches it off), the generation evaluation (`SolveRateEvaluation`,
+    settings under `evaluation`, off by default) and the Hugging Face export at the end of `fit`
+    (`HuggingFaceExport`, settings under `export`).
 
     Before any model is loaded it checks what a user names: the `--config` files (valid YAML,
     in `main`), `--ckpt_path` (a readable checkpoint; `last` must find one where this CLI's
