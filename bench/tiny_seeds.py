@@ -1,6 +1,7 @@
 """The README's main-job table: `configs/tiny.yaml` run with several seeds, validation metrics at each
-validation step as mean and range over the seeds, the wall time of each run, and the exported
-policy's greedy continuation of a prompt.
+validation step as mean and range over the seeds, the evaluation report of each run's last
+checkpoint (`validate`: solve rate, ProcessBench F1 of the implicit step rewards, ...), the
+wall time of each fit, and the exported policy's greedy continuation of a prompt.
 
     python bench/tiny_seeds.py --seeds 0 1 2 --out runs/tiny_seeds   # ~3 min a seed on 2 cores
 
@@ -25,19 +26,25 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = ("val/reward_accuracy", "val/step_accuracy", "val/step_auroc", "val/first_error_accuracy")
+METRICS = ("val/solve_rate", "val/reward_accuracy", "val/step_accuracy", "val/step_auroc")
+REPORTED = ("solve_rate", "processbench_f1", "error_acc", "correct_acc", "within_response_auroc", "step_auroc")
 PROMPT = "Step 1: 4 + 3 ="
 
 
 def run(seed: int, root: Path) -> float | None:
-    """Trains one seed; returns the wall time in seconds (None when the run was already there)."""
-    if (root / "export" / "model.safetensors").is_file():
+    """Trains one seed, then validates its last checkpoint (the evaluation report); returns the
+    wall time of the fit in seconds (None when the run was already there)."""
+    if (root / "report" / "val" / "report.json").is_file():
         return None
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "tiny.yaml"),
-               f"--seed_everything={seed}", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"]
+    common = ["--config", str(REPO / "configs" / "tiny.yaml"), f"--seed_everything={seed}",
+              f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"]
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO)
-    return time.perf_counter() - start
+    subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *common], check=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    subprocess.run([sys.executable, str(REPO / "train.py"), "validate", *common, f"--ckpt_path={checkpoint}"],
+                   check=True, cwd=REPO)
+    return wall
 
 
 def validation_rows(root: Path) -> dict[int, dict[str, float]]:
@@ -67,12 +74,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tiny_seeds")
     args = parser.parse_args()
-    walls, tables, texts = {}, {}, {}
+    walls, tables, texts, reports = {}, {}, {}, {}
     for seed in args.seeds:
         root = args.out / f"seed{seed}"
         walls[seed] = run(seed, root)
         tables[seed] = validation_rows(root)
         texts[seed] = continuation(root)
+        reports[seed] = json.loads((root / "report" / "val" / "report.json").read_text())["metrics"]
     steps = sorted(set.intersection(*(set(table) for table in tables.values())))
     print("| step | " + " | ".join(name.split("/")[1] for name in METRICS) + " |")
     print("| ---: |" + " ---: |" * len(METRICS))
@@ -82,13 +90,21 @@ def main() -> None:
         for name in METRICS:
             values = [tables[seed][step][name] for seed in args.seeds if name in tables[seed][step]]
             summary.setdefault(str(step), {})[name] = values
+            if not values:
+                cells.append("–")
+                continue
             mean = statistics.fmean(values)
             cells.append(f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})")
         print(f"| {step} | " + " | ".join(cells) + " |")
+    print("\nvalidate of the last checkpoint (report.json), mean (range) over the seeds:")
+    for name in REPORTED:
+        values = [reports[seed][name] for seed in args.seeds if reports[seed].get(name) is not None]
+        if values:
+            print(f"  {name}: {statistics.fmean(values):.3f} ({min(values):.3f}–{max(values):.3f})")
     for seed in args.seeds:
         wall = "already run" if walls[seed] is None else f"{walls[seed]:.0f} s"
         print(f"seed {seed}: wall {wall}; greedy continuation of {PROMPT!r}: {texts[seed]!r}")
-    print(json.dumps({"seeds": args.seeds, "wall_s": walls, "metrics": summary, "continuations": texts}))
+    print(json.dumps({"seeds": args.seeds, "wall_s": walls, "metrics": summary, "reports": reports, "continuations": texts}))
 
 
 if __name__ == "__main__":
