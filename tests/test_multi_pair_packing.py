@@ -11,7 +11,7 @@ import torch
 
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.data.packing import first_fit_decreasing, packed_attention_mask
+from stepwise_lit.data.packing import balanced_rows, packed_attention_mask
 from stepwise_lit.errors import SettingError
 from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps
 from stepwise_lit.models import TinyModelConfig
@@ -24,12 +24,15 @@ TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_s
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 
 
-def test_first_fit_decreasing_by_hand():
-    """Lengths [5, 3, 4, 2, 6], budget 8, longest first: 6 (item 4) opens bin 0; 5 (item 0) does
-    not fit (11) and opens bin 1; 4 (item 2) fits neither (10, 9) and opens bin 2; 3 (item 1)
-    fits bin 1 (8); 2 (item 3) fits bin 0 (8). An item over the budget gets a bin of its own."""
-    assert first_fit_decreasing([5, 3, 4, 2, 6], 8) == [[3, 4], [0, 1], [2]]
-    assert first_fit_decreasing([10, 1], 4) == [[0], [1]]
+def test_balanced_rows_by_hand():
+    """Lengths [5, 3, 4, 2, 6], budget 8: 20 tokens need at least 3 rows. Longest first, each to
+    the emptiest row: 6 (item 4) row 0, 5 (item 0) row 1, 4 (item 2) row 2, 3 (item 1) row 2 (4 is
+    the least), 2 (item 3) row 1 (5 < 6 < 7): rows of 6, 7, 7 tokens, within the budget.
+    [5, 5, 5] in 9: 2 rows would put 10 in one, so 3 rows. A pair over the budget gets its own row."""
+    assert balanced_rows([5, 3, 4, 2, 6], 8) == [[4], [0, 3], [1, 2]]
+    assert balanced_rows([5, 5, 5], 9) == [[0], [1], [2]]
+    assert balanced_rows([10, 1], 4) == [[0], [1]]
+    assert balanced_rows([10, 1], 11) == [[0, 1]]
 
 
 PAIR_A = ([5, 6, 10, 11, 9], [0, 0, 1, 1, 1], [5, 6, 12, 9], [0, 0, 1, 1])  # block [5 6 | 10 11 9 | 12 9], 7 tokens
@@ -38,8 +41,8 @@ PAIR_C = ([8, 30, 31, 32, 33, 9], [0, 1, 1, 2, 2, 2], [8, 34, 9], [0, 1, 1])  # 
 
 
 def test_collator_lays_several_pairs_in_a_row_by_hand():
-    """Blocks of 7, 5 and 8 tokens, budget 12: C (8) opens row 0, A (7) opens row 1, B (5) joins
-    row 1 (12). Row 1 is [A | B]: B's positions restart at 0, its slot is 1, and its chosen and
+    """Blocks of 7, 5 and 8 tokens, budget 12: 20 tokens, 2 rows; C (8) goes to row 0, A (7) to
+    row 1, B (5) to row 1, the emptier (12). Row 1 is [A | B]: B's positions restart at 0, its slot is 1, and its chosen and
     rejected targets sit in columns 1 and 3 (P = 2). Row 0 is C and padding (slot -1).
     Responses: chosen A, B, C at (1, 0), (1, 1), (0, 0); rejected at columns 2, 3, 2."""
     batch = StepwiseCollator(0, pack_pairs=True, pack_budget=12)([token_row(*PAIR_A), token_row(*PAIR_B), token_row(*PAIR_C)])

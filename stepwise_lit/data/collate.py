@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, Sampler
 
 from stepwise_lit.data.batch import PairBatch
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.data.packing import PADDING, PADDING_SLOT, first_fit_decreasing, pack_pair
+from stepwise_lit.data.packing import PADDING, PADDING_SLOT, balanced_rows, pack_pair
 
 
 class StepwiseCollator:
@@ -21,9 +21,9 @@ class StepwiseCollator:
     Args:
         pad_token_id: Id that fills ``input_ids`` past each row's end.
         pack_pairs: Lay each pair out as one packed block (``stepwise_lit.data.packing``).
-        pack_budget: Packed only: tokens per row to fill with several pair blocks
-            (first-fit decreasing over the batch's pairs; a pair longer than the budget
-            gets a row of its own); None: one pair per row.
+        pack_budget: Packed only: most tokens per row, filled with several pair blocks
+            (`stepwise_lit.data.packing.balanced_rows`: the fewest rows, balanced; a pair
+            longer than the budget gets a row of its own); None: one pair per row.
     """
 
     def __init__(self, pad_token_id: int, pack_pairs: bool = False, pack_budget: int | None = None) -> None:
@@ -89,7 +89,7 @@ class StepwiseCollator:
         if self.pack_budget is None:
             groups = [[pair] for pair in range(len(blocks))]
         else:
-            groups = first_fit_decreasing([len(block["input_ids"]) for block in blocks], self.pack_budget)
+            groups = balanced_rows([len(block["input_ids"]) for block in blocks], self.pack_budget)
         slots = max(len(group) for group in groups)  # P
         packed = [concatenate_blocks([blocks[pair] for pair in group], slots) for group in groups]
         place = {pair: (row, slot) for row, group in enumerate(groups) for slot, pair in enumerate(group)}

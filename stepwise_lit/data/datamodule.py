@@ -121,10 +121,11 @@ class StepwiseDataModule(L.LightningDataModule):
             rejected row. Same log-probs up to float rounding. Needs a model with sdpa or
             eager attention (4D masks) or flex_attention (a block mask); the module names
             this setting if not.
-        pack_budget: With ``pack_pairs``: tokens per packed row, filled with several pairs'
-            blocks (first-fit decreasing over each batch's pairs, attention block-diagonal
-            over the pairs, positions restarted per pair), so that rows are not padded to
-            the batch's longest pair; a pair longer than the budget gets a row of its own.
+        pack_budget: With ``pack_pairs``: most tokens per packed row, filled with several
+            pairs' blocks (the fewest rows for the batch's pairs, balanced in length, see
+            ``stepwise_lit.data.packing.balanced_rows``; attention block-diagonal over the
+            pairs, positions restarted per pair), so that rows are not padded to the
+            batch's longest pair; a pair longer than the budget gets a row of its own.
             None: one pair per row. Same log-probs up to float rounding.
         synthetic_train_size: Synthetic training pairs (at least 1).
         synthetic_val_size: Synthetic validation pairs (problems distinct from the

@@ -27,7 +27,7 @@ says which block of its row a position belongs to (padding: -1), and attention
 never crosses blocks, so the mask is block-diagonal over the pairs. With P blocks
 in the widest row, ``target_ids`` has 2P columns: ``s`` for the chosen side of
 block ``s``, ``P + s`` for its rejected side (P = 1: ``[chosen, rejected]`` as
-above). `first_fit_decreasing` chooses the blocks of each row.
+above). `balanced_rows` chooses the blocks of each row.
 """
 
 from __future__ import annotations
@@ -92,32 +92,34 @@ def pack_pair(
     }
 
 
-def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group items into bins of at most `budget` total length, first-fit decreasing.
+def balanced_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group pairs into the fewest rows of at most `budget` tokens each, balanced so that the
+    longest row, to which the others are padded, is as short as the greedy finds.
 
-    Items are taken longest first (ties: lower index first); each goes into the first bin
-    it fits in, or a new bin. An item longer than `budget` gets a bin of its own. Each
-    bin lists its items in index order; bins are in order of creation.
+    For R rows, from ``ceil(sum / budget)`` up: pairs are taken longest first (ties: lower
+    index first), each into the row holding the fewest tokens so far (ties: the lower row);
+    the first R whose rows of two or more pairs all fit the budget is kept. A pair longer than
+    the budget thus ends up in a row of its own. Each row lists its pairs in index order.
 
     Args:
-        lengths: length of each item.
-        budget: most total length per bin (at least 1).
+        lengths: tokens of each pair's packed block.
+        budget: most tokens per row of two or more pairs (at least 1).
 
     Returns:
-        The item indices of each bin.
+        The pair indices of each row.
     """
-    bins: list[list[int]] = []
-    used: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, total in enumerate(used):
-            if total + lengths[index] <= budget:
-                bins[b].append(index)
-                used[b] += lengths[index]
-                break
-        else:
-            bins.append([index])
-            used.append(lengths[index])
-    return [sorted(items) for items in bins]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    fewest = min(-(-sum(lengths) // budget), len(lengths))  # ceil(sum / budget), at most one row per pair
+    for num_rows in range(max(1, fewest), len(lengths) + 1):
+        rows: list[list[int]] = [[] for _ in range(num_rows)]
+        used = [0] * num_rows
+        for index in order:
+            row = used.index(min(used))
+            rows[row].append(index)
+            used[row] += lengths[index]
+        if all(len(items) == 1 or total <= budget for items, total in zip(rows, used)):
+            break
+    return [sorted(items) for items in rows if items]
 
 
 def packed_attention_mask(
