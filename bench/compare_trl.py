@@ -209,7 +209,7 @@ def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True, pack_budg
 
     class SequentialDataModule(StepwiseDataModule):
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False,
+            return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, shuffle=False,
                               collate_fn=self.collator())
 
     path = Path(args.scratch) / f"pairs-{args.pairs_per_batch * args.total_steps}-{args.max_length}.jsonl"

@@ -114,20 +114,47 @@ def packed_mask_for(model: torch.nn.Module, batch: PairBatch):
     return packed_attention_mask(segment_ids, slot_ids, dtype)
 
 
+LEAN_AUTO_MIN_ROWS = 32_000
+"""``lean_logps: auto`` takes the lean path for LM heads with at least this many rows."""
+
+
+def lean_head_problem(model: torch.nn.Module, sharded: bool) -> str | None:
+    """Why the lean path cannot serve `model` (None: it can): it applies the LM-head weight itself,
+    so it gets heads with a bias, logit softcapping or logit scaling wrong, and under FSDP the
+    root's weights are gathered only inside the model's own forward."""
+    config = model.config
+    if sharded:
+        return "not supported with FSDP strategies"
+    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
+        getattr(config, "logit_scale", None) not in (None, 1.0)
+    ):
+        return (f"{type(model).__name__}'s LM head has a bias, logit softcapping or logit scaling, which the "
+                "lean path does not apply")
+    return None
+
+
 def check_lean_head(model: torch.nn.Module, sharded: bool) -> None:
-    """`lean_logps` applies the LM-head weight itself: fails on heads it would get wrong, and
-    under FSDP (the root's weights are gathered only inside the model's own forward).
+    """Fails on a model the lean path cannot serve (`lean_head_problem`).
 
     Raises:
         SettingError: naming ``model.lean_logps``.
     """
-    config = model.config
-    if sharded:
-        raise SettingError("model.lean_logps: not supported with FSDP strategies; set it to false")
-    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
-        getattr(config, "logit_scale", None) not in (None, 1.0)
-    ):
-        raise SettingError(
-            f"model.lean_logps: {type(model).__name__}'s LM head has a bias, logit softcapping or logit "
-            "scaling, which the lean path does not apply; set it to false"
-        )
+    problem = lean_head_problem(model, sharded)
+    if problem is not None:
+        raise SettingError(f"model.lean_logps: {problem}; set it to false")
+
+
+def use_lean_logps(setting: bool | str, model: torch.nn.Module, sharded: bool) -> bool:
+    """Whether `step_logps` takes the lean path for the ``model.lean_logps`` setting: True (checked
+    by `check_lean_head`), False, or "auto": on when the LM head has at least `LEAN_AUTO_MIN_ROWS`
+    rows and the lean path can serve the model (off otherwise, silently).
+
+    Raises:
+        SettingError: naming ``model.lean_logps``, for True on a model the lean path cannot serve.
+    """
+    if setting == "auto":
+        large = model.get_output_embeddings().weight.shape[0] >= LEAN_AUTO_MIN_ROWS
+        return large and lean_head_problem(model, sharded) is None
+    if setting:
+        check_lean_head(model, sharded)
+    return bool(setting)
