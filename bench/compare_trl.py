@@ -24,6 +24,9 @@ TRL computes sigmoid DPO. Variants:
   TRL's layout), to show what packing gains;
 - ``ours_compiled`` (only when named in ``--variants``): ``ours`` with ``model.compile: true``
   (the compilation runs in the warm-up step).
+- ``ours_budget`` (only when named): ``ours`` with ``data.pack_budget: --pack-budget`` (several
+  pairs per row, block-diagonal attention; sdpa's dense mask computes the masked blocks too);
+- ``ours_lean`` (only when named): ``ours`` with ``model.lean_logps: true``.
 
 Timing: all workers run at once, but only one computes at a time: each runs a warm-up step,
 then the driver releases them one training step each, in turn, round after round (A B C D,
