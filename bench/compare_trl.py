@@ -24,6 +24,9 @@ TRL computes sigmoid DPO. Variants:
   TRL's layout), to show what packing gains;
 - ``ours_compiled`` (only when named in ``--variants``): ``ours`` with ``model.compile: true``
   (the compilation runs in the warm-up step).
+- ``ours_budget`` (only when named): ``ours`` with ``data.pack_budget: --pack-budget`` (several
+  pairs per row, block-diagonal attention; sdpa's dense mask computes the masked blocks too);
+- ``ours_lean`` (only when named): ``ours`` with ``model.lean_logps: true``.
 
 Timing: all workers run at once, but only one computes at a time: each runs a warm-up step,
 then the driver releases them one training step each, in turn, round after round (A B C D,
@@ -39,7 +42,14 @@ fewer than the pairs hold). Throughput counts every variant's pairs alike: the r
 the pairs as ``[chosen; rejected]`` rows, prompt on both sides (TRL's count). Peak resident memory is each worker's
 ``VmHWM`` (see ``harness.peak_rss_mib``).
 
+Real vocabularies: ``--vocab-size N`` pads the model's embedding and LM head to N rows (new rows
+drawn from a fixed generator, the same on every side; the byte tokenizer's ids are unchanged,
+the extra rows are never targets but enter every softmax, as a real model's unused tokens do).
+``--pack-budget N`` adds ``ours_budget``: ``ours`` with ``data.pack_budget: N`` (several pairs
+per row); the table's padding column is the share of the tokens run that are padding.
+
     python bench/compare_trl.py                   # ours vs trl (+ precomputed, unpacked)
+    python bench/compare_trl.py --vocab-size 128000 --steps 8
     python bench/compare_trl.py --mode logps      # one-pass per-step log-probs vs prefix forwards
 
 The last stdout line is JSON: ``{"step_time_ratio": ours/TRL, "peak_memory_ratio": ours/TRL, ...}``.
@@ -66,9 +76,10 @@ BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediat
 """About 19.2M parameters with the byte-level vocabulary (259 tokens)."""
 LEARNING_RATE = 1e-5
 BETA = 0.1
-VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked", "ours_compiled")
+VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked", "ours_compiled", "ours_budget", "ours_lean")
 DEFAULT_VARIANTS = VARIANTS[:4]
-LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_unpacked": True, "ours_compiled": True}
+LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_unpacked": True, "ours_compiled": True,
+                  "ours_budget": True, "ours_lean": True}
 
 
 # ----------------------------------------------------------------------------- data
@@ -120,13 +131,34 @@ def token_rows(pairs: list[dict], max_length: int) -> list[dict]:
     return [tokenize_row(pair, tokenizer, TokenizeSettings(max_length=max_length)) for pair in pairs]
 
 
-def build_model():
-    """The bench model (fp32, dropout off) from the package's tiny-model builder, seed 0."""
+def build_model(vocab_size: int | None = None):
+    """The bench model (fp32, dropout off) from the package's tiny-model builder, seed 0, its
+    vocabulary padded to `vocab_size` rows (None: the byte tokenizer's 259)."""
     from stepwise_lit.models import TinyModelConfig, build_tiny_model
     from stepwise_lit.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    return build_tiny_model(load_tokenizer(None), TinyModelConfig(**BENCH_MODEL))
+    return pad_vocabulary(build_tiny_model(load_tokenizer(None), TinyModelConfig(**BENCH_MODEL)), vocab_size)
+
+
+def pad_vocabulary(model, vocab_size: int | None):
+    """`model` with its input embedding and LM head padded to `vocab_size` rows (in place).
+
+    The new rows are N(0, 0.02²) from a generator seeded 1, so every side gets the same
+    weights whatever its global RNG state; existing ids keep their rows."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    old_size, hidden = embedding.weight.shape
+    if vocab_size is None or vocab_size == old_size:
+        return model
+    if vocab_size < old_size:
+        raise SystemExit(f"--vocab-size {vocab_size} is below the tokenizer's {old_size} tokens")
+    generator = torch.Generator().manual_seed(1)
+    for layer in (embedding, head):
+        extra = 0.02 * torch.randn(vocab_size - old_size, hidden, generator=generator)
+        layer.weight = torch.nn.Parameter(torch.cat([layer.weight.data, extra.to(layer.weight.dtype)]))
+    embedding.num_embeddings = head.out_features = vocab_size
+    model.config.vocab_size = vocab_size
+    return model
 
 
 # -------------------------------------------------------------------------- workers
@@ -153,7 +185,7 @@ def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     pairs = load_pairs(args.data, args.pairs_per_batch * args.total_steps, args.max_length)
     rows = [{"prompt": p["prompt"], "chosen": "".join(p["chosen_steps"]), "rejected": "".join(p["rejected_steps"])}
             for p in pairs]
-    model = build_model()
+    model = build_model(args.vocab_size)
     config = DPOConfig(
         output_dir=os.path.join(args.scratch, "trl"), per_device_train_batch_size=args.pairs_per_batch,
         max_steps=args.total_steps, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
@@ -171,7 +203,7 @@ def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     return {"tokens": tokens, "computed_tokens": tokens, "padded_tokens": [m.numel() for m in masks], **memory}
 
 
-def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True):
+def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True, pack_budget: int | None = None):
     """``StepwiseDataModule`` over the bench pairs (written as a ``stepwise`` jsonl file), with
     the training rows in file order, as TRL's sequential sampler gives them."""
     from torch.utils.data import DataLoader
@@ -180,7 +212,7 @@ def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True):
 
     class SequentialDataModule(StepwiseDataModule):
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False,
+            return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, shuffle=False,
                               collate_fn=self.collator())
 
     path = Path(args.scratch) / f"pairs-{args.pairs_per_batch * args.total_steps}-{args.max_length}.jsonl"
@@ -191,7 +223,7 @@ def ours_datamodule(args: argparse.Namespace, pack_pairs: bool = True):
         os.replace(staging, path)
     return SequentialDataModule(path=str(path), format="stepwise", val_fraction=0.0, max_length=args.max_length,
                                 max_prompt_length=None, batch_size=args.pairs_per_batch, pack_pairs=pack_pairs,
-                                cache_dir=os.path.join(args.scratch, "cache"))
+                                pack_budget=pack_budget, cache_dir=os.path.join(args.scratch, "cache"))
 
 
 def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
@@ -212,18 +244,24 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
         def on_train_batch_end(self, *_):
             gate.step_end()
 
-    datamodule = ours_datamodule(args, pack_pairs=args.variant != "ours_unpacked")
+    datamodule = ours_datamodule(args, pack_pairs=args.variant != "ours_unpacked",
+                                 pack_budget=args.pack_budget if args.variant == "ours_budget" else None)
     datamodule.prepare_data()
     datamodule.setup("fit")
     computed = [batch["attention_mask"] for batch in datamodule.train_dataloader()]
     unpacked = DataLoader(datamodule.train_dataset, batch_size=datamodule.hparams.batch_size,
                           collate_fn=StepwiseCollator(datamodule.tokenizer.pad_token_id, pack_pairs=False))
     masks = [batch["attention_mask"] for batch in unpacked]  # the pairs as [chosen; rejected] rows, TRL's count
-    module = StepwiseDPOModule(
+    class PaddedVocabularyModule(StepwiseDPOModule):
+        def build_base_model(self, *model_args, **model_kwargs):
+            return pad_vocabulary(super().build_base_model(*model_args, **model_kwargs), args.vocab_size)
+
+    module = PaddedVocabularyModule(
         tiny_model=TinyModelConfig(**BENCH_MODEL),
         reference="precomputed" if args.variant == "ours_precomputed" else "copy",
         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True),
         step_beta=BETA, outcome_beta=BETA, compile=args.variant == "ours_compiled",
+        lean_logps=args.variant == "ours_lean",
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=32, max_steps=args.total_steps, gradient_clip_val=1.0,
@@ -240,7 +278,7 @@ def worker(args: argparse.Namespace) -> dict:
     """One variant's training run, paced by the driver; its memory, tokens and model size."""
     gate = StepGate()
     result = trl_worker(args, gate) if args.variant == "trl" else ours_worker(args, gate)
-    model = build_model()
+    model = build_model(args.vocab_size)
     result["params"] = sum(p.numel() for p in model.parameters())
     result["matmul_params"] = result["params"] - model.get_input_embeddings().weight.numel()
     result["peak_rss_mib"] = peak_rss_mib()
@@ -252,8 +290,12 @@ def train_driver(args: argparse.Namespace) -> dict:
     """Run the variants in lockstep; print the table; return the ratios."""
     shutil.rmtree(os.path.join(args.scratch, "cache", "reference"), ignore_errors=True)
     ours_datamodule(args)  # writes the pairs file once, before the workers start
+    if "ours_budget" in args.variants and args.pack_budget is None:
+        raise SystemExit("the ours_budget variant needs --pack-budget")
     common = ["--worker", f"--data={args.data}", f"--pairs-per-batch={args.pairs_per_batch}",
               f"--max-length={args.max_length}", f"--steps={args.steps}", f"--scratch={args.scratch}"]
+    common += [f"--{name}={value}" for name, value in (("vocab-size", args.vocab_size), ("pack-budget", args.pack_budget))
+               if value is not None]
     variants = {name: [f"--variant={name}", *common] for name in args.variants}
     times, warmup, results, ceilings = lockstep(variants, __file__, args.steps, os.path.join(args.scratch, "logs"),
                                                 between=partial(matmul_gflops, repeats=1))
@@ -271,18 +313,20 @@ def train_driver(args: argparse.Namespace) -> dict:
             "train_rss_mib": result["peak_rss_mib"] - result["rss_at_train_start_mib"],
             "computed_tokens": median(computed_tokens),
             "padded_tokens": median(result["padded_tokens"][1 : 1 + args.steps]),
+            "padding_share": 1 - sum(computed_tokens) / sum(result["padded_tokens"][1 : 1 + args.steps]),
             "mfu": flops_per_token * sum(computed_tokens) / sum(times[name]) / 1e9 / ceiling,
             "warmup_step_s": warmup[name],
         }
     first = results[args.variants[0]]
-    print(f"{first['params'] / 1e6:.2f}M parameters, {args.pairs_per_batch} pairs per batch, "
+    print(f"{first['params'] / 1e6:.2f}M parameters ({args.vocab_size or 259} vocabulary rows), {args.pairs_per_batch} pairs per batch, "
           f"{median(first['tokens'])} real / {median(first['padded_tokens'])} padded tokens per step (median), "
           f"{args.steps} steps per variant; matmul ceiling {ceiling:.1f} GFLOP/s (median over rounds)")
     print_table(
-        ["variant", "tokens run per step (real / padded)", "step time (s, median)",
+        ["variant", "tokens run per step (real / padded)", "padding share", "step time (s, median)",
          "step time vs trl (median of per-step ratios)", "pair tokens/s", "throughput vs trl", "peak RSS (MiB)",
          "vs trl", "peak − RSS at train start (MiB)", "MFU", "warm-up step (s)"],
-        [[name, f"{s['computed_tokens']} / {s['padded_tokens']}", s["step_time_s"], s["paired_vs_trl"],
+        [[name, f"{s['computed_tokens']} / {s['padded_tokens']}", s["padding_share"], s["step_time_s"],
+          s["paired_vs_trl"],
           s["tokens_per_s"], s["tokens_per_s"] / stats["trl"]["tokens_per_s"],
           s["peak_rss_mib"], s["peak_rss_mib"] / stats["trl"]["peak_rss_mib"], s["train_rss_mib"], s["mfu"],
           s["warmup_step_s"]] for name, s in stats.items()],
@@ -299,6 +343,11 @@ def train_driver(args: argparse.Namespace) -> dict:
     if "ours_unpacked" in stats:
         summary["unpacked_step_time_ratio"] = stats["ours_unpacked"]["paired_vs_trl"]
         summary["unpacked_peak_memory_ratio"] = stats["ours_unpacked"]["peak_rss_mib"] / trl["peak_rss_mib"]
+    for name in ("ours_budget", "ours_lean"):
+        if name in stats:
+            summary[f"{name}_step_time_ratio"] = stats[name]["paired_vs_trl"]
+            summary[f"{name}_peak_memory_ratio"] = stats[name]["peak_rss_mib"] / trl["peak_rss_mib"]
+    summary["padding_share"] = ours["padding_share"]
     summary["matmul_gflops"] = ceiling
     summary["variants"] = stats
     return summary
@@ -346,7 +395,7 @@ def logps_driver(args: argparse.Namespace) -> dict:
     rows = token_rows(generate_pairs(args.pairs_per_batch, seed=0, min_steps=num_steps, max_steps=num_steps), 1024)
     ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
     step_ids = [row[f"{side}_step_ids"] for side in ("chosen", "rejected") for row in rows]
-    model = build_model()
+    model = build_model(args.vocab_size)
     methods = {"one_pass": one_pass_step_logps, "per_prefix": prefix_step_logps}
     summary, table = {}, []
     for mode in ("no_grad", "train"):
@@ -384,6 +433,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after one warm-up step)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--num-steps", type=int, default=8, help="steps per response (--mode logps)")
+    parser.add_argument("--vocab-size", type=int, help="pad the model's embedding and LM head to this many rows")
+    parser.add_argument("--pack-budget", type=int, help="data.pack_budget of the ours_budget variant")
     parser.add_argument("--scratch", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "stepwise_bench"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from stepwise_lit.data.batch import PairBatch, chosen, is_packed, num_pairs
-from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask
+from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask, packed_mask_mod
 from stepwise_lit.errors import SettingError
 from stepwise_lit.logps import next_token_targets, target_step_logps
 
@@ -22,8 +22,8 @@ def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: b
 
     Args:
         model: A Hugging Face causal LM (or a PEFT model around one).
-        batch: Unpacked (``2B`` rows) or packed (B rows ``[prefix | chosen rest | rejected rest]``);
-            `chosen_side` gives a batch of the chosen responses alone, which this takes too.
+        batch: Unpacked (``2B`` rows) or packed (rows of ``[prefix | chosen rest | rejected rest]``
+            pair blocks); `chosen_side` gives a batch of the chosen responses alone, which this takes too.
         num_steps: S, the step columns of the result (the batch's most steps).
         lean: Apply the LM head to the final hidden states a chunk at a time
             (`stepwise_lit.logps.step_logps_from_hidden`), never building ``[rows, L, V]`` logits;
@@ -36,9 +36,9 @@ def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: b
         inputs = {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
-            "attention_mask": packed_mask_for(model, batch),  # [B, 1, L, L]
+            "attention_mask": packed_mask_for(model, batch),  # [R, 1, L, L] or a BlockMask
         }
-        target_ids, target_step_ids = batch["target_ids"], batch["target_step_ids"]  # [B, L, K], K = 2 (or 1)
+        target_ids, target_step_ids = batch["target_ids"], batch["target_step_ids"]  # [R, L, 2P] (or [R, L, P])
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         target_ids, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
@@ -50,17 +50,23 @@ def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: b
     else:
         logits = model(**inputs, use_cache=False).logits
         logps = target_step_logps(logits, target_ids, target_step_ids, num_steps)
-    return logps.transpose(0, 1).reshape(-1, num_steps)  # [N, K, S] -> [K·N, S]
+    if is_packed(batch):  # [R, 2P, S] -> each response's (row, column), in pair order
+        rows, columns = batch["response_targets"].unbind(-1)
+        return logps[rows, columns]
+    return logps[:, 0]  # [2B, 1, S] -> [2B, S]
 
 
 def chosen_side(batch: PairBatch) -> PairBatch:
     """The token tensors of the chosen responses alone (a new batch; `batch` is not changed).
-    Packed, the chosen side is each row's first ``c_end`` positions (prefix + chosen rest), so the
-    rows are cut to the longest of those and keep only the chosen targets."""
+    Packed, only the chosen target columns (the first half) are kept; with one pair per row the
+    chosen side is each row's first ``c_end`` positions (prefix + chosen rest), so the rows are
+    also cut to the longest of those (with several pair blocks per row they keep their width)."""
     if is_packed(batch):
-        width = int((batch["segment_ids"] <= CHOSEN_REST).sum(-1).max())
-        side = {key: batch[key][:, :width] for key in ("input_ids", "position_ids", "segment_ids")}
-        side.update({key: batch[key][:, :width, :1] for key in ("target_ids", "target_step_ids")})
+        slots = batch["target_ids"].shape[-1] // 2  # P
+        width = int((batch["segment_ids"] <= CHOSEN_REST).sum(-1).max()) if slots == 1 else None
+        side = {key: batch[key][:, :width] for key in ("input_ids", "position_ids", "segment_ids", "slot_ids")}
+        side.update({key: batch[key][:, :width, :slots] for key in ("target_ids", "target_step_ids")})
+        side["response_targets"] = chosen(batch["response_targets"])
         return side
     return {key: batch[key][: num_pairs(batch)] for key in ("input_ids", "attention_mask", "step_ids")}
 
@@ -68,24 +74,27 @@ def chosen_side(batch: PairBatch) -> PairBatch:
 def chosen_token_counts(batch: PairBatch) -> torch.Tensor:
     """Response tokens of each chosen side, long ``[B]``, in an unpacked or a packed batch."""
     if is_packed(batch):
-        return (batch["target_step_ids"][..., 0] > 0).sum(-1)
+        counts = (batch["target_step_ids"] > 0).sum(1)  # [R, 2P]
+        rows, columns = chosen(batch["response_targets"]).unbind(-1)
+        return counts[rows, columns]
     return (chosen(batch["step_ids"])[:, 1:] > 0).sum(-1)
 
 
-def packed_mask_for(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
-    """The 4D mask ``[B, 1, L, L]`` of a packed batch in the form `model`'s attention takes
-    (boolean for sdpa, additive in the weights' dtype for eager).
+def packed_mask_for(model: torch.nn.Module, batch: PairBatch):
+    """The attention mask of a packed batch in the form `model`'s attention takes: boolean
+    ``[R, 1, L, L]`` for sdpa, additive in the weights' dtype for eager, a FlexAttention
+    ``BlockMask`` (which lets the kernel skip the blocks no query of it sees) for flex_attention.
 
     Raises:
-        SettingError: naming ``data.pack_pairs``, for attention that takes no 4D mask or a
+        SettingError: naming ``data.pack_pairs``, for attention that takes none of these masks or a
             sliding window shorter than a row's positions.
     """
     config = model.config
     attention = config._attn_implementation
-    if attention not in ("sdpa", "eager"):
+    if attention not in ("sdpa", "eager", "flex_attention"):
         raise SettingError(
-            f"data.pack_pairs: packed rows need a 4D attention mask, which {attention!r} attention does not "
-            "take (sdpa and eager do); set data.pack_pairs: false"
+            f"data.pack_pairs: packed rows need a 4D attention mask or a block mask, which {attention!r} "
+            "attention does not take (sdpa, eager and flex_attention do); set data.pack_pairs: false"
         )
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and int(batch["position_ids"].max()) >= window:
@@ -93,24 +102,59 @@ def packed_mask_for(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
             f"data.pack_pairs: a response is longer than the model's sliding window ({window} tokens), which "
             "the packed mask does not apply; set data.pack_pairs: false"
         )
+    segment_ids, slot_ids = batch["segment_ids"], batch["slot_ids"]
+    if attention == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask  # needs torch >= 2.5
+
+        rows, length = segment_ids.shape
+        return create_block_mask(
+            packed_mask_mod(segment_ids, slot_ids), rows, None, length, length, device=segment_ids.device
+        )
     dtype = None if attention == "sdpa" else next(model.parameters()).dtype
-    return packed_attention_mask(batch["segment_ids"], dtype)
+    return packed_attention_mask(segment_ids, slot_ids, dtype)
+
+
+LEAN_AUTO_MIN_ROWS = 32_000
+"""``lean_logps: auto`` takes the lean path for LM heads with at least this many rows."""
+
+
+def lean_head_problem(model: torch.nn.Module, sharded: bool) -> str | None:
+    """Why the lean path cannot serve `model` (None: it can): it applies the LM-head weight itself,
+    so it gets heads with a bias, logit softcapping or logit scaling wrong, and under FSDP the
+    root's weights are gathered only inside the model's own forward."""
+    config = model.config
+    if sharded:
+        return "not supported with FSDP strategies"
+    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
+        getattr(config, "logit_scale", None) not in (None, 1.0)
+    ):
+        return (f"{type(model).__name__}'s LM head has a bias, logit softcapping or logit scaling, which the "
+                "lean path does not apply")
+    return None
 
 
 def check_lean_head(model: torch.nn.Module, sharded: bool) -> None:
-    """`lean_logps` applies the LM-head weight itself: fails on heads it would get wrong, and
-    under FSDP (the root's weights are gathered only inside the model's own forward).
+    """Fails on a model the lean path cannot serve (`lean_head_problem`).
 
     Raises:
         SettingError: naming ``model.lean_logps``.
     """
-    config = model.config
-    if sharded:
-        raise SettingError("model.lean_logps: not supported with FSDP strategies; set it to false")
-    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
-        getattr(config, "logit_scale", None) not in (None, 1.0)
-    ):
-        raise SettingError(
-            f"model.lean_logps: {type(model).__name__}'s LM head has a bias, logit softcapping or logit "
-            "scaling, which the lean path does not apply; set it to false"
-        )
+    problem = lean_head_problem(model, sharded)
+    if problem is not None:
+        raise SettingError(f"model.lean_logps: {problem}; set it to false")
+
+
+def use_lean_logps(setting: bool | str, model: torch.nn.Module, sharded: bool) -> bool:
+    """Whether `step_logps` takes the lean path for the ``model.lean_logps`` setting: True (checked
+    by `check_lean_head`), False, or "auto": on when the LM head has at least `LEAN_AUTO_MIN_ROWS`
+    rows and the lean path can serve the model (off otherwise, silently).
+
+    Raises:
+        SettingError: naming ``model.lean_logps``, for True on a model the lean path cannot serve.
+    """
+    if setting == "auto":
+        large = model.get_output_embeddings().weight.shape[0] >= LEAN_AUTO_MIN_ROWS
+        return large and lean_head_problem(model, sharded) is None
+    if setting:
+        check_lean_head(model, sharded)
+    return bool(setting)

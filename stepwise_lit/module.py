@@ -15,7 +15,7 @@ from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rej
 from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm
 from stepwise_lit.errors import SettingError
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
-from stepwise_lit.forward import check_lean_head, chosen_side, chosen_token_counts, step_logps
+from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, use_lean_logps
 from stepwise_lit.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import DTYPES, DtypeName, LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
@@ -36,6 +36,7 @@ log = logging.getLogger("stepwise_lit")
 ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
 StepAccuracyMetric = Literal["accuracy", "auroc"]
 NonfiniteLoss = Literal["error", "skip"]
+AttentionName = Literal["sdpa", "eager", "flex_attention"]
 CHOICES = {
     "outcome_loss_type": OutcomeLossType,
     "step_loss_type": StepLossType,
@@ -43,6 +44,7 @@ CHOICES = {
     "step_accuracy_metric": StepAccuracyMetric,
     "nonfinite_loss": NonfiniteLoss,
     "dtype": DtypeName,
+    "attention": AttentionName,
 }
 """Settings with a fixed set of values, checked when the module is built from Python (the CLI's
 parser checks them before that)."""
@@ -108,6 +110,12 @@ class StepwiseDPOModule(L.LightningModule):
             `[2B, L, V]` logits tensor exists, which matters for large vocabularies (at 128k,
             under a third of the plain way's peak; see BENCHMARKS.md). For LM heads without
             bias, softcapping or logit scaling (Llama, Mistral, Qwen2...); not under FSDP.
+            "auto": on for LM heads of at least 32,000 rows where it applies (off otherwise).
+        attention: The models' attention implementation (transformers' ``attn_implementation``):
+            "sdpa", "eager" or "flex_attention" (FlexAttention: packed rows get a block mask, so
+            the kernel skips the blocks no query sees, e.g. the other pairs of a
+            ``data.pack_budget`` row; it trains on CUDA only, torch has no FlexAttention backward
+            on the CPU); None: the model's own choice (sdpa for the tiny model).
         nonfinite_loss: On a NaN/inf loss, "error" stops with a message; "skip" skips the
             optimizer step and counts it (logged as `train/nonfinite_steps`).
         optimizer: Optimizer factory, applied to the policy's trainable parameters only.
@@ -144,7 +152,8 @@ class StepwiseDPOModule(L.LightningModule):
         reward_model: StepScorer | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
-        lean_logps: bool = False,
+        lean_logps: bool | Literal["auto"] = False,
+        attention: AttentionName | None = None,
         nonfinite_loss: NonfiniteLoss = "error",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
@@ -174,6 +183,7 @@ class StepwiseDPOModule(L.LightningModule):
         self.train_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
         self.val_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
         self.nonfinite_steps = 0
+        self.lean = False  # whether step_logps takes the lean path: `lean_logps` resolved in configure_model
         self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
 
     # ------------------------------------------------------------------ models
@@ -182,7 +192,10 @@ class StepwiseDPOModule(L.LightningModule):
         tokenizer, `tiny_model`, `trust_remote_code` and `dtype`; `setting` names it in errors."""
         hp = self.hparams
         dtype = DTYPES[hp.dtype] if hp.dtype else None
-        return load_causal_lm(name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, dtype, setting)
+        model = load_causal_lm(name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, dtype, setting)
+        if hp.attention is not None:
+            model.set_attn_implementation(hp.attention)
+        return model
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -196,10 +209,9 @@ class StepwiseDPOModule(L.LightningModule):
             if self.lora is not None:
                 policy.enable_input_require_grads()
         self.policy = policy
-        self.reference = self.build_reference(frozen)
         fsdp1 = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
-        if hp.lean_logps:
-            check_lean_head(base, sharded=self.device_mesh is not None or fsdp1)
+        self.lean = use_lean_logps(hp.lean_logps, base, sharded=self.device_mesh is not None or fsdp1)
+        self.reference = self.build_reference(frozen)
         if self.device_mesh is not None:
             self._fully_shard_models()
         if hp.compile:
@@ -219,15 +231,15 @@ class StepwiseDPOModule(L.LightningModule):
         """The reference of the `reference` setting (`frozen`: the model of `reference: copy`)."""
         hp = self.hparams
         if hp.reference == "copy":
-            return FrozenCopyReference(frozen, hp.lean_logps)
+            return FrozenCopyReference(frozen, self.lean)
         if hp.reference == "adapter":
-            return AdapterReference(self.policy, hp.lean_logps)
+            return AdapterReference(self.policy, self.lean)
         if hp.reference == "precomputed":
             source = hp.ref_model_name_or_path
             load = None if source is None else lambda: self.build_base_model(source, "model.ref_model_name_or_path")
             return PrecomputedReference(
                 self.policy, self.tokenizer, lambda trainer: reference_data(trainer.datamodule),
-                load_model=load, source=source, dtype=hp.dtype, lean=hp.lean_logps,
+                load_model=load, source=source, dtype=hp.dtype, lean=self.lean,
             )
         return NoReference()
 
@@ -253,6 +265,11 @@ class StepwiseDPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if stage == "fit" and self.hparams.attention == "flex_attention" and self.trainer.strategy.root_device.type == "cpu":
+            raise SettingError(
+                "model.attention: flex_attention cannot train on the CPU (torch has no FlexAttention backward "
+                "there); use sdpa, or train on a CUDA device"
+            )
         datamodule = self.trainer.datamodule
         max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
         positions = getattr(self.policy.config, "max_position_embeddings", None)
@@ -296,7 +313,7 @@ class StepwiseDPOModule(L.LightningModule):
         # The reference first: its buffers come and go before the policy's activations pile up
         # (bench model: lower peak RSS and faster steps than the other order, see BENCHMARKS.md).
         reference_step_logps = self.reference.step_logps(batch, num_steps(batch))  # [2B, S]
-        policy_step_logps = step_logps(self.policy, batch, num_steps(batch), self.hparams.lean_logps)  # [2B, S]
+        policy_step_logps = step_logps(self.policy, batch, num_steps(batch), self.lean)  # [2B, S]
         return stepwise_objective(
             policy_step_logps, reference_step_logps, step_scores, batch["step_mask"], batch["outcome_scores"],
             batch["has_outcome_scores"], batch["first_divergence"], chosen_token_counts(batch),
@@ -313,7 +330,7 @@ class StepwiseDPOModule(L.LightningModule):
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         if self.global_step < self.hparams.sft_warmup_steps:  # NLL of the chosen responses, no reference
-            chosen_logps = step_logps(self.policy, chosen_side(batch), num_steps(batch), self.hparams.lean_logps)
+            chosen_logps = step_logps(self.policy, chosen_side(batch), num_steps(batch), self.lean)
             loss = sft_loss(chosen_logps.sum(-1), chosen_token_counts(batch), None)
             if not self._finite_on_every_rank(loss):
                 return self._nonfinite_step(loss, batch_idx)
@@ -481,7 +498,7 @@ def check_settings(hp) -> None:
     """
     for setting, choices in CHOICES.items():
         valid = get_args(choices)
-        if hp[setting] not in valid and not (setting == "dtype" and hp[setting] is None):
+        if hp[setting] not in valid and not (setting in ("dtype", "attention") and hp[setting] is None):
             raise SettingError(f"model.{setting}: unknown value {hp[setting]!r}; choose one of {', '.join(valid)}")
     if hp.sft_warmup_steps < 0:
         raise SettingError(f"model.sft_warmup_steps: must be >= 0, got {hp.sft_warmup_steps}")

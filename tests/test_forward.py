@@ -27,6 +27,8 @@ def packed() -> dict:
     batch = {key: torch.tensor([row[key]]) for key in ("input_ids", "position_ids", "segment_ids", "target_ids",
                                                        "target_step_ids")}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["slot_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["response_targets"] = torch.tensor([[0, 0], [0, 1]])
     batch["first_divergence"] = torch.tensor([0])
     return batch
 

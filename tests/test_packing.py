@@ -53,17 +53,18 @@ def test_pack_pair_edge_cases():
 def test_packed_attention_mask_by_hand():
     """Segments [0 0 0 1 1 1 2 2 3]: the chosen rest (3..5) sees the prefix and itself causally;
     the rejected rest (6, 7) sees the prefix and itself, never positions 3..5; padding (8) sees
-    the prefix and itself. The additive form is 0 where the boolean one is True."""
+    only itself (its own slot, -1). The additive form is 0 where the boolean one is True."""
     segments = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 3]])
-    mask = packed_attention_mask(segments)
+    slots = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, -1]])
+    mask = packed_attention_mask(segments, slots)
     assert mask.shape == (1, 1, 9, 9) and mask.dtype == torch.bool
     visible = {query: mask[0, 0, query].nonzero().flatten().tolist() for query in range(9)}
     assert visible[2] == [0, 1, 2]
     assert visible[4] == [0, 1, 2, 3, 4]
     assert visible[6] == [0, 1, 2, 6]
     assert visible[7] == [0, 1, 2, 6, 7]
-    assert visible[8] == [0, 1, 2, 8]
-    additive = packed_attention_mask(segments, torch.float32)
+    assert visible[8] == [8]
+    additive = packed_attention_mask(segments, slots, torch.float32)
     assert torch.equal(additive == 0, mask)
     assert (additive[~mask] == torch.finfo(torch.float32).min).all()
 
@@ -149,7 +150,7 @@ def test_sft_warmup_loss_is_the_same_packed(tmp_path):
 
 def test_packing_fails_naming_the_setting_for_attention_without_4d_masks():
     segments = torch.zeros(1, 4, dtype=torch.long)
-    batch = {"segment_ids": segments, "position_ids": torch.arange(4)[None]}
+    batch = {"segment_ids": segments, "slot_ids": segments, "position_ids": torch.arange(4)[None]}
     flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(SettingError, match="data.pack_pairs.*flash_attention_2"):
         packed_mask_for(flash, batch)

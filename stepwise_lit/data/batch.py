@@ -19,13 +19,14 @@ import torch
 
 
 class PairBatch(TypedDict):
-    """B preference pairs, unpacked (``2B`` rows) or packed (B rows, see `stepwise_lit.data.packing`).
+    """B preference pairs, unpacked (``2B`` rows) or packed (R rows of P pair blocks each, R = B and
+    P = 1 without ``data.pack_budget``; see `stepwise_lit.data.packing`).
 
     Keys marked optional are absent when they do not apply.
 
     Attributes:
-        input_ids: long ``[2B, L]``, or packed ``[B, L]``.
-        attention_mask: long ``[2B, L]`` (1: real token), or packed ``[B, L]``.
+        input_ids: long ``[2B, L]``, or packed ``[R, L]``.
+        attention_mask: long ``[2B, L]`` (1: real token), or packed ``[R, L]``.
         step_scores: float ``[2B, S]`` verifier step scores g_t (0 where padded or missing).
         step_mask: bool ``[2B, S]``, True at a response's real steps.
         has_step_scores: bool ``[2B]``, False for a response whose scores are missing.
@@ -36,10 +37,14 @@ class PairBatch(TypedDict):
         reference_solutions: B ground-truth solutions or None.
         steps: 2B lists of step texts.
         step_ids: unpacked only (optional): long ``[2B, L]``, the step of each token (0: prompt, padding).
-        position_ids: packed only (optional): long ``[B, L]``.
-        segment_ids: packed only (optional): long ``[B, L]`` (prefix, chosen rest, rejected rest, padding).
-        target_ids: packed only (optional): long ``[B, L, 2]``, the chosen / rejected token each position predicts.
-        target_step_ids: packed only (optional): long ``[B, L, 2]``, their steps (0: predicts nothing).
+        position_ids: packed only (optional): long ``[R, L]``, restarting in each pair block.
+        segment_ids: packed only (optional): long ``[R, L]`` (prefix, chosen rest, rejected rest, padding).
+        slot_ids: packed only (optional): long ``[R, L]``, the pair block of each position in its row (padding: -1).
+        target_ids: packed only (optional): long ``[R, L, 2P]``, the token each position predicts for the chosen
+            (columns ``0..P-1``, one per block) and rejected (``P..2P-1``) side of each block.
+        target_step_ids: packed only (optional): long ``[R, L, 2P]``, their steps (0: predicts nothing).
+        response_targets: packed only (optional): long ``[2B, 2]``, the (row, target column) of each response,
+            chosen responses first, in pair order.
         row_index: long ``[B]``, each pair's position in its split, (optional) when the rows carry one.
         pair_weights: float ``[B]``, 0 for rows that only pad a distributed evaluation shard; absent: all 1 (optional).
     """
@@ -58,8 +63,10 @@ class PairBatch(TypedDict):
     step_ids: NotRequired[torch.Tensor]
     position_ids: NotRequired[torch.Tensor]
     segment_ids: NotRequired[torch.Tensor]
+    slot_ids: NotRequired[torch.Tensor]
     target_ids: NotRequired[torch.Tensor]
     target_step_ids: NotRequired[torch.Tensor]
+    response_targets: NotRequired[torch.Tensor]
     row_index: NotRequired[torch.Tensor]
     pair_weights: NotRequired[torch.Tensor]
 
@@ -75,7 +82,7 @@ def num_steps(batch: PairBatch) -> int:
 
 
 def is_packed(batch: PairBatch) -> bool:
-    """Whether each pair is one packed row (``data.pack_pairs``)."""
+    """Whether the pairs are packed blocks (``data.pack_pairs``)."""
     return "segment_ids" in batch
 
 

@@ -11,21 +11,25 @@ from torch.utils.data import BatchSampler, Sampler
 
 from stepwise_lit.data.batch import PairBatch
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.data.packing import PADDING, pack_pair
+from stepwise_lit.data.packing import PADDING, PADDING_SLOT, balanced_rows, pack_pair
 
 
 class StepwiseCollator:
     """Stack B token rows as ``[chosen; rejected]``: ``2B`` right-padded rows, or,
-    packed, B rows ``[shared prefix | chosen rest | rejected rest]``.
+    packed, rows of ``[shared prefix | chosen rest | rejected rest]`` pair blocks.
 
     Args:
         pad_token_id: Id that fills ``input_ids`` past each row's end.
-        pack_pairs: Lay each pair out as one packed row (``stepwise_lit.data.packing``).
+        pack_pairs: Lay each pair out as one packed block (``stepwise_lit.data.packing``).
+        pack_budget: Packed only: most tokens per row, filled with several pair blocks
+            (`stepwise_lit.data.packing.balanced_rows`: the fewest rows, balanced; a pair
+            longer than the budget gets a row of its own); None: one pair per row.
     """
 
-    def __init__(self, pad_token_id: int, pack_pairs: bool = False) -> None:
+    def __init__(self, pad_token_id: int, pack_pairs: bool = False, pack_budget: int | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.pack_pairs = pack_pairs
+        self.pack_budget = pack_budget
 
     def __call__(self, rows: Sequence[dict]) -> PairBatch:
         """Collate token rows (see ``stepwise_lit.data.tokenize.tokenize_row``).
@@ -41,10 +45,13 @@ class StepwiseCollator:
             ``B..2B-1`` rejected. Rows with a ``row_index`` (their position in the
             split, see ``StepwiseDataModule``) also give ``row_index`` long ``[B]``.
 
-            Packed (``pack_pairs``), the token tensors have one row per pair:
-            ``input_ids``, ``attention_mask``, ``position_ids``, ``segment_ids``
-            long ``[B, L]``, and ``target_ids``, ``target_step_ids`` long
-            ``[B, L, 2]`` (see ``stepwise_lit.data.packing``) instead of ``step_ids``.
+            Packed (``pack_pairs``), the token tensors have R rows (R = B with no
+            ``pack_budget``) of at most P pair blocks each: ``input_ids``,
+            ``attention_mask``, ``position_ids``, ``segment_ids``, ``slot_ids`` long
+            ``[R, L]``, ``target_ids``, ``target_step_ids`` long ``[R, L, 2P]`` (see
+            ``stepwise_lit.data.packing``) instead of ``step_ids``, and
+            ``response_targets`` long ``[2B, 2]``: the (row, target column) of each
+            response, chosen ones first, in the order of `rows`.
         """
         step_scores = [row[f"{side}_step_scores"] for side in SIDES for row in rows]
         outcome_scores = torch.tensor([row[f"{side}_score"] for side in SIDES for row in rows], dtype=torch.float32)
@@ -75,18 +82,46 @@ class StepwiseCollator:
         }
 
     def _packed_tokens(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        packed = [
+        blocks = [
             pack_pair(row["chosen_input_ids"], row["chosen_step_ids"], row["rejected_input_ids"], row["rejected_step_ids"])
             for row in rows
         ]
+        if self.pack_budget is None:
+            groups = [[pair] for pair in range(len(blocks))]
+        else:
+            groups = balanced_rows([len(block["input_ids"]) for block in blocks], self.pack_budget)
+        slots = max(len(group) for group in groups)  # P
+        packed = [concatenate_blocks([blocks[pair] for pair in group], slots) for group in groups]
+        place = {pair: (row, slot) for row, group in enumerate(groups) for slot, pair in enumerate(group)}
+        response_targets = [[place[pair][0], side * slots + place[pair][1]] for side in range(2) for pair in range(len(blocks))]
         return {
-            "input_ids": right_pad([p["input_ids"] for p in packed], self.pad_token_id),  # [B, L]
-            "attention_mask": right_pad([[1] * len(p["input_ids"]) for p in packed], 0),  # [B, L]
-            "position_ids": right_pad([p["position_ids"] for p in packed], 0),  # [B, L]
-            "segment_ids": right_pad([p["segment_ids"] for p in packed], PADDING),  # [B, L]
-            "target_ids": right_pad([p["target_ids"] for p in packed], 0),  # [B, L, 2]
-            "target_step_ids": right_pad([p["target_step_ids"] for p in packed], 0),  # [B, L, 2]
+            "input_ids": right_pad([p["input_ids"] for p in packed], self.pad_token_id),  # [R, L]
+            "attention_mask": right_pad([[1] * len(p["input_ids"]) for p in packed], 0),  # [R, L]
+            "position_ids": right_pad([p["position_ids"] for p in packed], 0),  # [R, L]
+            "segment_ids": right_pad([p["segment_ids"] for p in packed], PADDING),  # [R, L]
+            "slot_ids": right_pad([p["slot_ids"] for p in packed], PADDING_SLOT),  # [R, L]
+            "target_ids": right_pad([p["target_ids"] for p in packed], 0),  # [R, L, 2P]
+            "target_step_ids": right_pad([p["target_step_ids"] for p in packed], 0),  # [R, L, 2P]
+            "response_targets": torch.tensor(response_targets, dtype=torch.long),  # [2B, 2]
         }
+
+
+def concatenate_blocks(blocks: Sequence[dict[str, list]], slots: int) -> dict[str, list]:
+    """One packed row of pair blocks (`pack_pair` outputs), one after another.
+
+    Block ``s``'s chosen targets go to column ``s``, its rejected ones to ``slots + s``
+    (2 x `slots` target columns, 0 elsewhere); ``slot_ids`` is ``s`` over block ``s``."""
+    row = {"input_ids": [], "position_ids": [], "segment_ids": [], "slot_ids": [], "target_ids": [], "target_step_ids": []}
+    for slot, block in enumerate(blocks):
+        for key in ("input_ids", "position_ids", "segment_ids"):
+            row[key] += block[key]
+        row["slot_ids"] += [slot] * len(block["input_ids"])
+        for key in ("target_ids", "target_step_ids"):
+            for chosen_value, rejected_value in block[key]:
+                columns = [0] * (2 * slots)
+                columns[slot], columns[slots + slot] = chosen_value, rejected_value
+                row[key].append(columns)
+    return row
 
 
 def right_pad(sequences: Sequence[Sequence], value: int) -> torch.Tensor:

@@ -61,7 +61,8 @@ DEFAULT_STEP_WISE_PROMPT_TEMPLATE = (
 DEFAULT_MAX_PROMPT_LENGTH = 512
 # Settings that are at least 1 where set (some may be null).
 POSITIVE_SETTINGS = (
-    "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size"
+    "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size",
+    "pack_budget",
 )
 DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
 # A hub dataset id: "owner/name" (letters, digits, "-", "_", "."), nothing that looks like a local path.
@@ -119,7 +120,14 @@ class StepwiseDataModule(L.LightningDataModule):
             (``stepwise_lit.data.packing``): the prompt, and whatever the two responses
             begin with alike, is computed once, and nothing pads a chosen row to its
             rejected row. Same log-probs up to float rounding. Needs a model with sdpa or
-            eager attention (4D masks; the module names this setting if not).
+            eager attention (4D masks) or flex_attention (a block mask); the module names
+            this setting if not.
+        pack_budget: With ``pack_pairs``: most tokens per packed row, filled with several
+            pairs' blocks (the fewest rows for the batch's pairs, balanced in length, see
+            ``stepwise_lit.data.packing.balanced_rows``; attention block-diagonal over the
+            pairs, positions restarted per pair), so that rows are not padded to the
+            batch's longest pair; a pair longer than the budget gets a row of its own.
+            None: one pair per row. Same log-probs up to float rounding.
         synthetic_train_size: Synthetic training pairs (at least 1).
         synthetic_val_size: Synthetic validation pairs (problems distinct from the
             training ones); 0 for no validation.
@@ -157,6 +165,7 @@ class StepwiseDataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: bool = False,
         pack_pairs: bool = True,
+        pack_budget: int | None = None,
         synthetic_train_size: int = 2000,
         synthetic_val_size: int = 200,
         synthetic_max_value: int = 99,
@@ -351,7 +360,7 @@ class StepwiseDataModule(L.LightningDataModule):
 
     def collator(self) -> StepwiseCollator:
         """The batch collator, padding with the tokenizer's pad id."""
-        return StepwiseCollator(self.tokenizer.pad_token_id, self.hparams.pack_pairs)
+        return StepwiseCollator(self.tokenizer.pad_token_id, self.hparams.pack_pairs, self.hparams.pack_budget)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, optionally grouped by length.
@@ -497,6 +506,8 @@ def check_settings(hparams: Mapping[str, Any]) -> None:
             f"data.max_prompt_length: {max_prompt_length} leaves no room for a response within "
             f"data.max_length {max_length}; set it below max_length"
         )
+    if hparams["pack_budget"] is not None and not hparams["pack_pairs"]:
+        raise SettingError("data.pack_budget: packs several pairs per row, which needs data.pack_pairs: true")
     if not 0.0 <= hparams["val_fraction"] < 1.0:
         raise SettingError(f"data.val_fraction: must be in [0, 1) (0 for no validation), got {hparams['val_fraction']}")
     if not hparams["step_delimiter"]:

@@ -1,0 +1,206 @@
+"""Several pairs per packed row (``data.pack_budget``): the bin packing and the row layout by hand,
+and log-probs, losses and policy gradients equal to the unpacked batch's (sdpa, eager, lean;
+FlexAttention's block mask: log-probs on CPU, gradients where CUDA is)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepwise_lit.data.collate import StepwiseCollator
+from stepwise_lit.data.datamodule import StepwiseDataModule
+from stepwise_lit.data.packing import balanced_rows, packed_attention_mask
+from stepwise_lit.errors import SettingError
+from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps
+from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.module import StepwiseDPOModule
+from stepwise_lit.objective import sft_loss
+
+from test_data_collate import token_row
+
+TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
+
+
+def test_balanced_rows_by_hand():
+    """Lengths [5, 3, 4, 2, 6], budget 8: 20 tokens need at least 3 rows. Longest first, each to
+    the emptiest row: 6 (item 4) row 0, 5 (item 0) row 1, 4 (item 2) row 2, 3 (item 1) row 2 (4 is
+    the least), 2 (item 3) row 1 (5 < 6 < 7): rows of 6, 7, 7 tokens, within the budget.
+    [5, 5, 5] in 9: 2 rows would put 10 in one, so 3 rows. A pair over the budget gets its own row."""
+    assert balanced_rows([5, 3, 4, 2, 6], 8) == [[4], [0, 3], [1, 2]]
+    assert balanced_rows([5, 5, 5], 9) == [[0], [1], [2]]
+    assert balanced_rows([10, 1], 4) == [[0], [1]]
+    assert balanced_rows([10, 1], 11) == [[0, 1]]
+
+
+PAIR_A = ([5, 6, 10, 11, 9], [0, 0, 1, 1, 1], [5, 6, 12, 9], [0, 0, 1, 1])  # block [5 6 | 10 11 9 | 12 9], 7 tokens
+PAIR_B = ([7, 20, 9], [0, 1, 1], [7, 21, 9], [0, 1, 1])  # block [7 | 20 9 | 21 9], 5 tokens
+PAIR_C = ([8, 30, 31, 32, 33, 9], [0, 1, 1, 2, 2, 2], [8, 34, 9], [0, 1, 1])  # block [8 | 30 .. 9 | 34 9], 8 tokens
+
+
+def test_collator_lays_several_pairs_in_a_row_by_hand():
+    """Blocks of 7, 5 and 8 tokens, budget 12: 20 tokens, 2 rows; C (8) goes to row 0, A (7) to
+    row 1, B (5) to row 1, the emptier (12). Row 1 is [A | B]: B's positions restart at 0, its slot is 1, and its chosen and
+    rejected targets sit in columns 1 and 3 (P = 2). Row 0 is C and padding (slot -1).
+    Responses: chosen A, B, C at (1, 0), (1, 1), (0, 0); rejected at columns 2, 3, 2."""
+    batch = StepwiseCollator(0, pack_pairs=True, pack_budget=12)([token_row(*PAIR_A), token_row(*PAIR_B), token_row(*PAIR_C)])
+    assert batch["input_ids"].tolist() == [
+        [8, 30, 31, 32, 33, 9, 34, 9, 0, 0, 0, 0],
+        [5, 6, 10, 11, 9, 12, 9, 7, 20, 9, 21, 9],
+    ]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1, 2]
+    assert batch["segment_ids"][1].tolist() == [0, 0, 1, 1, 1, 2, 2, 0, 1, 1, 2, 2]
+    assert batch["slot_ids"].tolist() == [[0] * 8 + [-1] * 4, [0] * 7 + [1] * 5]
+    assert batch["target_ids"].shape == (2, 12, 4)
+    assert batch["target_ids"][1, 7].tolist() == [0, 20, 0, 21]  # B's prefix predicts both firsts
+    assert batch["target_step_ids"][1, 8].tolist() == [0, 1, 0, 0]  # B's chosen 20 predicts 9 (step 1)
+    assert batch["target_ids"][1, 8].tolist() == [0, 9, 0, 0]
+    assert batch["target_ids"][1, 1].tolist() == [10, 0, 12, 0]  # A's last prefix position
+    assert batch["response_targets"].tolist() == [[1, 0], [1, 1], [0, 0], [1, 2], [1, 3], [0, 2]]
+    assert chosen_token_counts(batch).tolist() == [3, 2, 5]
+
+
+def test_packed_mask_is_block_diagonal_over_pairs():
+    """Row [A | B] of the test above: B's queries (7..11) see only B's keys; A's rejected rest
+    (5, 6) sees A's prefix (0, 1) and itself."""
+    batch = StepwiseCollator(0, pack_pairs=True, pack_budget=12)([token_row(*PAIR_A), token_row(*PAIR_B)])
+    mask = packed_attention_mask(batch["segment_ids"], batch["slot_ids"])[0, 0]
+    visible = {query: mask[query].nonzero().flatten().tolist() for query in range(12)}
+    assert visible[6] == [0, 1, 5, 6]
+    assert visible[7] == [7]
+    assert visible[9] == [7, 8, 9]
+    assert visible[11] == [7, 10, 11]
+
+
+def batches(tmp_path, source: str) -> tuple[dict, dict]:
+    """The same 6 pairs collated unpacked and packed several to a row (budget: two of the longest)."""
+    if source == "synthetic":
+        datamodule = StepwiseDataModule(
+            path="synthetic", synthetic_train_size=8, synthetic_val_size=0, batch_size=6, max_length=256,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    else:  # ground truth vs a model's incorrect solution: pairs that share only the question
+        datamodule = StepwiseDataModule(
+            path=str(GSM8K), format="gsm8k", val_fraction=0.0, batch_size=6, max_length=512, require_scores=False,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    datamodule.setup("fit")
+    rows = [datamodule.train_dataset[i] for i in range(6)]
+    longest = StepwiseCollator(0, pack_pairs=True)(rows)["input_ids"].shape[1]
+    unpacked, packed = StepwiseCollator(0)(rows), StepwiseCollator(0, pack_pairs=True, pack_budget=2 * longest)(rows)
+    assert packed["input_ids"].shape[0] < 6 and packed["target_ids"].shape[-1] >= 4  # rows of 2 or more pairs
+    for batch in (unpacked, packed):
+        batch["has_step_scores"][:] = True  # scores are not what these tests are about
+    return unpacked, packed
+
+
+def make_module(**settings) -> StepwiseDPOModule:
+    torch.manual_seed(0)
+    module = StepwiseDPOModule(tiny_model=TINY, **settings)
+    module.configure_model()
+    with torch.no_grad():  # a policy different from the reference, so log-ratios are not all 0
+        for parameter in module.policy.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return module
+
+
+def set_attention(module: StepwiseDPOModule, attention: str) -> None:
+    for model in (module.policy, module.reference.model):
+        model.set_attn_implementation(attention)
+
+
+def assert_same_objective_and_gradients(module: StepwiseDPOModule, unpacked: dict, packed: dict) -> None:
+    """Loss and every policy gradient within atol 1e-5, rtol 1e-4 (as one pair per row in
+    test_packing.py); step log-ratios (differences of log-probs of ~100) within 1e-4."""
+    results = []
+    for batch in (unpacked, packed):
+        module.policy.zero_grad()
+        out = module.objective(batch, batch["step_scores"])
+        out.loss.backward()
+        results.append((out, {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
+    (out_unpacked, grads_unpacked), (out_packed, grads_packed) = results
+    assert out_unpacked.step_logratios.abs().max() > 0
+    torch.testing.assert_close(out_packed.loss, out_unpacked.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_packed.step_logratios, out_unpacked.step_logratios, atol=1e-4, rtol=1e-4)
+    for name, grad in grads_unpacked.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("source", ["synthetic", "gsm8k"])
+@pytest.mark.parametrize("attention, lean", [("sdpa", False), ("sdpa", True), ("eager", False)])
+def test_several_pairs_per_row_give_the_unpacked_log_probs_loss_and_gradients(tmp_path, source, attention, lean):
+    """Per-step log-probs within atol = rtol = 1e-5 of the unpacked batch's, in pair order; loss and
+    gradients as in `assert_same_objective_and_gradients`; fewer token slots than one pair per row."""
+    unpacked, packed = batches(tmp_path, source)
+    module = make_module(lean_logps=lean)
+    set_attention(module, attention)
+    num_steps = unpacked["step_mask"].shape[1]
+    with torch.no_grad():
+        expected = step_logps(module.policy, unpacked, num_steps, lean)
+        actual = step_logps(module.policy, packed, num_steps, lean)
+    assert (expected[unpacked["step_mask"]] != 0).all()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_same_objective_and_gradients(module, unpacked, packed)
+
+
+def test_sft_warmup_loss_is_the_same_with_several_pairs_per_row(tmp_path):
+    """The chosen side of multi-pair rows keeps the rows and the chosen target columns: the
+    warm-up NLL equals the unpacked one within atol = rtol = 1e-6."""
+    unpacked, packed = batches(tmp_path, "synthetic")
+    module = make_module(sft_warmup_steps=1)
+    num_steps = unpacked["step_mask"].shape[1]
+
+    def warmup_loss(batch):
+        chosen_logps = step_logps(module.policy, chosen_side(batch), num_steps).sum(-1)
+        return sft_loss(chosen_logps, chosen_token_counts(batch), None)
+
+    torch.testing.assert_close(warmup_loss(packed), warmup_loss(unpacked), atol=1e-6, rtol=1e-6)
+
+
+def test_flex_attention_block_mask_gives_the_unpacked_log_probs(tmp_path):
+    """FlexAttention with the block mask of multi-pair rows (forward only: torch has no FlexAttention
+    backward on CPU; the reference's and evaluation's passes run without gradients): per-step
+    log-probs within atol = rtol = 1e-5 of the unpacked sdpa batch's."""
+    unpacked, packed = batches(tmp_path, "synthetic")
+    module = make_module()
+    num_steps = unpacked["step_mask"].shape[1]
+    with torch.no_grad():
+        expected = step_logps(module.policy, unpacked, num_steps)
+        set_attention(module, "flex_attention")
+        actual = step_logps(module.policy, packed, num_steps)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
+def test_flex_attention_gradients_equal_the_unpacked_ones_on_cuda(tmp_path):
+    """On CUDA (fp32): loss and gradients with the block mask as in `assert_same_objective_and_gradients`."""
+    unpacked, packed = batches(tmp_path, "synthetic")
+    module = make_module().cuda()
+    unpacked, packed = ({k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in (unpacked, packed))
+    set_attention(module, "sdpa")
+    results = []
+    for batch, attention in ((unpacked, "sdpa"), (packed, "flex_attention")):
+        set_attention(module, attention)
+        module.policy.zero_grad()
+        out = module.objective(batch, batch["step_scores"])
+        out.loss.backward()
+        results.append((out.loss.detach(), {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
+    (loss_unpacked, grads_unpacked), (loss_packed, grads_packed) = results
+    torch.testing.assert_close(loss_packed, loss_unpacked, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_unpacked.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"pack_budget": 0}, "data.pack_budget: must be at least 1"),
+        ({"pack_budget": 512, "pack_pairs": False}, "data.pack_budget: .*data.pack_pairs: true"),
+    ],
+)
+def test_pack_budget_is_checked(tmp_path, settings, message):
+    with pytest.raises(SettingError, match=message):
+        StepwiseDataModule(path="synthetic", cache_dir=str(tmp_path), **settings)
