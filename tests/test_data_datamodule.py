@@ -19,7 +19,7 @@ BATCH_KEYS = {
     "outcome_scores", "has_outcome_scores", "first_divergence", "prompts", "reference_solutions", "steps",
     "row_index",
 }
-PACKED_KEYS = {"position_ids", "segment_ids", "target_ids", "target_step_ids"}
+PACKED_KEYS = {"position_ids", "segment_ids", "slot_ids", "target_ids", "target_step_ids", "response_targets"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -297,7 +297,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(batch):
     torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    shorter = {k: v[..., :-8] if k in ("input_ids", "attention_mask", "step_ids", "position_ids", "segment_ids") else v
+    shorter = {k: v[..., :-8] if k in ("input_ids", "attention_mask", "step_ids", "position_ids", "segment_ids", "slot_ids") else v
                for k, v in clone(batch).items()}
     if "target_ids" in shorter:
         shorter["target_ids"], shorter["target_step_ids"] = batch["target_ids"][:, :-8], batch["target_step_ids"][:, :-8]
