@@ -47,9 +47,9 @@ Correctness = Literal["answer", "steps", "answer_and_steps"]
 PAIR_STRATEGIES: tuple[str, ...] = get_args(PairStrategy)
 SKIP_REASONS = ("fewer_than_two_usable", "equal_scores", "correctness_unknown", "no_correct", "no_incorrect")
 """Why a prompt gives no pair: fewer than two solutions with a non-blank step; every usable
-solution aggregates to the same score, or the best and worst are the same text (``best_vs_worst``); no usable solution's correctness is
-known; no correct one; no incorrect one (``first_error_branch``, ``all_pairs``, checked in this
-order)."""
+solution aggregates to the same score, or the best and the worst are the same text
+(``best_vs_worst``); no usable solution's correctness is known; no correct one; no incorrect
+one (``first_error_branch``, ``all_pairs``, checked in this order)."""
 
 
 @dataclass

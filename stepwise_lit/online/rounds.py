@@ -127,7 +127,8 @@ def round_state(root: str | Path, index: int) -> RoundState:
 
 
 def last_complete_round(root: str | Path) -> int | None:
-    """The last of the complete rounds 0, 1, ... (counting stops at the first incomplete one); None when round 0 is not."""
+    """The last of the complete rounds 0, 1, ... (counting stops at the first incomplete one);
+    None when round 0 is not complete."""
     index = 0
     while round_state(root, index) == "complete":
         index += 1

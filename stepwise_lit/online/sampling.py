@@ -115,13 +115,13 @@ def generate_round(
     if len(completions) != len(prompts) or any(len(samples) != num_samples for samples in completions):
         raise RuntimeError(f"the generator must return {num_samples} completions for each of {len(prompts)} prompts")
     steps = [[solution_steps(text, settings.generation.step_end) for text in samples] for samples in completions]
-    scored_rows = [(row, sample) for row in range(len(prompts)) for sample in range(num_samples) if steps[row][sample]]
+    scored_places = [(row, sample) for row in range(len(prompts)) for sample in range(num_samples) if steps[row][sample]]
     scores = scorer.score_steps(
-        [prompts[row] for row, _ in scored_rows],
-        [steps[row][sample] for row, sample in scored_rows],
-        [references[row] for row, _ in scored_rows],
+        [prompts[row] for row, _ in scored_places],
+        [steps[row][sample] for row, sample in scored_places],
+        [references[row] for row, _ in scored_places],
     )
-    step_scores = {place: row_scores for place, row_scores in zip(scored_rows, scores)}
+    step_scores = dict(zip(scored_places, scores))  # (prompt row, sample) -> scores
     scored = time.perf_counter()
     source = settings.answer_source
     round_prompts = []
@@ -131,7 +131,8 @@ def generate_round(
         for sample, text in enumerate(completions[row]):
             answer = extract_answer(text, source)
             correct = None if expected is None else answers_match(answer, expected, source)
-            solutions.append(ScoredSolution(text, steps[row][sample], step_scores.get((row, sample), []), answer, correct))
+            sample_scores = step_scores.get((row, sample), [])
+            solutions.append(ScoredSolution(text, steps[row][sample], sample_scores, answer, correct))
         round_prompts.append(ScoredPrompt(ids[row], prompt, reference, solutions))
     return RoundRecord(
         round_prompts,
