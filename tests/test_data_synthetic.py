@@ -2,14 +2,20 @@
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 
+from stepwise_lit.answers import extract_embedded
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.labelled import labelled_responses
-from stepwise_lit.data.synthetic import TEMPLATES, generate_labelled, generate_pairs
+from stepwise_lit.data.synthetic import NAMES, TEMPLATES, Operation, generate_labelled, generate_pairs, problem_statement
+from stepwise_lit.data.tokenize import first_divergence, prompt_token_ids
+from stepwise_lit.tokenizer import build_byte_tokenizer
 
 EQUATION = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
+TINY_DATA = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["data"]
 
 
 def equation_holds(step: str) -> bool:
@@ -70,6 +76,58 @@ def test_error_at_a_random_step_propagates_and_scores_follow_it(pairs):
         assert chosen[-1] != rejected[-1]  # the final answer is wrong
         assert (pair["chosen_score"], pair["rejected_score"]) == (1.0, -1.0)
     assert set(error_steps) == set(range(8))
+
+
+def solve_from_prompt(prompt: str) -> tuple[int, list[tuple[str, int]], int]:
+    """Independent reading of a prompt: its start value, its numbered operations and the answer they give."""
+    start = int(re.search(r" has (\d+) ", prompt).group(1))
+    numbered = re.findall(r"(\d+): ([-+*])(\d+)", prompt)
+    assert [int(position) for position, _, _ in numbered] == list(range(1, len(numbered) + 1)), prompt
+    operations = [(symbol, int(operand)) for _, symbol, operand in numbered]
+    value = start
+    for symbol, operand in operations:
+        value = {"+": value + operand, "-": value - operand, "*": value * operand}[symbol]
+    return start, operations, value
+
+
+def test_the_prompt_states_the_whole_problem_and_the_chosen_solution_solves_it(pairs):
+    """Read from the prompt alone, the start value and the k-th operation are the left side and
+    operation of chosen step k, and the answer the extractor reads is the value they give."""
+    assert problem_statement(TEMPLATES[2], "Ana", "beads", 7, [Operation("+", 3), Operation("-", 2), Operation("*", 2)]) == (
+        "Ana has 7 beads. 1: +3, 2: -2, 3: *2. How many beads?"
+    )
+    for pair in pairs + generate_pairs(100, seed=4242, max_value=10):
+        start, operations, answer = solve_from_prompt(pair["prompt"])
+        steps = [EQUATION.match(step).groups() for step in pair["chosen_steps"]]
+        assert [(symbol, int(operand)) for _, _, symbol, operand, _ in steps] == operations
+        assert int(steps[0][1]) == start
+        assert extract_embedded(pair["reference_solution"]) == extract_embedded(pair["chosen_steps"][-1]) == str(answer)
+        assert extract_embedded(pair["rejected_steps"][-1]) != str(answer)
+
+
+def test_the_slip_is_at_the_first_divergence_of_the_pair(pairs):
+    """The first step whose text differs (what tokenization stores as ``first_divergence``) is the
+    first step scored -1, and it is the first false equation of the rejected solution."""
+    for pair in pairs:
+        error_step = pair["rejected_step_scores"].index(-1.0)
+        assert first_divergence(pair["chosen_steps"], pair["rejected_steps"]) == error_step
+        assert not equation_holds(pair["rejected_steps"][error_step])
+
+
+def test_every_prompt_fits_the_tiny_prompt_budget():
+    """tiny.yaml keeps the whole prompt: the widest statement its numbers allow (every story kind,
+    name and noun, the largest start, eight operations with operands as wide as max_value) fits
+    max_prompt_length in byte tokens with the template and BOS, and so do generated problems."""
+    tokenizer = build_byte_tokenizer()
+    budget, template, max_value = TINY_DATA["max_prompt_length"], TINY_DATA["step_wise_prompt_template"], TINY_DATA["synthetic_max_value"]
+    widest = [
+        problem_statement(kind, name, thing, max_value, [Operation(symbol, max_value) for symbol in "+-*+-*+-"])
+        for kind in TEMPLATES for name in NAMES for thing in kind.things
+    ]
+    generated = [pair["prompt"] for seed in (0, 4242) for pair in generate_pairs(500, seed=seed, max_value=max_value)]
+    lengths = [len(prompt_token_ids(prompt, tokenizer, template)) for prompt in widest + generated]
+    assert max(lengths) <= budget
+    assert max(lengths[: len(widest)]) >= max(lengths[len(widest) :])  # the widest bounds what is drawn
 
 
 def test_numbers_stay_small(pairs):

@@ -1,14 +1,21 @@
-"""The embedded data set: procedurally generated multi-step arithmetic word problems.
+"""The embedded data set: procedurally generated multi-step arithmetic problems.
 
-Each problem is a story about one running quantity changed by a few operations
-(add, subtract, multiply by a small factor); every step computes one operation,
-``"Step 2: 19 - 5 = 14\\n"``. The chosen solution is correct. The rejected one
-makes an arithmetic slip at a random step (``"12 + 7 = 21"``), carries the wrong
-value forward and repeats the slip in every later step, so each step from the
-error on is a false equation that can be seen within the step itself, and the
-final answer is wrong. Step scores are +1 before the error and -1 from it on.
-Correct intermediate values stay below 100 so a tiny byte-level model can learn
-to check them.
+Each problem states one running quantity and the operations that change it, in
+order, in a compact form a small model can read within a short prompt budget::
+
+    Ana has 7 pens. 1: +3, 2: -2, 3: *2. How many pens?
+
+(an opening with the start value, the numbered operations ``+n``, ``-n`` or ``*n``,
+and a question; four story kinds). Every solution step computes one operation, the
+``k``-th step the ``k``-th operation, ``"Step 2: 10 - 2 = 8\n"``; the last step
+ends with the answer sentence ``"... = 16. The answer is 16.\n"`` that
+:func:`stepwise_lit.answers.extract_embedded` reads. The chosen solution is correct.
+The rejected one makes an arithmetic slip at a random step (``"10 + 3 = 14"``),
+carries the wrong value forward and repeats the slip in every later step, so each
+step from the error on is a false equation that can be seen within the step itself,
+and the final answer is wrong. Step scores are +1 before the error and -1 from it
+on. Every number, right or slipped, stays within ``[0, max_value]`` so a tiny
+byte-level model can learn the arithmetic.
 
 :func:`generate_labelled` gives single labelled solutions of the same problems for error
 localisation (``stepwise_lit.data.labelled``): the correct solution, or the slipped one
@@ -33,12 +40,10 @@ class Operation:
     Attributes:
         symbol: ``"+"``, ``"-"`` or ``"*"``.
         operand: The number applied to the running value.
-        phrase: The sentence of the story that asks for this operation.
     """
 
     symbol: str
     operand: int
-    phrase: str
 
     def apply(self, value: int) -> int:
         """The correct result of this operation on ``value``."""
@@ -51,69 +56,38 @@ class Operation:
 
 @dataclass(frozen=True)
 class Template:
-    """A story kind: an opening, how each operation is told, and the question.
+    """A story kind: an opening with the start value, and the question.
 
     Attributes:
         opening: Sentence with ``{name}``, ``{start}`` and ``{thing}``.
         things: Nouns the story can count.
-        phrases: For each operation symbol, sentences with ``{name}``, ``{n}`` and ``{thing}``.
-        question: The final question, with ``{name}`` and ``{thing}``.
+        question: The final question, with ``{thing}``.
     """
 
     opening: str
     things: tuple[str, ...]
-    phrases: dict[str, tuple[str, ...]]
     question: str
 
 
 TEMPLATES = (
-    Template(
-        opening="{name}'s shop has {start} {thing}.",
-        things=("apples", "pens", "books", "cups"),
-        phrases={
-            "+": ("It gets {n} more.", "{name} buys {n} more."),
-            "-": ("It sells {n}.", "{name} gives away {n}."),
-            "*": ("The stock grows {n} times.",),
-        },
-        question="How many {thing} does the shop have now?",
-    ),
-    Template(
-        opening="A bus leaves with {start} {thing}.",
-        things=("people", "students", "tourists"),
-        phrases={
-            "+": ("{n} get on.", "{n} more board."),
-            "-": ("{n} get off.", "{n} leave."),
-            "*": ("It fills up {n} times over.",),
-        },
-        question="How many {thing} are on the bus?",
-    ),
-    Template(
-        opening="{name} has {start} {thing}.",
-        things=("coins", "marbles", "stickers", "beads"),
-        phrases={
-            "+": ("{name} finds {n} more.", "A friend gives {name} {n}."),
-            "-": ("{name} spends {n}.", "{name} loses {n}."),
-            "*": ("The pile grows {n} times.",),
-        },
-        question="How many {thing} does {name} have?",
-    ),
-    Template(
-        opening="A farm has {start} {thing}.",
-        things=("hens", "sheep", "goats", "ducks"),
-        phrases={
-            "+": ("{n} are born.", "The farmer buys {n}."),
-            "-": ("The farmer sells {n}.", "{n} wander off."),
-            "*": ("The herd grows {n} times.",),
-        },
-        question="How many {thing} are on the farm?",
-    ),
+    Template(opening="{name}'s shop has {start} {thing}.", things=("apples", "pens", "books", "cups"), question="How many {thing}?"),
+    Template(opening="A bus has {start} {thing}.", things=("people", "kids"), question="How many on the bus?"),
+    Template(opening="{name} has {start} {thing}.", things=("coins", "marbles", "beads"), question="How many {thing}?"),
+    Template(opening="A farm has {start} {thing}.", things=("hens", "sheep", "goats"), question="How many {thing}?"),
 )
+
+
+def problem_statement(template: Template, name: str, thing: str, start: int, operations: list[Operation]) -> str:
+    """The prompt: ``"Ana has 7 pens. 1: +3, 2: -2, 3: *2. How many pens?"``."""
+    numbered = ", ".join(f"{position}: {op.symbol}{op.operand}" for position, op in enumerate(operations, 1))
+    opening = template.opening.format(name=name, start=start, thing=thing)
+    return f"{opening} {numbered}. {template.question.format(thing=thing)}"
 
 
 def generate_pairs(
     num_pairs: int, seed: int, min_steps: int = 2, max_steps: int = 8, max_value: int = MAX_VALUE
 ) -> list[dict]:
-    """Generate canonical preference pairs of arithmetic word problems.
+    """Generate canonical preference pairs of multi-step arithmetic problems.
 
     Prompts are distinct within one call, and the same arguments always give the
     same pairs.
@@ -201,9 +175,8 @@ def generate_pair(rng: random.Random, num_steps: int, max_value: int = MAX_VALUE
     template = rng.choice(TEMPLATES)
     name, thing = rng.choice(NAMES), rng.choice(template.things)
     start = rng.randint(max_value // 10, max(max_value // 10, (max_value * 4) // 10))
-    operations = draw_operations(rng, template, start, num_steps, max_value)
-    story = [template.opening] + [operation.phrase for operation in operations] + [template.question]
-    prompt = " ".join(story).format(name=name, start=start, thing=thing)
+    operations = draw_operations(rng, start, num_steps, max_value)
+    prompt = problem_statement(template, name, thing, start, operations)
     error_step = rng.randrange(num_steps)
     slip = draw_slip(rng, start, operations, error_step, max_value)
     if slip is None:
@@ -222,16 +195,12 @@ def generate_pair(rng: random.Random, num_steps: int, max_value: int = MAX_VALUE
     }
 
 
-def draw_operations(
-    rng: random.Random, template: Template, start: int, num_steps: int, max_value: int = MAX_VALUE
-) -> list[Operation]:
+def draw_operations(rng: random.Random, start: int, num_steps: int, max_value: int = MAX_VALUE) -> list[Operation]:
     """Operations whose correct running values stay in [1, max_value]."""
     operations = []
     value = start
     for _ in range(num_steps):
-        symbol, operand = draw_operation(rng, value, max_value)
-        phrase = rng.choice(template.phrases[symbol]).replace("{n}", str(operand))
-        operations.append(Operation(symbol, operand, phrase))
+        operations.append(Operation(*draw_operation(rng, value, max_value)))
         value = operations[-1].apply(value)
     return operations
 
