@@ -79,11 +79,10 @@ def test_error_at_a_random_step_propagates_and_scores_follow_it(pairs):
 
 
 def solve_from_prompt(prompt: str) -> tuple[int, list[tuple[str, int]], int]:
-    """Independent reading of a prompt: its start value, its numbered operations and the answer they give."""
+    """Independent reading of a prompt: its start value, its operations in order and the answer they give."""
     start = int(re.search(r" has (\d+) ", prompt).group(1))
-    numbered = re.findall(r"(\d+): ([-+*])(\d+)", prompt)
-    assert [int(position) for position, _, _ in numbered] == list(range(1, len(numbered) + 1)), prompt
-    operations = [(symbol, int(operand)) for _, symbol, operand in numbered]
+    symbol, operand, times = re.search(r"Then ([-+*])(\d+), (\d+) times\.", prompt).groups()
+    operations = [(symbol, int(operand))] * int(times)
     value = start
     for symbol, operand in operations:
         value = {"+": value + operand, "-": value - operand, "*": value * operand}[symbol]
@@ -91,12 +90,13 @@ def solve_from_prompt(prompt: str) -> tuple[int, list[tuple[str, int]], int]:
 
 
 def test_the_prompt_states_the_whole_problem_and_the_chosen_solution_solves_it(pairs):
-    """Read from the prompt alone, the start value and the k-th operation are the left side and
-    operation of chosen step k, and the answer the extractor reads is the value they give."""
-    assert problem_statement(TEMPLATES[2], "Ana", "beads", 7, [Operation("+", 3), Operation("-", 2), Operation("*", 2)]) == (
-        "Ana has 7 beads. 1: +3, 2: -2, 3: *2. How many beads?"
+    """Read from the prompt alone, the start value is the left side of step 1, the operation is
+    that of every step, there are as many steps as the prompt's count, and the answer the
+    extractor reads is the value they give (the rejected answer is another)."""
+    assert problem_statement(TEMPLATES[2], "Ana", "beads", 7, Operation("+", 3), 4) == (
+        "Ana has 7 beads. Then +3, 4 times. How many beads?"
     )
-    for pair in pairs + generate_pairs(100, seed=4242, max_value=10):
+    for pair in pairs + generate_pairs(100, seed=4242, max_value=TINY_DATA["synthetic_max_value"]):
         start, operations, answer = solve_from_prompt(pair["prompt"])
         steps = [EQUATION.match(step).groups() for step in pair["chosen_steps"]]
         assert [(symbol, int(operand)) for _, _, symbol, operand, _ in steps] == operations
@@ -116,19 +116,27 @@ def test_the_slip_is_at_the_first_divergence_of_the_pair(pairs):
 
 def test_every_prompt_fits_the_tiny_prompt_budget():
     """tiny.yaml keeps the whole prompt: the widest statement its numbers allow (every story kind,
-    name and noun, the largest start, eight operations with operands as wide as max_value) fits
-    max_prompt_length in byte tokens with BOS (and the template, if tiny.yaml sets one), and so do generated problems."""
+    name and noun, the largest start, an operand as wide as max_value, eight times) fits
+    max_prompt_length in byte tokens with BOS (and the template, if tiny.yaml sets one), and so
+    do generated problems."""
     tokenizer = build_byte_tokenizer()
     budget, max_value = TINY_DATA["max_prompt_length"], TINY_DATA["synthetic_max_value"]
     template = TINY_DATA["step_wise_prompt_template"] if TINY_DATA.get("use_step_wise_prompt") else None
     widest = [
-        problem_statement(kind, name, thing, max_value, [Operation(symbol, max_value) for symbol in "+-*+-*+-"])
+        problem_statement(kind, name, thing, max_value, Operation("+", max_value), 8)
         for kind in TEMPLATES for name in NAMES for thing in kind.things
     ]
     generated = [pair["prompt"] for seed in (0, 4242) for pair in generate_pairs(500, seed=seed, max_value=max_value)]
     lengths = [len(prompt_token_ids(prompt, tokenizer, template)) for prompt in widest + generated]
     assert max(lengths) <= budget
     assert max(lengths[: len(widest)]) >= max(lengths[len(widest) :])  # the widest bounds what is drawn
+
+
+def test_too_few_distinct_problems_for_the_pairs_asked():
+    """With numbers up to 10 there are about two thousand distinct prompts (start 1-10, one operation,
+    2-8 times, the story kinds with their names and nouns), not 5000: a clear error, no endless search."""
+    with pytest.raises(ValueError, match=r"found only \d+ distinct problems of 5000 with max_value=10 .*raise max_value"):
+        generate_pairs(5000, seed=0, max_value=10)
 
 
 def test_numbers_stay_small(pairs):
