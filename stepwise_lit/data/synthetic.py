@@ -71,7 +71,9 @@ class Template:
 
 
 TEMPLATES = (
-    Template(opening="{name}'s shop has {start} {thing}.", things=("apples", "pens", "books", "cups"), question="How many {thing}?"),
+    Template(
+        opening="{name}'s shop has {start} {thing}.", things=("apples", "pens", "books", "cups"), question="How many {thing}?"
+    ),
     Template(opening="A bus has {start} {thing}.", things=("people", "kids"), question="How many on the bus?"),
     Template(opening="{name} has {start} {thing}.", things=("coins", "marbles", "beads"), question="How many {thing}?"),
     Template(opening="A farm has {start} {thing}.", things=("hens", "sheep", "goats"), question="How many {thing}?"),
@@ -81,7 +83,8 @@ TEMPLATES = (
 def problem_statement(template: Template, name: str, thing: str, start: int, operation: Operation, times: int) -> str:
     """The prompt: ``"Ana has 7 pens. Then +3, 4 times. How many pens?"``."""
     opening = template.opening.format(name=name, start=start, thing=thing)
-    return f"{opening} Then {operation.symbol}{operation.operand}, {times} times. {template.question.format(thing=thing)}"
+    question = template.question.format(thing=thing)
+    return f"{opening} Then {operation.symbol}{operation.operand}, {times} times. {question}"
 
 
 def generate_pairs(
