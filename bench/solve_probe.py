@@ -7,7 +7,7 @@ prompt template and prompt budget of training, reads each answer after "The answ
 (`stepwise_lit.answers`), and prints the solve rate next to the constant-answer baseline (the share
 of the most common reference answer: what always answering one value scores).
 
-    python bench/solve_probe.py --sft_steps 300 --root runs/solve_probe   # trains, then probes
+    python bench/solve_probe.py --sft_steps 350 --root runs/solve_probe   # trains, then probes
     python bench/solve_probe.py --export runs/tiny/export                 # probes an exported policy
 
 Training is `python train.py fit --config configs/tiny.yaml --model.sft_warmup_steps=N
@@ -75,7 +75,7 @@ def solve_rate(export: Path, num_problems: int, problem_seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", type=Path, help="probe this exported folder (no training)")
-    parser.add_argument("--sft_steps", type=int, default=300, help="SFT warm-up steps to train")
+    parser.add_argument("--sft_steps", type=int, default=350, help="SFT warm-up steps to train (tiny.yaml: 350)")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "solve_probe", help="scratch root of the run")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml")
     parser.add_argument("--num_problems", type=int, default=100)
