@@ -2,14 +2,20 @@
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 
+from stepwise_lit.answers import extract_embedded
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.labelled import labelled_responses
-from stepwise_lit.data.synthetic import TEMPLATES, generate_labelled, generate_pairs
+from stepwise_lit.data.synthetic import NAMES, TEMPLATES, Operation, generate_labelled, generate_pairs, problem_statement
+from stepwise_lit.data.tokenize import first_divergence, prompt_token_ids
+from stepwise_lit.tokenizer import build_byte_tokenizer
 
 EQUATION = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
+TINY_DATA = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["data"]
 
 
 def equation_holds(step: str) -> bool:
@@ -70,6 +76,67 @@ def test_error_at_a_random_step_propagates_and_scores_follow_it(pairs):
         assert chosen[-1] != rejected[-1]  # the final answer is wrong
         assert (pair["chosen_score"], pair["rejected_score"]) == (1.0, -1.0)
     assert set(error_steps) == set(range(8))
+
+
+def solve_from_prompt(prompt: str) -> tuple[int, list[tuple[str, int]], int]:
+    """Independent reading of a prompt: its start value, its operations in order and the answer they give."""
+    start = int(re.search(r" has (\d+) ", prompt).group(1))
+    symbol, operand, times = re.search(r"Then ([-+*])(\d+), (\d+) times\.", prompt).groups()
+    operations = [(symbol, int(operand))] * int(times)
+    value = start
+    for symbol, operand in operations:
+        value = {"+": value + operand, "-": value - operand, "*": value * operand}[symbol]
+    return start, operations, value
+
+
+def test_the_prompt_states_the_whole_problem_and_the_chosen_solution_solves_it(pairs):
+    """Read from the prompt alone, the start value is the left side of step 1, the operation is
+    that of every step, there are as many steps as the prompt's count, and the answer the
+    extractor reads is the value they give (the rejected answer is another)."""
+    assert problem_statement(TEMPLATES[2], "Ana", "beads", 7, Operation("+", 3), 4) == (
+        "Ana has 7 beads. Then +3, 4 times. How many beads?"
+    )
+    for pair in pairs + generate_pairs(100, seed=4242, max_value=TINY_DATA["synthetic_max_value"]):
+        start, operations, answer = solve_from_prompt(pair["prompt"])
+        steps = [EQUATION.match(step).groups() for step in pair["chosen_steps"]]
+        assert [(symbol, int(operand)) for _, _, symbol, operand, _ in steps] == operations
+        assert int(steps[0][1]) == start
+        assert extract_embedded(pair["reference_solution"]) == extract_embedded(pair["chosen_steps"][-1]) == str(answer)
+        assert extract_embedded(pair["rejected_steps"][-1]) != str(answer)
+
+
+def test_the_slip_is_at_the_first_divergence_of_the_pair(pairs):
+    """The first step whose text differs (what tokenization stores as ``first_divergence``) is the
+    first step scored -1, and it is the first false equation of the rejected solution."""
+    for pair in pairs:
+        error_step = pair["rejected_step_scores"].index(-1.0)
+        assert first_divergence(pair["chosen_steps"], pair["rejected_steps"]) == error_step
+        assert not equation_holds(pair["rejected_steps"][error_step])
+
+
+def test_every_prompt_fits_the_tiny_prompt_budget():
+    """tiny.yaml keeps the whole prompt: the widest statement its numbers allow (every story kind,
+    name and noun, the largest start, an operand as wide as max_value, eight times) fits
+    max_prompt_length in byte tokens with BOS (and the template, if tiny.yaml sets one), and so
+    do generated problems."""
+    tokenizer = build_byte_tokenizer()
+    budget, max_value = TINY_DATA["max_prompt_length"], TINY_DATA["synthetic_max_value"]
+    template = TINY_DATA["step_wise_prompt_template"] if TINY_DATA.get("use_step_wise_prompt") else None
+    widest = [
+        problem_statement(kind, name, thing, max_value, Operation("+", max_value), 8)
+        for kind in TEMPLATES for name in NAMES for thing in kind.things
+    ]
+    generated = [pair["prompt"] for seed in (0, 4242) for pair in generate_pairs(500, seed=seed, max_value=max_value)]
+    lengths = [len(prompt_token_ids(prompt, tokenizer, template)) for prompt in widest + generated]
+    assert max(lengths) <= budget
+    assert max(lengths[: len(widest)]) >= max(lengths[len(widest) :])  # the widest bounds what is drawn
+
+
+def test_too_few_distinct_problems_for_the_pairs_asked():
+    """With numbers up to 10 there are about two thousand distinct prompts (start 1-10, one operation,
+    2-8 times, the story kinds with their names and nouns), not 5000: a clear error, no endless search."""
+    with pytest.raises(ValueError, match=r"found only \d+ distinct problems of 5000 with max_value=10 .*raise max_value"):
+        generate_pairs(5000, seed=0, max_value=10)
 
 
 def test_numbers_stay_small(pairs):

@@ -1,14 +1,22 @@
-"""The embedded data set: procedurally generated multi-step arithmetic word problems.
+"""The embedded data set: procedurally generated multi-step arithmetic problems.
 
-Each problem is a story about one running quantity changed by a few operations
-(add, subtract, multiply by a small factor); every step computes one operation,
-``"Step 2: 19 - 5 = 14\\n"``. The chosen solution is correct. The rejected one
-makes an arithmetic slip at a random step (``"12 + 7 = 21"``), carries the wrong
-value forward and repeats the slip in every later step, so each step from the
-error on is a false equation that can be seen within the step itself, and the
-final answer is wrong. Step scores are +1 before the error and -1 from it on.
-Correct intermediate values stay below 100 so a tiny byte-level model can learn
-to check them.
+Each problem states, in a compact form a small model reads within a short prompt
+budget, a start value and one operation applied to it a number of times::
+
+    Ana has 7 pens. Then +3, 4 times. How many pens?
+
+(an opening with the start value, the operation ``+n``, ``-n`` or ``*n``, how many
+times, and a question; four story kinds). Every solution step applies the operation
+once to the running value, ``"Step 2: 10 + 3 = 13\n"``; the last step ends with the
+answer sentence ``"... = 19. The answer is 19.\n"`` that
+:func:`stepwise_lit.answers.extract_embedded` reads. Every fact a step needs is at one
+place in the prompt, so a tiny model learns to read it within minutes; what it must
+still learn is the arithmetic and when to stop. The chosen solution is correct. The
+rejected one makes an arithmetic slip at a random step (``"10 + 3 = 14"``), carries
+the wrong value forward and repeats the slip in every later step, so each step from
+the error on is a false equation that can be seen within the step itself, and the
+final answer is wrong. Step scores are +1 before the error and -1 from it on. Every
+number, right or slipped, stays within ``[0, max_value]``.
 
 :func:`generate_labelled` gives single labelled solutions of the same problems for error
 localisation (``stepwise_lit.data.labelled``): the correct solution, or the slipped one
@@ -33,12 +41,10 @@ class Operation:
     Attributes:
         symbol: ``"+"``, ``"-"`` or ``"*"``.
         operand: The number applied to the running value.
-        phrase: The sentence of the story that asks for this operation.
     """
 
     symbol: str
     operand: int
-    phrase: str
 
     def apply(self, value: int) -> int:
         """The correct result of this operation on ``value``."""
@@ -51,69 +57,40 @@ class Operation:
 
 @dataclass(frozen=True)
 class Template:
-    """A story kind: an opening, how each operation is told, and the question.
+    """A story kind: an opening with the start value, and the question.
 
     Attributes:
         opening: Sentence with ``{name}``, ``{start}`` and ``{thing}``.
         things: Nouns the story can count.
-        phrases: For each operation symbol, sentences with ``{name}``, ``{n}`` and ``{thing}``.
-        question: The final question, with ``{name}`` and ``{thing}``.
+        question: The final question, with ``{thing}``.
     """
 
     opening: str
     things: tuple[str, ...]
-    phrases: dict[str, tuple[str, ...]]
     question: str
 
 
 TEMPLATES = (
     Template(
-        opening="{name}'s shop has {start} {thing}.",
-        things=("apples", "pens", "books", "cups"),
-        phrases={
-            "+": ("It gets {n} more.", "{name} buys {n} more."),
-            "-": ("It sells {n}.", "{name} gives away {n}."),
-            "*": ("The stock grows {n} times.",),
-        },
-        question="How many {thing} does the shop have now?",
+        opening="{name}'s shop has {start} {thing}.", things=("apples", "pens", "books", "cups"), question="How many {thing}?"
     ),
-    Template(
-        opening="A bus leaves with {start} {thing}.",
-        things=("people", "students", "tourists"),
-        phrases={
-            "+": ("{n} get on.", "{n} more board."),
-            "-": ("{n} get off.", "{n} leave."),
-            "*": ("It fills up {n} times over.",),
-        },
-        question="How many {thing} are on the bus?",
-    ),
-    Template(
-        opening="{name} has {start} {thing}.",
-        things=("coins", "marbles", "stickers", "beads"),
-        phrases={
-            "+": ("{name} finds {n} more.", "A friend gives {name} {n}."),
-            "-": ("{name} spends {n}.", "{name} loses {n}."),
-            "*": ("The pile grows {n} times.",),
-        },
-        question="How many {thing} does {name} have?",
-    ),
-    Template(
-        opening="A farm has {start} {thing}.",
-        things=("hens", "sheep", "goats", "ducks"),
-        phrases={
-            "+": ("{n} are born.", "The farmer buys {n}."),
-            "-": ("The farmer sells {n}.", "{n} wander off."),
-            "*": ("The herd grows {n} times.",),
-        },
-        question="How many {thing} are on the farm?",
-    ),
+    Template(opening="A bus has {start} {thing}.", things=("people", "kids"), question="How many on the bus?"),
+    Template(opening="{name} has {start} {thing}.", things=("coins", "marbles", "beads"), question="How many {thing}?"),
+    Template(opening="A farm has {start} {thing}.", things=("hens", "sheep", "goats"), question="How many {thing}?"),
 )
+
+
+def problem_statement(template: Template, name: str, thing: str, start: int, operation: Operation, times: int) -> str:
+    """The prompt: ``"Ana has 7 pens. Then +3, 4 times. How many pens?"``."""
+    opening = template.opening.format(name=name, start=start, thing=thing)
+    question = template.question.format(thing=thing)
+    return f"{opening} Then {operation.symbol}{operation.operand}, {times} times. {question}"
 
 
 def generate_pairs(
     num_pairs: int, seed: int, min_steps: int = 2, max_steps: int = 8, max_value: int = MAX_VALUE
 ) -> list[dict]:
-    """Generate canonical preference pairs of arithmetic word problems.
+    """Generate canonical preference pairs of multi-step arithmetic problems.
 
     Prompts are distinct within one call, and the same arguments always give the
     same pairs.
@@ -124,12 +101,17 @@ def generate_pairs(
         min_steps: Fewest steps (operations) per solution, at least 1.
         max_steps: Most steps per solution.
         max_value: Largest number in a problem (correct or wrong); smaller makes the
-            arithmetic easier to learn. At least 10.
+            arithmetic easier to learn, and leaves fewer distinct problems. At least 10.
 
     Returns:
         Canonical rows (docs/contract.md) with step scores, outcome scores
         (+1 chosen, -1 rejected), an ``id`` and the correct solution as
         ``reference_solution``.
+
+    Raises:
+        ValueError: On a bad step range or ``max_value``, or when ``num_pairs`` distinct
+            problems are not found in ``10 * num_pairs + 10000`` draws (``max_value`` too
+            small for that many).
     """
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps} and {max_steps}")
@@ -138,7 +120,14 @@ def generate_pairs(
     rng = random.Random(seed)
     rows: list[dict] = []
     prompts: set[str] = set()
+    draws_left = 10 * num_pairs + 10_000
     while len(rows) < num_pairs:
+        draws_left -= 1
+        if draws_left < 0:
+            raise ValueError(
+                f"found only {len(rows)} distinct problems of {num_pairs} with max_value={max_value} and "
+                f"{min_steps}-{max_steps} steps: raise max_value or ask for fewer pairs"
+            )
         row = generate_pair(rng, rng.randint(min_steps, max_steps), max_value)
         if row is None or row["prompt"] in prompts:
             continue
@@ -197,13 +186,15 @@ def labelled_solution(pair: dict, side: str) -> dict:
 
 
 def generate_pair(rng: random.Random, num_steps: int, max_value: int = MAX_VALUE) -> dict | None:
-    """One problem with a correct and a slipped solution (``id`` not set); None if no slip fits."""
+    """One problem with a correct and a slipped solution (``id`` not set); None if no operation or slip fits."""
     template = rng.choice(TEMPLATES)
     name, thing = rng.choice(NAMES), rng.choice(template.things)
-    start = rng.randint(max_value // 10, max(max_value // 10, (max_value * 4) // 10))
-    operations = draw_operations(rng, template, start, num_steps, max_value)
-    story = [template.opening] + [operation.phrase for operation in operations] + [template.question]
-    prompt = " ".join(story).format(name=name, start=start, thing=thing)
+    start = rng.randint(1, max_value)
+    operation = draw_operation(rng, start, num_steps, max_value)
+    if operation is None:
+        return None
+    operations = [operation] * num_steps
+    prompt = problem_statement(template, name, thing, start, operation, num_steps)
     error_step = rng.randrange(num_steps)
     slip = draw_slip(rng, start, operations, error_step, max_value)
     if slip is None:
@@ -222,31 +213,23 @@ def generate_pair(rng: random.Random, num_steps: int, max_value: int = MAX_VALUE
     }
 
 
-def draw_operations(
-    rng: random.Random, template: Template, start: int, num_steps: int, max_value: int = MAX_VALUE
-) -> list[Operation]:
-    """Operations whose correct running values stay in [1, max_value]."""
-    operations = []
-    value = start
-    for _ in range(num_steps):
-        symbol, operand = draw_operation(rng, value, max_value)
-        phrase = rng.choice(template.phrases[symbol]).replace("{n}", str(operand))
-        operations.append(Operation(symbol, operand, phrase))
-        value = operations[-1].apply(value)
-    return operations
+def draw_operation(rng: random.Random, start: int, times: int, max_value: int = MAX_VALUE) -> Operation | None:
+    """An operation that, applied ``times`` times to ``start``, keeps every value in [1, max_value]; None if none does.
 
-
-def draw_operation(rng: random.Random, value: int, max_value: int = MAX_VALUE) -> tuple[str, int]:
-    """A symbol and operand that keep ``value`` in [1, max_value]."""
-    largest_operand = min(29, max(2, max_value * 3 // 10))
-    choices = []
-    if value <= max_value - 2:
-        choices.append(("+", rng.randint(2, min(largest_operand, max_value - value))))
-    if value >= 3:
-        choices.append(("-", rng.randint(2, min(largest_operand, value - 1))))
-    if 2 * value <= max_value:
-        choices.append(("*", rng.randint(2, min(5, max_value // value))))
-    return rng.choice(choices)
+    The symbol is drawn among those that fit, then the operand: 2..9 for ``+`` and ``-``
+    (at most 3/10 of ``max_value``), 2..5 for ``*``.
+    """
+    largest_operand = min(9, max(2, max_value * 3 // 10))
+    operands = {
+        "+": range(2, min(largest_operand, (max_value - start) // times) + 1),
+        "-": range(2, min(largest_operand, (start - 1) // times) + 1),
+        "*": [factor for factor in range(2, 6) if start * factor**times <= max_value],
+    }
+    symbols = [symbol for symbol, choices in operands.items() if choices]
+    if not symbols:
+        return None
+    symbol = rng.choice(symbols)
+    return Operation(symbol, rng.choice(operands[symbol]))
 
 
 def draw_slip(
