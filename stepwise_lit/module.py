@@ -365,12 +365,16 @@ class StepwiseDPOModule(L.LightningModule):
         as `stepwise_lit.reports.StepRewardReport` get them as `outputs`)."""
         step_scores = self.missing_scores(batch)
         out = self.objective(batch, step_scores)
-        # Weighted by the rows that count: Lightning sums value x batch_size and batch_size over
-        # the epoch and across ranks, so the logged value is the mean over every real row.
+        # Lightning sums value x batch_size and batch_size over the epoch and across ranks. The
+        # pair losses are weighted by the rows that count, so they log the mean over every real
+        # pair; the per-token SFT loss by the (weighted) chosen tokens, so it logs −Σ log p / Σ
+        # tokens over the split, the same however the pairs are batched or sharded.
         weights = batch.get("pair_weights")
-        self.log_dict(
-            _losses(out, stage), batch_size=num_pairs(batch) if weights is None else float(weights.sum()), sync_dist=True
-        )
+        pairs = torch.ones(num_pairs(batch), device=self.device) if weights is None else weights
+        losses = _losses(out, stage)
+        sft_name = f"{stage}/sft_loss"
+        self.log(sft_name, losses.pop(sft_name), batch_size=float((pairs * chosen_token_counts(batch)).sum()), sync_dist=True)
+        self.log_dict(losses, batch_size=float(pairs.sum()), sync_dist=True)
         inputs = self._metric_inputs(batch, out, step_scores)
         self.val_metrics.update(**inputs)
         return inputs

@@ -355,3 +355,21 @@ def test_max_length_above_the_models_positions_fails_at_setup(tmp_path):
                         default_root_dir=tmp_path)
     with pytest.raises(SettingError, match=r"data.max_length: 2048 .*model.tiny_model.max_position_embeddings \(1024\)"):
         trainer.fit(StepwiseDPOModule(tiny_model=TINY), datamodule)
+
+
+def test_validation_sft_loss_is_per_token_over_the_split_however_batched(tmp_path):
+    """`val/sft_loss` is −Σ log p / Σ tokens over the whole split (chosen responses), so batches of 1
+    and of 4 pairs log the same value; a mean of per-batch ratios would weight short batches up
+    (and differ between one process and DDP shards)."""
+    import lightning as L
+
+    values = []
+    for batch_size in (1, 4):
+        datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=4, synthetic_val_size=8,
+                                        eval_batch_size=batch_size, max_length=256, cache_dir=str(tmp_path / "cache"))
+        module = make_module()
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, default_root_dir=str(tmp_path))
+        trainer.validate(module, datamodule, verbose=False)
+        values.append(trainer.callback_metrics["val/sft_loss"])
+    torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-6)
