@@ -26,9 +26,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = ("val/solve_rate", "val/reward_accuracy", "val/step_accuracy", "val/step_auroc")
+METRICS = ("val/solve_rate", "val/flagged_step_share", "val/reward_accuracy", "val/step_accuracy", "val/step_auroc")
 REPORTED = ("solve_rate", "processbench_f1", "error_acc", "correct_acc", "within_response_auroc", "step_auroc")
-PROMPT = "Step 1: 4 + 3 ="
+PROMPT = "Juno's shop has 4 books. Then +5, 3 times. How many books?"  # held out: generate_pairs(20, seed=4242, max_value=20)[6]
 
 
 def run(seed: int, root: Path) -> float | None:
@@ -60,12 +60,12 @@ def validation_rows(root: Path) -> dict[int, dict[str, float]]:
 
 
 def continuation(root: Path) -> str:
-    """The exported policy's greedy continuation of `PROMPT` (16 new tokens)."""
+    """The exported policy's greedy continuation of `PROMPT` (64 new tokens; the tokenizer adds BOS as in training)."""
     model = AutoModelForCausalLM.from_pretrained(root / "export")
     tokenizer = AutoTokenizer.from_pretrained(root / "export")
     inputs = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(**inputs, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
 
 
