@@ -98,8 +98,8 @@ def test_per_token_step_rewards_divide_by_counts_and_zero_padding():
 
 
 def expected_solve_rate() -> float:
-    """By hand: the validation references are 2, 6, 7 and 9; the odd ones are solved: 2 / 4."""
-    assert sorted(REFERENCES[row["prompt"]] for row in VAL_ROWS) == [2, 6, 7, 9]
+    """By hand: the validation references are 1, 2, 5 and 8; the odd ones are solved: 2 / 4."""
+    assert sorted(REFERENCES[row["prompt"]] for row in VAL_ROWS) == [1, 2, 5, 8]
     return 0.5
 
 
@@ -262,10 +262,11 @@ class ScriptedGeneration(L.Callback):
 def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
     """5 validation prompts on 2 DDP ranks: rank 0 generates prompts 0, 2, 4 and rank 1 prompts
     1, 3 and prompt 0 again as padding (weight 0), so every prompt counts once. The solve rate
-    equals one process's and the hand value: references 2, 6, 7, 9 and the fifth's; odd ones solved."""
+    equals one process's and the hand value: references 8, 5, 2, 1, 4; the odd ones solved, 2 / 5."""
     from test_distributed import finish, start
 
-    expected = sum(REFERENCES[row["prompt"]] % 2 for row in FIVE_VAL_ROWS) / 5
+    assert [REFERENCES[row["prompt"]] for row in FIVE_VAL_ROWS] == [8, 5, 2, 1, 4]
+    expected = 2 / 5
     reports = {}
     for devices in (1, 2):
         folder = tmp_path / f"devices{devices}"
