@@ -49,7 +49,7 @@ def run(seed: int, root: Path) -> float | None:
 
 def validation_rows(root: Path) -> dict[int, dict[str, float]]:
     """Validation metrics by global step from the run's CSVLogger file."""
-    (path,) = sorted(root.glob("csv/version_*/metrics.csv"))[-1:]
+    path = sorted(root.glob("csv/version_*/metrics.csv"))[0]  # the fit's (validate writes the next version)
     rows: dict[int, dict[str, float]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
@@ -60,12 +60,12 @@ def validation_rows(root: Path) -> dict[int, dict[str, float]]:
 
 
 def continuation(root: Path) -> str:
-    """The exported policy's greedy continuation of `PROMPT` (64 new tokens; the tokenizer adds BOS as in training)."""
+    """The exported policy's greedy continuation of `PROMPT` (80 new tokens; the tokenizer adds BOS as in training)."""
     model = AutoModelForCausalLM.from_pretrained(root / "export")
     tokenizer = AutoTokenizer.from_pretrained(root / "export")
     inputs = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(**inputs, max_new_tokens=80, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
 
 
