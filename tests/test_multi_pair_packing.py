@@ -4,7 +4,6 @@ FlexAttention's block mask: log-probs on CPU, gradients where CUDA is)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +13,12 @@ from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.packing import balanced_rows, packed_attention_mask
 from stepwise_lit.errors import SettingError
 from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps
-from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.objective import sft_loss
 
 from test_data_collate import token_row
+from test_packing import GSM8K, assert_same_objective_and_gradients, make_module, pair_rows, scored
 
-TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 
 
 def test_balanced_rows_by_hand():
@@ -76,56 +73,16 @@ def test_packed_mask_is_block_diagonal_over_pairs():
 
 def batches(tmp_path, source: str) -> tuple[dict, dict]:
     """The same 6 pairs collated unpacked and packed several to a row (budget: two of the longest)."""
-    if source == "synthetic":
-        datamodule = StepwiseDataModule(
-            path="synthetic", synthetic_train_size=8, synthetic_val_size=0, batch_size=6, max_length=256,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    else:  # ground truth vs a model's incorrect solution: pairs that share only the question
-        datamodule = StepwiseDataModule(
-            path=str(GSM8K), format="gsm8k", val_fraction=0.0, batch_size=6, max_length=512, require_scores=False,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    datamodule.setup("fit")
-    rows = [datamodule.train_dataset[i] for i in range(6)]
+    rows = pair_rows(tmp_path, source, 6)
     longest = StepwiseCollator(0, pack_pairs=True)(rows)["input_ids"].shape[1]
     unpacked, packed = StepwiseCollator(0)(rows), StepwiseCollator(0, pack_pairs=True, pack_budget=2 * longest)(rows)
     assert packed["input_ids"].shape[0] < 6 and packed["target_ids"].shape[-1] >= 4  # rows of 2 or more pairs
-    for batch in (unpacked, packed):
-        batch["has_step_scores"][:] = True  # scores are not what these tests are about
-    return unpacked, packed
-
-
-def make_module(**settings) -> StepwiseDPOModule:
-    torch.manual_seed(0)
-    module = StepwiseDPOModule(tiny_model=TINY, **settings)
-    module.configure_model()
-    with torch.no_grad():  # a policy different from the reference, so log-ratios are not all 0
-        for parameter in module.policy.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    return module
+    return scored(unpacked, packed)
 
 
 def set_attention(module: StepwiseDPOModule, attention: str) -> None:
     for model in (module.policy, module.reference.model):
         model.set_attn_implementation(attention)
-
-
-def assert_same_objective_and_gradients(module: StepwiseDPOModule, unpacked: dict, packed: dict) -> None:
-    """Loss and every policy gradient within atol 1e-5, rtol 1e-4 (as one pair per row in
-    test_packing.py); step log-ratios (differences of log-probs of ~100) within 1e-4."""
-    results = []
-    for batch in (unpacked, packed):
-        module.policy.zero_grad()
-        out = module.objective(batch, batch["step_scores"])
-        out.loss.backward()
-        results.append((out, {k: p.grad.clone() for k, p in module.policy.named_parameters()}))
-    (out_unpacked, grads_unpacked), (out_packed, grads_packed) = results
-    assert out_unpacked.step_logratios.abs().max() > 0
-    torch.testing.assert_close(out_packed.loss, out_unpacked.loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_packed.step_logratios, out_unpacked.step_logratios, atol=1e-4, rtol=1e-4)
-    for name, grad in grads_unpacked.items():
-        torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.skipif(not GSM8K.exists(), reason="needs ../shared/data")
