@@ -13,11 +13,18 @@ from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.packing import balanced_rows, packed_attention_mask
 from stepwise_lit.errors import SettingError
 from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps
-from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.objective import sft_loss
 
 from test_data_collate import token_row
-from test_packing import GSM8K, assert_same_objective_and_gradients, make_module, pair_rows, scored
+from test_packing import (
+    GSM8K,
+    assert_same_objective_and_gradients,
+    assert_same_step_logps,
+    make_module,
+    pair_rows,
+    scored,
+    set_attention,
+)
 
 
 
@@ -80,11 +87,6 @@ def batches(tmp_path, source: str) -> tuple[dict, dict]:
     return scored(unpacked, packed)
 
 
-def set_attention(module: StepwiseDPOModule, attention: str) -> None:
-    for model in (module.policy, module.reference.model):
-        model.set_attn_implementation(attention)
-
-
 @pytest.mark.skipif(not GSM8K.exists(), reason="needs ../shared/data")
 @pytest.mark.parametrize("source", ["synthetic", "gsm8k"])
 @pytest.mark.parametrize("attention, lean", [("sdpa", False), ("sdpa", True), ("eager", False)])
@@ -94,12 +96,7 @@ def test_several_pairs_per_row_give_the_unpacked_log_probs_loss_and_gradients(tm
     unpacked, packed = batches(tmp_path, source)
     module = make_module(lean_logps=lean)
     set_attention(module, attention)
-    num_steps = unpacked["step_mask"].shape[1]
-    with torch.no_grad():
-        expected = step_logps(module.policy, unpacked, num_steps, lean)
-        actual = step_logps(module.policy, packed, num_steps, lean)
-    assert (expected[unpacked["step_mask"]] != 0).all()
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_same_step_logps(module, unpacked, packed, lean)
     assert_same_objective_and_gradients(module, unpacked, packed)
 
 

@@ -109,6 +109,23 @@ def make_module(**settings) -> StepwiseDPOModule:
     return module
 
 
+def set_attention(module: StepwiseDPOModule, attention: str) -> None:
+    """Policy and reference on the `attention` implementation."""
+    for model in (module.policy, module.reference.model):
+        model.set_attn_implementation(attention)
+
+
+def assert_same_step_logps(module: StepwiseDPOModule, unpacked: dict, packed: dict, lean: bool) -> None:
+    """The policy's per-step log-probs of the packed batch within atol = rtol = 1e-5 of the
+    unpacked batch's, in pair order (none of the real steps' values is 0)."""
+    num_steps = unpacked["step_mask"].shape[1]
+    with torch.no_grad():
+        expected = step_logps(module.policy, unpacked, num_steps, lean)
+        actual = step_logps(module.policy, packed, num_steps, lean)
+    assert (expected[unpacked["step_mask"]] != 0).all()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 def assert_same_objective_and_gradients(module: StepwiseDPOModule, unpacked: dict, packed: dict) -> None:
     """The loss and the SFT loss within atol = rtol = 1e-5 and every policy gradient within atol 1e-5,
     rtol 1e-4; the step log-ratios, differences of two log-probs of ~100 in fp32, within 1e-4."""
@@ -138,15 +155,8 @@ def test_packed_batch_gives_the_unpacked_log_probs_loss_and_gradients(tmp_path, 
     unpacked, packed = batches(tmp_path, source)
     assert packed["attention_mask"].sum() < unpacked["attention_mask"].sum()
     module = make_module(lean_logps=lean)
-    for model in (module.policy, module.reference.model):
-        model.config._attn_implementation = attention
-    num_steps = unpacked["step_mask"].shape[1]
-    with torch.no_grad():
-        expected = step_logps(module.policy, unpacked, num_steps, lean)
-        actual = step_logps(module.policy, packed, num_steps, lean)
-    assert (expected[unpacked["step_mask"]] != 0).all()
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-
+    set_attention(module, attention)
+    assert_same_step_logps(module, unpacked, packed, lean)
     assert_same_objective_and_gradients(module, unpacked, packed)
 
 
