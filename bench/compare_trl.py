@@ -26,7 +26,11 @@ TRL computes sigmoid DPO. Variants:
   (the compilation runs in the warm-up step).
 - ``ours_budget`` (only when named): ``ours`` with ``data.pack_budget: --pack-budget`` (several
   pairs per row, block-diagonal attention; sdpa's dense mask computes the masked blocks too);
-- ``ours_lean`` (only when named): ``ours`` with ``model.lean_logps: true``.
+- ``ours_lean`` (only when named): ``ours`` with ``model.lean_logps: true``;
+- ``ours_full`` (only when named): ``ours`` with ``model.lean_logps: false`` (full logits);
+- ``trl_precomputed`` (only when named): ``trl`` with ``precompute_ref_log_probs=True`` (its
+  reference pass runs in the trainer's constructor, before the warm-up step, and no reference
+  model is kept), the fair partner of ``ours_precomputed``.
 
 Timing: all workers run at once, but only one computes at a time: each runs a warm-up step,
 then the driver releases them one training step each, in turn, round after round (A B C D,
@@ -76,10 +80,13 @@ BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediat
 """About 19.2M parameters with the byte-level vocabulary (259 tokens)."""
 LEARNING_RATE = 1e-5
 BETA = 0.1
-VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked", "ours_compiled", "ours_budget", "ours_lean")
+VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked", "ours_compiled", "ours_budget", "ours_lean",
+            "ours_full", "trl_precomputed")
 DEFAULT_VARIANTS = VARIANTS[:4]
 LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_unpacked": True, "ours_compiled": True,
-                  "ours_budget": True, "ours_lean": True}
+                  "ours_budget": True, "ours_lean": True, "ours_full": True, "trl_precomputed": False}
+LEAN_LOGPS = {"ours_lean": True, "ours_full": False}
+"""``model.lean_logps`` per variant; the others keep the module's default."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -163,7 +170,8 @@ def pad_vocabulary(model, vocab_size: int | None):
 
 # -------------------------------------------------------------------------- workers
 def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
-    """Train with TRL's ``DPOTrainer`` (sequential sampler), pausing at every step end."""
+    """Train with TRL's ``DPOTrainer`` (sequential sampler), pausing at every step end; with
+    ``trl_precomputed``, its reference log-probs are precomputed and no reference model kept."""
     import datasets
     import transformers
     from transformers import TrainerCallback
@@ -186,6 +194,7 @@ def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     rows = [{"prompt": p["prompt"], "chosen": "".join(p["chosen_steps"]), "rejected": "".join(p["rejected_steps"])}
             for p in pairs]
     model = build_model(args.vocab_size)
+    precompute = args.variant == "trl_precomputed"
     config = DPOConfig(
         output_dir=os.path.join(args.scratch, "trl"), per_device_train_batch_size=args.pairs_per_batch,
         max_steps=args.total_steps, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
@@ -193,8 +202,9 @@ def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
         max_length=args.max_length, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_strategy="no",
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        precompute_ref_log_probs=precompute,
     )
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config,
+    trainer = DPOTrainer(model=model, ref_model=None if precompute else copy.deepcopy(model), args=config,
                          train_dataset=datasets.Dataset.from_list(rows), processing_class=load_tokenizer(None),
                          callbacks=[Gate()])
     masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
@@ -261,7 +271,7 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
         reference="precomputed" if args.variant == "ours_precomputed" else "copy",
         optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0, fused=True),
         step_beta=BETA, outcome_beta=BETA, compile=args.variant == "ours_compiled",
-        lean_logps=args.variant == "ours_lean",
+        **({"lean_logps": LEAN_LOGPS[args.variant]} if args.variant in LEAN_LOGPS else {}),
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=32, max_steps=args.total_steps, gradient_clip_val=1.0,
@@ -277,7 +287,7 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
 def worker(args: argparse.Namespace) -> dict:
     """One variant's training run, paced by the driver; its memory, tokens and model size."""
     gate = StepGate()
-    result = trl_worker(args, gate) if args.variant == "trl" else ours_worker(args, gate)
+    result = trl_worker(args, gate) if args.variant.startswith("trl") else ours_worker(args, gate)
     model = build_model(args.vocab_size)
     result["params"] = sum(p.numel() for p in model.parameters())
     result["matmul_params"] = result["params"] - model.get_input_embeddings().weight.numel()
@@ -343,7 +353,12 @@ def train_driver(args: argparse.Namespace) -> dict:
     if "ours_unpacked" in stats:
         summary["unpacked_step_time_ratio"] = stats["ours_unpacked"]["paired_vs_trl"]
         summary["unpacked_peak_memory_ratio"] = stats["ours_unpacked"]["peak_rss_mib"] / trl["peak_rss_mib"]
-    for name in ("ours_budget", "ours_lean"):
+    if "ours_precomputed" in stats and "trl_precomputed" in stats:
+        pre, trl_pre = stats["ours_precomputed"], stats["trl_precomputed"]
+        summary["precomputed_vs_trl_precomputed_step_time"] = median(
+            [a / b for a, b in zip(times["ours_precomputed"], times["trl_precomputed"])])
+        summary["precomputed_vs_trl_precomputed_peak_memory"] = pre["peak_rss_mib"] / trl_pre["peak_rss_mib"]
+    for name in ("ours_budget", "ours_lean", "ours_full", "trl_precomputed"):
         if name in stats:
             summary[f"{name}_step_time_ratio"] = stats[name]["paired_vs_trl"]
             summary[f"{name}_peak_memory_ratio"] = stats[name]["peak_rss_mib"] / trl["peak_rss_mib"]
