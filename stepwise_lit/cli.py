@@ -23,6 +23,7 @@ from stepwise_lit.evaluation import SolveRateEvaluation
 from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.export import HuggingFaceExport
 from stepwise_lit.module import StepwiseDPOModule
+from stepwise_lit.online.training import OnlineRounds
 from stepwise_lit.reports import StepRewardReport
 
 logger = logging.getLogger("stepwise_lit")
@@ -37,7 +38,8 @@ class StepwiseCLI(LightningCLI):
     the evaluation report of `validate`/`test` (`StepRewardReport`, settings under `report`;
     `--report.enabled=false` switches it off), the generation evaluation (`SolveRateEvaluation`,
     settings under `evaluation`, off by default) and the Hugging Face export at the end of `fit`
-    (`HuggingFaceExport`, settings under `export`).
+    (`HuggingFaceExport`, settings under `export`), and online rounds of generate → verify → pair → train
+    (`OnlineRounds`, settings under `online`, off by default).
 
     Before any model is loaded it checks what a user names: the `--config` files (valid YAML,
     in `main`), `--ckpt_path` (a readable checkpoint; `last` must find one where this CLI's
@@ -67,6 +69,7 @@ class StepwiseCLI(LightningCLI):
         parser.add_lightning_class_args(SolveRateEvaluation, "evaluation")
         parser.add_lightning_class_args(StepRewardReport, "report")
         parser.add_lightning_class_args(HuggingFaceExport, "export")
+        parser.add_lightning_class_args(OnlineRounds, "online")
 
     def parse_arguments(self, parser, args) -> None:
         """Parses, points checkpoints at one folder, then checks `--ckpt_path` before Lightning reads

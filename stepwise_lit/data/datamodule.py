@@ -46,6 +46,7 @@ from stepwise_lit.data.sampling import (
     PaddedShardSampler,
     PairWeightCollator,
     ResumableDataLoader,
+    RoundSampler,
 )
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, Truncation, canonical_dataset, tokenize_dataset
@@ -185,6 +186,7 @@ class StepwiseDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code, setting="data.tokenizer_name_or_path")
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self.online_round: tuple[int, int] | None = None  # (round, batches per process) once train_on_round ran
 
     @property
     def path(self) -> str | None:
@@ -358,6 +360,31 @@ class StepwiseDataModule(L.LightningDataModule):
         self.train_dataset = with_row_index(splits["train"])
         self.val_dataset = with_row_index(splits["val"]) if "val" in splits else None
 
+    def train_on_round(self, path: str | Path, round_index: int, num_batches: int) -> None:
+        """Train from the next training epoch on the pairs an online round wrote to ``path``
+        (canonical rows, ``--data.format stepwise``; see ``stepwise_lit.online``), read,
+        validated and tokenized like any training file (rows cut or dropped by ``max_length``
+        are counted in the log). Every training epoch then has ``num_batches`` batches per
+        process (`RoundSampler`: the pairs reshuffled and repeated as often as needed, in an
+        order fixed by ``seed`` and the round; ``group_by_length`` does not apply). Needs the
+        trainer's ``reload_dataloaders_every_n_epochs: 1``, so the next epoch asks for a new loader.
+
+        Raises:
+            DataFormatError: If the file holds no pair, or none fits ``max_length``.
+        """
+        source = str(path)
+        records = read_records(source)
+        if not records:
+            raise DataFormatError("an online round's pairs file with no pair", source=source)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        rows = to_canonical(records, "stepwise", source)
+        tokenized = self.tokenize(rows, Path(path).name, f"{self.fingerprint}-round-{round_index}-{digest}")
+        if len(tokenized) == 0:
+            raise DataFormatError(f"none of the {len(rows)} pairs fits data.max_length {self.hparams.max_length} "
+                                  "(the log counts the dropped rows by reason)", source=source)
+        self.train_dataset = with_row_index(tokenized)
+        self.online_round = (round_index, num_batches)
+
     def collator(self) -> StepwiseCollator:
         """The batch collator, padding with the tokenizer's pad id."""
         return StepwiseCollator(self.tokenizer.pad_token_id, self.hparams.pack_pairs, self.hparams.pack_budget)
@@ -368,14 +395,22 @@ class StepwiseDataModule(L.LightningDataModule):
         Each epoch's order is fixed by ``seed`` and the epoch, and the loader records how far
         an epoch got, so ``--ckpt_path last`` resumes with the batches an uninterrupted run
         would see (see ``stepwise_lit.distributed``). Under DDP, Lightning's distributed sampler
-        (seeded by ``seed_everything``) gives each rank its rows.
+        (seeded by ``seed_everything``) gives each rank its rows. After `train_on_round`, the
+        round's pairs in a `RoundSampler` order.
         """
-        sampler = EpochRandomSampler(self.train_dataset, seed=self.hparams.seed)
         loader_options = {
             "collate_fn": self.collator(),
             "num_workers": self.hparams.num_workers,
             "generator": self.loader_generator(),
         }
+        if self.online_round is not None:
+            round_index, num_batches = self.online_round
+            processes = self.data_parallel_share()["num_replicas"]
+            sampler = RoundSampler(len(self.train_dataset), num_batches * self.hparams.batch_size * processes,
+                                   seed=self.hparams.seed + round_index)
+            return ResumableDataLoader(self.train_dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                                       **loader_options)
+        sampler = EpochRandomSampler(self.train_dataset, seed=self.hparams.seed)
         if self.hparams.group_by_length:
             batch_sampler = LengthGroupedBatchSampler(
                 sampler, self.hparams.batch_size, drop_last=False, lengths=pair_lengths(self.train_dataset)

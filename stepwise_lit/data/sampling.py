@@ -1,8 +1,8 @@
 """Data order and evaluation padding for one or many processes.
 
 A resumed run sees the same batches as an uninterrupted one (`EpochRandomSampler` fixes each
-epoch's order by seed and epoch, `ResumableDataLoader` skips what the interrupted epoch already
-trained on). Evaluation under DDP or FSDP gives every rank the same number of batches (forward
+epoch's order by seed and epoch, `RoundSampler` an online round's by seed and round,
+`ResumableDataLoader` skips what the interrupted epoch already trained on). Evaluation under DDP or FSDP gives every rank the same number of batches (forward
 passes there are collective) without letting the duplicated rows that even this out count in a
 metric (`PaddedShardSampler` + `MarkedRows` + `PairWeightCollator` give them `pair_weights` 0).
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 PAIR_WEIGHT = "pair_weight"
 
@@ -43,6 +43,42 @@ class EpochRandomSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class RoundSampler(Sampler[int]):
+    """`num_samples` positions of a round's `size` pairs: successive random permutations of
+    them, concatenated and cut, so an online round trains a fixed number of batches whatever
+    its number of pairs (every pair once before any pair twice).
+
+    The order is fixed by `seed` (the data seed plus the round), not by the epoch. Under DDP,
+    Lightning wraps it in its `DistributedSamplerWrapper`, which gives each rank every
+    `world_size`-th position without shuffling further, so `num_samples` counts all ranks.
+
+    Args:
+        size: Pairs in the round (at least 1).
+        num_samples: Positions handed out per epoch.
+        seed: Seed of the permutations.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError(f"RoundSampler needs at least one pair, got {size}")
+        self.size = size
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0  # Lightning sets it; the order does not depend on it
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        passes = -(-self.num_samples // self.size)
+        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
+        yield from order[: self.num_samples].tolist()
 
 
 class ResumableDataLoader(DataLoader):
