@@ -128,6 +128,7 @@ class OnlineRounds(L.Callback):
         self.reference_refresh_rounds = reference_refresh_rounds
         self.generator = imported_backend(generator) if enabled else None
         self.refreshed_rounds: list[int] = []  # rounds whose reference refresh is done (kept in checkpoints)
+        self.data_round: int | None = None  # the round the data module trains on (kept in checkpoints)
         self.pool: list[Problem] = []  # the training split's distinct prompts, read at the start of fit
         self.round_seconds: dict[str, float] = {}  # "training": this round's seconds in training batches so far
         self.round_summary: dict = {}  # the prepared round's figures (logged, and written in its summary.json)
@@ -159,7 +160,10 @@ class OnlineRounds(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Reads the prompt pool; when the run starts (or resumes) in a round, prepares it."""
+        """Reads the prompt pool; when the run starts (``start_epoch: 0``) or resumes in a round,
+        prepares it. Lightning restores the loops (the epoch) only after this hook and before
+        the first training loader is built, so a resumed run's round is the one the checkpoint's
+        callback state names (the round the data module held when it was saved)."""
         if not self.enabled:
             return
         rows = trainer.datamodule.train_dataset
@@ -171,14 +175,20 @@ class OnlineRounds(L.Callback):
             log.warning("online: %d training rows without a reference solution are not sampled", without_reference)
         if not self.pool:
             raise SettingError("online.enabled: no training row has a reference solution to grade samples against")
-        if trainer.current_epoch >= self.start_epoch:
-            self.prepare_round(trainer, pl_module, trainer.current_epoch - self.start_epoch)
+        if self.data_round is not None:
+            self.prepare_round(trainer, pl_module, self.data_round)
+        elif self.start_epoch == 0:
+            self.prepare_round(trainer, pl_module, 0)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refreshes the reference when the round asks for it; logs the round's generation figures."""
         round_index = trainer.current_epoch - self.start_epoch
         if not self.enabled or round_index < 0:
             return
+        if round_index != self.data_round:
+            raise UserError(f"online: epoch {trainer.current_epoch} is round {round_index}, but the data module holds "
+                            f"round {self.data_round}; resume from a checkpoint saved during a round or at the end "
+                            "of the training epoch (not at a validation end)")
         every = self.reference_refresh_rounds
         if every and round_index > 0 and round_index % every == 0 and round_index not in self.refreshed_rounds:
             pl_module.reference.refreeze_from(pl_module.policy)
@@ -207,10 +217,11 @@ class OnlineRounds(L.Callback):
             self.prepare_round(trainer, pl_module, round_index + 1)
 
     def state_dict(self) -> dict:
-        return {"refreshed_rounds": list(self.refreshed_rounds)}
+        return {"refreshed_rounds": list(self.refreshed_rounds), "data_round": self.data_round}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.refreshed_rounds = list(state_dict.get("refreshed_rounds", []))
+        self.data_round = state_dict.get("data_round")
 
     # ----------------------------------------------------------------- rounds
     def round_prompts(self, round_index: int) -> tuple[list[Problem], list[str]]:
@@ -233,6 +244,7 @@ class OnlineRounds(L.Callback):
         trainer.strategy.barrier("online round written")
         record = trainer.strategy.broadcast(record, src=0)
         trainer.datamodule.train_on_round(latest_pairs(root, round_index, record), round_index, self.steps_per_round)
+        self.data_round = round_index
         solutions = [solution for prompt in record.prompts for solution in prompt.solutions]
         graded = [solution.correct for solution in solutions if solution.correct is not None]
         self.round_summary = {
