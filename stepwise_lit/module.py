@@ -110,7 +110,8 @@ class StepwiseDPOModule(L.LightningModule):
             `[2B, L, V]` logits tensor exists, which matters for large vocabularies (at 128k,
             under a third of the plain way's peak; see BENCHMARKS.md). For LM heads without
             bias, softcapping or logit scaling (Llama, Mistral, Qwen2...); not under FSDP.
-            "auto": on for LM heads of at least 32,000 rows where it applies (off otherwise).
+            "auto" (the default): on for LM heads of at least 32,000 rows where it applies, off
+            otherwise (the embedded tiny model's 259 rows: off).
         attention: The models' attention implementation (transformers' ``attn_implementation``):
             "sdpa", "eager" or "flex_attention" (FlexAttention: packed rows get a block mask, so
             the kernel skips the blocks no query sees, e.g. the other pairs of a
@@ -152,7 +153,7 @@ class StepwiseDPOModule(L.LightningModule):
         reward_model: StepScorer | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
-        lean_logps: bool | Literal["auto"] = False,
+        lean_logps: bool | Literal["auto"] = "auto",
         attention: AttentionName | None = None,
         nonfinite_loss: NonfiniteLoss = "error",
         optimizer: OptimizerCallable = torch.optim.AdamW,

@@ -35,10 +35,11 @@ def test_lean_auto_is_on_for_large_plain_heads_only():
         use_lean_logps(True, head_model(8, bias=True), sharded=False)
 
 
-def test_lean_auto_keeps_the_tiny_model_on_the_plain_path():
-    """The byte tokenizer's 259-row head is far below the threshold."""
-    module = StepwiseDPOModule(tiny_model=TINY, lean_logps="auto")
+def test_lean_auto_is_the_default_and_keeps_the_tiny_model_on_the_plain_path():
+    """The default is auto; the byte tokenizer's 259-row head is far below the threshold."""
+    module = StepwiseDPOModule(tiny_model=TINY)
     module.configure_model()
+    assert module.hparams.lean_logps == "auto"
     assert module.lean is False
 
 
