@@ -111,15 +111,15 @@ def check_options(config: Namespace) -> None:
         SettingError: Naming the option.
     """
     generates, localises = names_policy(config), config.labelled.path is not None
+    if localises and config.scorer is None:
+        raise SettingError(f"scorer: labelled.path {config.labelled.path} is set but no step scorer is (e.g. --scorer ArithmeticStepVerifier)")
+    if config.scorer is not None and not localises:
+        raise SettingError("labelled.path: a scorer is set but no labelled responses to score")
     if not generates and not localises:
         raise SettingError(
             "model.model_name_or_path: nothing to evaluate; name a policy (model.model_name_or_path, or a train.py "
             "config with ckpt_path) for solve rates, and/or labelled.path with a scorer for error localisation"
         )
-    if localises and config.scorer is None:
-        raise SettingError(f"scorer: labelled.path {config.labelled.path} is set but no step scorer is (e.g. --scorer ArithmeticStepVerifier)")
-    if config.scorer is not None and not localises:
-        raise SettingError("labelled.path: a scorer is set but no labelled responses to score")
     if localises:
         check_labelled_settings(config.labelled)
         if not Path(config.labelled.path).is_file():
