@@ -76,6 +76,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", type=str | None, default=None, help="torch device; null: cuda when available, else cpu")
     parser.add_argument("--num_threads", type=int | None, default=None, help="torch.set_num_threads; null: torch's default")
     parser.add_argument("--seed_everything", type=int | bool | None, default=None, help="ignored (train.py's); see evaluation.generation.seed")
+    parser.add_argument("--weights_only", type=bool | None, default=None, help="ignored: checkpoints are always read with weights_only")
     for section in IGNORED_SECTIONS:
         parser.add_argument(f"--{section}", type=dict | None, default=None, help=f"ignored (train.py's {section} section)")
     parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)

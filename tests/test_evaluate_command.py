@@ -202,8 +202,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def test_evaluate_a_checkpoint_with_its_training_config(tmp_path, trained, capsys):
     """`--config <train.py YAML> --ckpt_path last.ckpt`: the config's model (the embedded tiny model)
     gets the checkpoint's policy weights, the config's data section gives the held-out synthetic
-    problems. The same weights reach the fit's export, so both give the same completions, and the
-    loaded weights equal the export's tensor for tensor."""
+    problems. The same weights reach the fit's export, so both give the same completions (also
+    with the config LightningCLI saved in the run), and the loaded weights equal the export's
+    tensor for tensor."""
     config, root = trained
     checkpoint = root / "checkpoints" / "last.ckpt"
     short = ["--evaluation.generation.max_new_tokens", "8"]
@@ -220,6 +221,11 @@ def test_evaluate_a_checkpoint_with_its_training_config(tmp_path, trained, capsy
     assert from_checkpoint["num_prompts"] == 4 and from_checkpoint["prompt"]["max_prompt_length"] == 32
     assert from_checkpoint["examples"] == from_export["examples"]
     assert from_checkpoint["solve_rate"] == from_export["solve_rate"]
+    saved = root / "csv" / "version_0" / "config.yaml"  # the config LightningCLI saved (ckpt_path, weights_only, ...)
+    argv = ["--config", str(saved), "--ckpt_path", str(checkpoint), *short, "--output", str(tmp_path / "saved")]
+    outcome = run_entry(evaluate_command.main, argv, capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    assert read_report(tmp_path / "saved")["examples"] == from_export["examples"]
 
     parser = evaluate_command.build_parser()
     settings = parser.instantiate(evaluate_command.parse_options(parser, ["--config", str(config), "--output", "x"]))
@@ -279,3 +285,18 @@ def test_evaluate_bad_data_exits_2_naming_file_line_and_field(tmp_path, trained,
     missing = [*argv[:3], str(tmp_path / "none.jsonl"), *argv[4:]]
     outcome = run_entry(evaluate_command.main, missing, capsys)
     assert outcome.code == 2 and "data.path: no such file or folder" in outcome.err
+
+
+def test_a_lora_checkpoint_is_loaded_into_the_adapters_and_merged(tmp_path, capsys):
+    """`model.lora` in the training config: the checkpoint's adapter weights load into a LoRA model,
+    merged before decoding; the completions equal those of the fit's merged export."""
+    config = write_config(tmp_path / "lora", {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
+                          tmp_path / "cache")
+    train(["fit", "--config", str(config)])
+    root = tmp_path / "lora" / "run"
+    short = ["--evaluation.generation.max_new_tokens", "8"]
+    argv = ["--config", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), *short, "--output", str(tmp_path / "a")]
+    assert run_entry(evaluate_command.main, argv, capsys).code == 0
+    argv = ["--model.model_name_or_path", str(root / "export"), *short, "--output", str(tmp_path / "b")]
+    assert run_entry(evaluate_command.main, argv, capsys).code == 0
+    assert read_report(tmp_path / "a")["examples"] == read_report(tmp_path / "b")["examples"]
