@@ -13,11 +13,15 @@ Two evaluations, either or both in one run, into ``<output>/report.json``:
   given or chosen on a validation part (:mod:`stepwise_lit.localisation`).
 
 Settings carry train.py's names (``model.*``, ``data.*``, ``evaluation.*``), so ``--config`` takes
-a train.py YAML as it is (its ``trainer``, ``report`` and ``export`` sections are ignored) or a
-YAML of this command's own settings; flags after it override it. An export's
+a train.py YAML as it is, or the config LightningCLI saved in a run (its ``trainer``, ``report``
+and ``export`` sections, ``model.reward_model``, ``evaluation.enabled`` and ``during_fit`` are not
+used), or a YAML of this command's own settings; flags after it override it. An export's
 ``stepwise_config.json`` gives the ``data.*`` defaults (the run's data, prompt template and
-length). ``data.path`` null or ``synthetic`` means the embedded task's held-out problems (the
-``synthetic_val_size`` pairs after the training ones, as the data module's validation split).
+length). The prompts are every row of ``data.path`` (a file, data folder or hub id, read with
+``data.format``); ``data.path`` null or ``synthetic`` means the embedded task's held-out problems
+(the data module's validation split: the ``synthetic_val_size`` pairs after the training ones).
+Prompts are formatted and cut as training formats them (``data.use_step_wise_prompt``,
+``data.step_wise_prompt_template``, ``data.max_prompt_length`` from the left).
 
 Bad options or data end with one paragraph naming the setting, file and line, exit code 2, before
 any model is loaded where that can be known by then.

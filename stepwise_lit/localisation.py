@@ -18,7 +18,6 @@ then checks the written arithmetic only).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 from collections.abc import Sequence
@@ -31,8 +30,6 @@ from stepwise_lit.data.labelled import LabelledFormat, read_labelled
 from stepwise_lit.errors import SettingError
 from stepwise_lit.evaluate import ProcessBenchF1, WithinResponseAUROC, choose_threshold
 from stepwise_lit.rewards.base import StepScorer
-
-log = logging.getLogger("stepwise_lit")
 
 
 @dataclass
