@@ -79,8 +79,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", type=str, required=True, help="folder for report.json (created; never overwritten)")
     parser.add_argument("--device", type=str | None, default=None, help="torch device; null: cuda when available, else cpu")
     parser.add_argument("--num_threads", type=int | None, default=None, help="torch.set_num_threads; null: torch's default")
-    parser.add_argument("--seed_everything", type=int | bool | None, default=None, help="ignored (train.py's); see evaluation.generation.seed")
-    parser.add_argument("--weights_only", type=bool | None, default=None, help="ignored: checkpoints are always read with weights_only")
+    parser.add_argument("--seed_everything", type=int | bool | None, default=None,
+                        help="ignored (train.py's); see evaluation.generation.seed")
+    parser.add_argument("--weights_only", type=bool | None, default=None,
+                        help="ignored: checkpoints are always read with weights_only")
     for section in IGNORED_SECTIONS:
         parser.add_argument(f"--{section}", type=dict | None, default=None, help=f"ignored (train.py's {section} section)")
     parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
@@ -117,7 +119,9 @@ def check_options(config: Namespace) -> None:
     """
     generates, localises = names_policy(config), config.labelled.path is not None
     if localises and config.scorer is None:
-        raise SettingError(f"scorer: labelled.path {config.labelled.path} is set but no step scorer is (e.g. --scorer ArithmeticStepVerifier)")
+        raise SettingError(
+            f"scorer: labelled.path {config.labelled.path} is set but no step scorer is (e.g. --scorer ArithmeticStepVerifier)"
+        )
     if config.scorer is not None and not localises:
         raise SettingError("labelled.path: a scorer is set but no labelled responses to score")
     if not generates and not localises:
@@ -171,7 +175,9 @@ def checkpoint_policy_weights(path: str) -> dict[str, torch.Tensor]:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     weights = {key[len(POLICY_PREFIX):]: value for key, value in (state or {}).items() if key.startswith(POLICY_PREFIX)}
     if not weights:
-        raise SettingError(f"ckpt_path: {path} holds no policy weights (no 'policy.*' in its state_dict): not a checkpoint of train.py")
+        raise SettingError(
+            f"ckpt_path: {path} holds no policy weights (no 'policy.*' in its state_dict): not a checkpoint of train.py"
+        )
     return weights
 
 
@@ -187,7 +193,8 @@ def load_policy(model: Namespace, ckpt_path: str | None) -> tuple[torch.nn.Modul
     setting = "model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.model_name_or_path"
     tokenizer = load_tokenizer(source, model.trust_remote_code, setting=setting)
     dtype = DTYPES[model.dtype] if model.dtype else None
-    policy = load_causal_lm(model.model_name_or_path, tokenizer, model.tiny_model or TinyModelConfig(), model.trust_remote_code, dtype)
+    tiny = model.tiny_model or TinyModelConfig()
+    policy = load_causal_lm(model.model_name_or_path, tokenizer, tiny, model.trust_remote_code, dtype)
     if ckpt_path is None:
         return policy.eval(), tokenizer
     if model.lora is not None:
@@ -274,7 +281,9 @@ def summary(report: dict, path: Path) -> str:
     """One line per evaluation for the terminal."""
     lines = []
     if "solve_rate" in report:
-        rates = ", ".join(f"{name} {report[name]:.4f}" for name in ("solve_rate", "pass_at_k", "maj_at_k") if report[name] is not None)
+        rates = ", ".join(
+            f"{name} {report[name]:.4f}" for name in ("solve_rate", "pass_at_k", "maj_at_k") if report[name] is not None
+        )
         lines.append(f"evaluate: {report['num_prompts']:g} prompts, {rates}")
     if "processbench" in report:
         values = report["processbench"]
