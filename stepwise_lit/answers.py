@@ -25,7 +25,11 @@ from typing import Literal
 AnswerSourceName = Literal["embedded", "gsm8k", "math"]
 
 NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
-EMBEDDED_ANSWER = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
+ANSWER_PHRASE = r"\bthe answer is:?\s*"
+"""How a solution states its final answer in words, anywhere in a line (any case): the embedded
+task's last step ``"Step 4: 76 - 9 = 67. The answer is 67."``. The rule verifier
+(``stepwise_lit.rewards.rules``) reads the same phrase."""
+EMBEDDED_ANSWER = re.compile(ANSWER_PHRASE + r"(-?\d+)", re.IGNORECASE)
 GSM8K_ANSWER = re.compile(r"####\s*(\S+)")
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -54,7 +58,8 @@ def normalize_number(answer: str) -> str:
 
 
 def extract_embedded(text: str) -> str | None:
-    """The answer of an embedded-task solution: the number in its last ``"The answer is N"`` (any case).
+    """The answer of an embedded-task solution: the number in its last ``"The answer is N"`` (any case,
+    anywhere in a line, an optional colon after ``is``: :data:`ANSWER_PHRASE`).
 
     A solution that never says ``"The answer is"`` (cut by a budget, or off format)
     has no answer: its last number is an intermediate value, not a claim.

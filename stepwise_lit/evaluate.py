@@ -19,8 +19,9 @@ the value over ranks equals the value over all inputs on one rank;
 :class:`WithinResponseAUROC` and :class:`LabelledStepRewards` (the responses a threshold
 is chosen on) keep the values themselves (``"cat"``).
 
-``python -m stepwise_lit.evaluate`` is the evaluation command (generate from an exported
-model on a data file, write ``report.json``); see :func:`stepwise_lit.evaluation.main`.
+``python -m stepwise_lit.evaluate`` is the evaluation command (solve rates of an exported model
+or a training checkpoint on a data file, ProcessBench localisation of any step scorer on
+labelled responses; writes ``report.json``); see :mod:`stepwise_lit.evaluate_command`.
 """
 
 from __future__ import annotations
@@ -490,6 +491,6 @@ class LabelledStepRewards(Metric):
 
 
 if __name__ == "__main__":
-    from stepwise_lit.evaluation import main
+    from stepwise_lit.evaluate_command import main
 
     main()

@@ -12,9 +12,12 @@ flagged step. Values are logged as ``val/solve_rate`` ... (``test/...``), so the
 ``metrics.csv``, and :class:`~stepwise_lit.reports.StepRewardReport` puts them in
 ``report.json`` with a plot.
 
-``python -m stepwise_lit.evaluate --model <exported folder> --data.path <file>
---data.format gsm8k --source gsm8k --output <folder>`` (:func:`main`) does the same for
-an exported model and a data file and writes ``<output>/report.json``.
+``python -m stepwise_lit.evaluate`` (:mod:`stepwise_lit.evaluate_command`) does the same for an
+exported model or a training checkpoint and a data file, and writes ``<output>/report.json``.
+
+Generated solutions are split into steps by :func:`stepwise_lit.rerank.split_solution` (at
+``generation.step_end``, blank pieces joined to a neighbour so the steps give the text back),
+as rerank and the online rounds split them.
 """
 
 from __future__ import annotations
@@ -22,34 +25,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import get_args
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
 from stepwise_lit.answers import AnswerSourceName, extract_answer
-from stepwise_lit.data.formats import Format, read_records, to_canonical
 from stepwise_lit.data.sampling import PaddedShardSampler
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.errors import SettingError
 from stepwise_lit.evaluate import MajorityAtK, PassAtK, SolveRate
 from stepwise_lit.generate import GenerationSettings, Prompt, TransformersGenerator
 from stepwise_lit.metrics import WeightedMean
-from stepwise_lit.models import TinyModelConfig, load_causal_lm
+from stepwise_lit.rerank import split_solution
 from stepwise_lit.rewards.base import StepScorer
-from stepwise_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger("stepwise_lit")
 
-REPORT_FILE = "report.json"
-EXPORT_CONFIG = "stepwise_config.json"  # what stepwise_lit.export writes beside the weights
 NUM_EXAMPLES = 3  # completions shown in the report
 
 
@@ -117,14 +113,6 @@ def held_out_problems(
     return list(problems.values()), without_reference
 
 
-def split_steps(text: str, step_end: str) -> list[str]:
-    """A completion's steps: each ends with ``step_end`` (kept), the rest is a last step;
-    blank steps are dropped. ``"".join`` of the result is ``text`` minus its blank steps."""
-    pieces = text.split(step_end)
-    steps = [piece + step_end for piece in pieces[:-1]] + [pieces[-1]]
-    return [step for step in steps if step.strip()]
-
-
 class GenerationMetrics(torch.nn.Module):
     """Solve rates and verifier flags of generated solutions, synced across ranks by torchmetrics.
 
@@ -160,7 +148,7 @@ class GenerationMetrics(torch.nn.Module):
             completions: Per problem, its ``num_samples`` completions; the first is the one
                 ``solve_rate`` grades (the greedy one when decoding greedily).
             weights: ``[N]`` prompt weights (0: a distributed shard's padding).
-            verifier: Scores the completions' steps (:func:`split_steps` on ``step_end``); None: no flags.
+            verifier: Scores the completions' steps (``split_solution`` at ``step_end``); None: no flags.
             step_end: The text that ends a step.
         """
         answers = [[extract_answer(text, self.source) for text in samples] for samples in completions]
@@ -181,18 +169,18 @@ class GenerationMetrics(torch.nn.Module):
         verifier: StepScorer,
         step_end: str,
     ) -> None:
-        """Scores every completion's steps in one call; a completion without a step is a solution without a flag."""
+        """Scores every completion's steps in one call; an empty completion is one empty step."""
         responses = [
-            (problem, split_steps(text, step_end), torch.tensor(weight))
+            (problem, split_solution(text, step_end), torch.tensor(weight))
             for problem, samples, weight in zip(problems, completions, weights.tolist())
             for text in samples
         ]
-        scored = [(problem, steps) for problem, steps, _ in responses if steps]
-        scores = iter(verifier.score_steps(
-            [problem.prompt for problem, _ in scored], [steps for _, steps in scored], [problem.solution for problem, _ in scored]
-        ) if scored else [])
-        for _, steps, weight in responses:
-            flags = torch.tensor([score < 0 for score in next(scores)]) if steps else torch.zeros(0, dtype=torch.bool)
+        scores = verifier.score_steps(
+            [problem.prompt for problem, _, _ in responses], [steps for _, steps, _ in responses],
+            [problem.solution for problem, _, _ in responses],
+        )
+        for (_, _, weight), step_scores in zip(responses, scores):
+            flags = torch.tensor([score < 0 for score in step_scores])
             self.flagged_solution_share.update(flags.any().float(), weight)
             self.flagged_step_share.update(flags.float(), weight)
             if flags.any():
@@ -371,114 +359,3 @@ class SolveRateEvaluation(L.Callback):
         for name in ("solve_rate", "pass_at_k", "maj_at_k", "flagged_step_share"):
             if self.results.get(name) is not None:
                 pl_module.log(f"{stage}/{name}", float(self.results[name]), sync_dist=True)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def build_parser() -> ArgumentParser:
-    """The options of ``python -m stepwise_lit.evaluate``."""
-    parser = ArgumentParser(
-        prog="python -m stepwise_lit.evaluate",
-        description="Generate solutions with an exported model for a data file's prompts and write report.json.",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
-    parser.add_argument("--model", type=str, required=True, help="exported model folder (stepwise_lit.export)")
-    parser.add_argument("--data.path", type=str, required=True, help="data file (.json/.jsonl/.parquet/.csv)")
-    parser.add_argument("--data.format", type=Format, required=True, help="its format (as data.format of training)")
-    parser.add_argument("--data.step_delimiter", type=str | None, default=None,
-                        help="text that starts a step in text responses; null: the exported run's, else '\\n\\nStep'")
-    parser.add_argument("--data.max_prompt_length", type=int | None, default=None,
-                        help="most prompt tokens, cut from the left; null: the exported run's setting")
-    parser.add_argument("--data.step_wise_prompt_template", type=str | None, default=None,
-                        help="template with {prompt}; null: the exported run's (when it used one), else none")
-    parser.add_argument("--source", type=AnswerSourceName, default="embedded", help="answer extraction: embedded, gsm8k, math")
-    parser.add_argument("--max_prompts", type=int | None, default=None, help="most distinct prompts (the first ones); null: all")
-    parser.add_class_arguments(GenerationSettings, "generation")
-    parser.add_argument("--output", type=str, required=True, help="folder for report.json (created)")
-    parser.add_argument("--trust_remote_code", type=bool, default=False, help="allow code from the model folder")
-    parser.add_argument("--device", type=str | None, default=None, help="torch device; null: cuda when available, else cpu")
-    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
-    return parser
-
-
-def exported_data_settings(model: Path) -> dict:
-    """The data settings the exported run trained with (``stepwise_config.json``'s ``data``); {} when absent."""
-    path = model / EXPORT_CONFIG
-    return (json.loads(path.read_text()).get("data") or {}) if path.is_file() else {}
-
-
-def prompt_settings(config, trained: dict) -> tuple[str | None, int | None, str]:
-    """Template, max prompt length and step delimiter: the options given, else the exported run's."""
-    template = config.data.step_wise_prompt_template
-    if template is None and trained.get("use_step_wise_prompt"):
-        template = trained.get("step_wise_prompt_template")
-    max_prompt_length = config.data.max_prompt_length or trained.get("max_prompt_length")
-    return template, max_prompt_length, config.data.step_delimiter or trained.get("step_delimiter") or "\n\nStep"
-
-
-def check_options(config) -> None:
-    """Fails on options that cannot work, before a model is loaded.
-
-    Raises:
-        SettingError: Naming the option.
-    """
-    if not Path(config.model).is_dir():
-        raise SettingError(f"model: {config.model} is not a folder (give the folder written by the export)")
-    path = Path(config.data.path)
-    if not path.is_file():
-        raise SettingError(f"data.path: {path} {'is a folder' if path.exists() else 'does not exist'}; give a data file")
-    if config.max_prompts is not None and config.max_prompts < 1:
-        raise SettingError(f"max_prompts: must be at least 1 or null, got {config.max_prompts}")
-    if config.data.max_prompt_length is not None and config.data.max_prompt_length < 1:
-        raise SettingError(f"data.max_prompt_length: must be at least 1 or null, got {config.data.max_prompt_length}")
-    report = Path(config.output) / REPORT_FILE
-    if report.exists():
-        raise SettingError(f"output: {report} exists; name a new folder (evaluate never overwrites a report)")
-    check_writable_folder(config.output, "output")
-
-
-def evaluate_file(config) -> dict:
-    """Runs the command's evaluation and writes ``<output>/report.json``; returns the report."""
-    check_options(config)
-    settings = GenerationSettings(**config.generation.as_dict())
-    model_path = Path(config.model)
-    template, max_prompt_length, step_delimiter = prompt_settings(config, exported_data_settings(model_path))
-    path = Path(config.data.path)
-    rows = to_canonical(read_records(path), config.data.format, path.name, step_delimiter, require_scores=False)
-    problems, without_reference = held_out_problems(
-        [row["prompt"] for row in rows], [row["reference_solution"] for row in rows], [row["chosen_steps"] for row in rows],
-        config.source, config.max_prompts,
-    )
-    if not problems:
-        raise SettingError(f"data.path: none of the {len(rows)} rows of {path} has a reference solution or chosen steps")
-    tokenizer = load_tokenizer(str(model_path), config.trust_remote_code, setting="model")
-    model = load_causal_lm(str(model_path), tokenizer, TinyModelConfig(), config.trust_remote_code, setting="model")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    generator = TransformersGenerator(model.to(device), tokenizer, template, max_prompt_length)
-    metrics = GenerationMetrics(config.source, settings.num_samples)
-    completions = evaluate_problems(generator, problems, torch.ones(len(problems)), settings, metrics, None)
-    report = {
-        "model": str(model_path),
-        "data": str(path),
-        "source": config.source,
-        **metrics.compute(with_flags=False),
-        "rows_without_reference": without_reference,
-        "generation": asdict(settings),
-        "prompt": {"template": template, "max_prompt_length": max_prompt_length},
-        "examples": examples(problems, completions, config.source),
-    }
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    rates = ", ".join(f"{name} {report[name]:.4f}" for name in ("solve_rate", "pass_at_k", "maj_at_k") if report[name] is not None)
-    print(f"evaluate: {report['num_prompts']:g} prompts, {rates}; written to {output / REPORT_FILE}")
-    return report
-
-
-def main(args: Sequence[str] | None = None) -> None:
-    """Runs ``python -m stepwise_lit.evaluate`` (`args`: without the program name; None reads
-    ``sys.argv``). Bad options or data end with a one-paragraph message and exit code 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if args is None else list(args)
-    exit_on_user_error(lambda: evaluate_file(build_parser().parse_args(args)), argv)

@@ -1,5 +1,5 @@
 """Generation-based evaluation (`stepwise_lit.evaluation`): the `--evaluation.*` callback in
-`validate`/`test`, the ProcessBench part of the report, and `python -m stepwise_lit.evaluate`."""
+`validate`/`test` and the ProcessBench part of the report (the command: tests/test_evaluate_command.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import pytest
 import torch
 
 from entry import run_entry, write_config
-from stepwise_lit import evaluation
+from stub_scorers import BracketScorer
 from stepwise_lit.cli import main
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
 from stepwise_lit.evaluate import per_token_step_rewards, step_token_counts
-from stepwise_lit.evaluation import held_out_problems, reference_answer, split_steps
+from stepwise_lit.evaluation import GenerationMetrics, Problem, held_out_problems, reference_answer
 from stepwise_lit.generate import TransformersGenerator
 from stepwise_lit.tokenizer import load_tokenizer
 
-SHARED = Path(__file__).parents[2] / "shared" / "data"
-GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
 # tests/entry.py's BASE: synthetic pairs, seed 0, 8 training then 4 validation pairs, numbers up to 10
 # (a fifth validation pair, for the distributed test, is the next one the generator draws)
 FIVE_VAL_ROWS = generate_pairs(13, seed=0, max_value=10)[8:]
@@ -67,9 +65,30 @@ def test_held_out_problems_are_distinct_capped_and_need_a_reference():
     assert without == 1
 
 
-def test_split_steps_keeps_step_ends_and_drops_blank_steps():
-    assert split_steps("Step 1: 1\n\nStep 2: 2\ntail", "\n") == ["Step 1: 1\n", "Step 2: 2\n", "tail"]
-    assert split_steps("", "\n") == []
+class RecordingScorer(BracketScorer):
+    """The bracket scorer that keeps the steps it was given."""
+
+    def _score_steps(self, prompts, steps, reference_solutions):
+        self.seen = steps
+        return super()._score_steps(prompts, steps, reference_solutions)
+
+
+def test_generated_steps_are_split_as_rerank_splits_them_and_give_the_text_back():
+    """The flags count steps as rerank and the online rounds do (`rerank.split_solution`): a blank
+    line joins the step before it and an empty completion is one empty step (before: blank steps
+    were dropped, an empty completion had none). Completions "[-1] a\\n\\n[1] b\\n" (steps
+    "[-1] a\\n\\n", "[1] b\\n": scores -1, 1) and "" (one step, score 0): flagged steps 1 of 3
+    (before: 1 of 2), flagged solutions 1 of 2, first flagged step 1."""
+    completions = ["[-1] a\n\n[1] b\n", ""]
+    problems = [Problem("q1", "1", "s1"), Problem("q2", "2", "s2")]
+    metrics = GenerationMetrics("embedded", num_samples=1)
+    verifier = RecordingScorer()
+    metrics.update(problems, [[text] for text in completions], torch.ones(2), verifier, "\n")
+    assert verifier.seen == [["[-1] a\n\n", "[1] b\n"], [""]]
+    assert ["".join(steps) for steps in verifier.seen] == completions
+    values = metrics.compute(with_flags=True)
+    assert values["flagged_step_share"] == pytest.approx(1 / 3)
+    assert values["flagged_solution_share"] == pytest.approx(1 / 2) and values["first_flagged_step"] == 1.0
 
 
 def collated(pack_pairs: bool):
@@ -195,49 +214,6 @@ def test_bad_evaluation_settings_exit_2_naming_the_setting(tmp_path, cache_dir, 
     config = write_config(tmp_path, {}, cache_dir)
     outcome = run_entry(main, ["validate", "--config", str(config), "--evaluation.enabled=true", setting], capsys)
     assert outcome.code == 2 and message in outcome.err
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, cache_dir) -> Path:
-    """The tiny model after two steps, exported (`<root>/export`)."""
-    folder = tmp_path_factory.mktemp("exported")
-    config = write_config(folder, {}, cache_dir)
-    main(["fit", "--config", str(config)])
-    return folder / "run" / "export"
-
-
-@pytest.fixture
-def gsm8k_subset(tmp_path) -> Path:
-    if not GSM8K_TEST.exists():
-        pytest.skip("shared GSM8K data not present")
-    path = tmp_path / "gsm8k.jsonl"
-    path.write_text("".join(GSM8K_TEST.read_text().splitlines(keepends=True)[:3]))
-    return path
-
-
-def test_evaluate_command_on_an_exported_model(tmp_path, exported, gsm8k_subset, capsys):
-    argv = ["--model", str(exported), "--data.path", str(gsm8k_subset), "--data.format", "gsm8k", "--source", "gsm8k",
-            "--generation.max_new_tokens", "6", "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluation.main, argv, capsys)
-    assert outcome.code == 0, outcome.err[-3000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["num_prompts"] == 3 and report["k"] == 1 and 0 <= report["solve_rate"] <= 1
-    assert report["pass_at_k"] is None and report["maj_at_k"] is None
-    assert report["prompt"]["max_prompt_length"] == 32  # the exported run's data setting
-    assert [example["reference"] for example in report["examples"]] == ["18", "3", "70000"]
-
-
-def test_evaluate_command_bad_input_exits_2(tmp_path, exported, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "How many?", "answer": "#### 3"}\n{"question": "And now?"}\n')
-    argv = ["--model", str(exported), "--data.path", str(bad), "--data.format", "gsm8k", "--source", "gsm8k",
-            "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluation.main, argv, capsys)
-    assert outcome.code == 2
-    assert "bad.jsonl" in outcome.err and "line 2" in outcome.err and "answer" in outcome.err
-    missing = [*argv[:3], str(tmp_path / "none.jsonl"), *argv[4:]]
-    outcome = run_entry(evaluation.main, missing, capsys)
-    assert outcome.code == 2 and "data.path" in outcome.err and "does not exist" in outcome.err
 
 
 class ScriptedGeneration(L.Callback):

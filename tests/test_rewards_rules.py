@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stepwise_lit.rewards.rules import ArithmeticStepVerifier, check_step, evaluate, matches
+from stepwise_lit.answers import extract_answer
+from stepwise_lit.data.synthetic import generate_pairs
+from stepwise_lit.rewards.rules import ArithmeticStepVerifier, check_step, evaluate, final_answer, matches
 
 SOLUTIONS = Path(__file__).parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 MODEL_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -102,3 +104,46 @@ def test_measured_on_gsm8k_model_solutions(verifier, use_reference, incorrect_fl
                     flagged_incorrect += flagged
     assert flagged_incorrect / incorrect >= incorrect_floor
     assert clean_correct / correct >= 0.99
+
+
+EMBEDDED_PAIRS = generate_pairs(200, seed=11, max_value=20)
+GSM8K_TEST = Path(__file__).parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def test_the_rule_verifier_reads_the_embedded_answer_where_answers_does():
+    """The embedded task states its answer mid-line ("Step 4: 76 - 9 = 67. The answer is 67.");
+    the rule verifier's final answer agrees with `extract_answer(..., "embedded")` on every
+    generated solution, right and slipped (before: None for all, the phrase was read at a line start only)."""
+    for row in EMBEDDED_PAIRS:
+        for side in ("chosen", "rejected"):
+            text = "".join(row[f"{side}_steps"])
+            assert final_answer(text) == float(extract_answer(text, "embedded"))
+            assert check_step(row[f"{side}_steps"][-1]).answer == float(extract_answer(text, "embedded"))
+
+
+def test_an_embedded_solution_that_stops_early_is_flagged_where_it_states_its_answer(verifier):
+    """Real embedded strings: a correct solution cut after its second step, which then states its
+    running value as the answer. Every equation is right, so only rule 3 (a stated answer that
+    is not the reference's, read from the reference's "The answer is N.") can flag it: [+1, -1].
+    Before the fix the reference had no answer for the rules and the steps scored [+1, +1]."""
+    row = next(row for row in EMBEDDED_PAIRS if len(row["chosen_steps"]) >= 3)
+    first, second = row["chosen_steps"][:2]
+    value = second.split("=")[-1].strip()
+    stopped = [first, f"{second.rstrip()}. The answer is {value}.\n"]
+    assert value != extract_answer(row["reference_solution"], "embedded")
+    assert verifier.score_steps([row["prompt"]], [stopped], [row["reference_solution"]]) == [[1.0, -1.0]]
+    assert verifier.score_steps([row["prompt"]], [row["chosen_steps"]], [row["reference_solution"]]) == [
+        [1.0] * len(row["chosen_steps"])
+    ]
+
+
+@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="shared GSM8K data not present")
+def test_gsm8k_answers_are_read_as_before_and_agree_with_answers():
+    """GSM8K's "#### n" (line start) reads as `extract_answer(..., "gsm8k")` does on the first 200
+    test solutions; "A:" is still read at a line start only, and a sentence that says the answer mid-line is read."""
+    with GSM8K_TEST.open() as lines:
+        solutions = [json.loads(line)["answer"] for line, _ in zip(lines, range(200))]
+    for solution in solutions:
+        assert final_answer(solution) == float(extract_answer(solution, "gsm8k"))
+    assert check_step("Plan A: 5 apples\n").answer is None
+    assert check_step("She makes 9 * 2 = $18 a day, so the answer is $18.\n").answer == 18.0

@@ -6,11 +6,16 @@ import math
 import re
 from dataclasses import dataclass
 
+from stepwise_lit.answers import ANSWER_PHRASE
 from stepwise_lit.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
 from stepwise_lit.rewards.base import Prompt, StepScorer, prompt_text
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
-ANSWER = re.compile(r"^\s*(?:####|A:|The answer is:?)\s*\$?\s*(" + NUMBER_PATTERN + ")", re.IGNORECASE | re.MULTILINE)
+# A stated final answer: "####" or "A:" at a line start (GSM8K), or "the answer is" anywhere (answers.ANSWER_PHRASE,
+# as the embedded task writes it mid-line: "Step 4: 76 - 9 = 67. The answer is 67.").
+ANSWER = re.compile(
+    r"(?:^\s*(?:####|A:)\s*|" + ANSWER_PHRASE + r")\$?\s*(" + NUMBER_PATTERN + ")", re.IGNORECASE | re.MULTILINE
+)
 THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 TIMES = re.compile(r"(?<=[\d)])\s*[x×]\s*(?=[\d($.])")
 # A run of characters that can form arithmetic, with at least one "=" in it.
@@ -26,7 +31,7 @@ class StepCheck:
         arithmetic_ok: False when an annotation or plain equation in the step is wrong.
         result: The value the step computes (its last annotation's or equation's
             result), None when it computes nothing.
-        answer: The final answer the step states ("A: 18", "#### 18"), else None.
+        answer: The final answer the step states ("A: 18", "#### 18", "... The answer is 18."), else None.
     """
 
     arithmetic_ok: bool
@@ -46,8 +51,8 @@ class ArithmeticStepVerifier(StepScorer):
          ``a = b = c``; annotations removed, ``$``, thousands commas and ``x``/``×``
          as times normalised) has a side with an operator whose value differs from
          the next side's; or, only when a reference solution is given,
-      3. it states a final answer (a line ``A: n``, ``#### n`` or ``The answer is n``)
-         other than the reference's final answer; or
+      3. it states a final answer (``A: n`` or ``#### n`` at a line start, or ``the answer
+         is n`` anywhere, any case) other than the reference's final answer; or
       4. the response's final answer differs from the reference's and the step's
          result (its last annotation's or equation's value) is none of the values
          the reference computes, states as its answer, or the problem states (the
@@ -193,7 +198,8 @@ def matches(value: float, claimed: float, claimed_text: str | None = None) -> bo
 
 
 def final_answer(solution: str) -> float | None:
-    """The last ``A: n`` / ``#### n`` / ``The answer is n`` number in a solution, else None."""
+    """The number of the last stated answer in a solution (``A: n`` / ``#### n`` at a line start,
+    ``the answer is n`` anywhere), else None."""
     answers = ANSWER.findall(solution)
     return parse_number(answers[-1]) if answers else None
 
