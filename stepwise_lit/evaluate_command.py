@@ -56,7 +56,7 @@ log = logging.getLogger("stepwise_lit")
 REPORT_FILE = "report.json"
 POLICY_PREFIX = "policy."  # the policy's keys in a StepwiseDPOModule checkpoint's state_dict
 EXPORT_DATA_SKIPPED = ("tokenizer_name_or_path", "cache_dir")  # the exporting machine's, not this one's
-IGNORED_SECTIONS = ("trainer", "report", "export")  # train.py config sections this command does not use
+IGNORED_SECTIONS = ("trainer", "report", "export", "online")  # train.py config sections this command does not use
 
 
 def build_parser() -> ArgumentParser:
