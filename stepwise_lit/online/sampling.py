@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from stepwise_lit.answers import AnswerSourceName, answers_match, extract_answer
 from stepwise_lit.errors import SettingError
 from stepwise_lit.evaluation import reference_answer
@@ -23,6 +25,9 @@ from stepwise_lit.rerank import split_solution
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")
+
+SCORING_CHUNK = 64
+"""Solutions per ``score_steps`` call in a round (so long scoring shows progress)."""
 
 
 def default_generation() -> GenerationSettings:
@@ -90,6 +95,7 @@ def generate_round(
     references: Sequence[str | None],
     settings: RoundSettings,
     prompt_ids: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> RoundRecord:
     """Sample, score, grade and pair one round.
 
@@ -101,6 +107,7 @@ def generate_round(
             ``correct`` is None).
         settings: Decoding, pairing and answer source.
         prompt_ids: N unique ids (pair ids start with them); default the positions.
+        progress: Show a progress bar over the scorer's calls (``SCORING_CHUNK`` solutions each).
 
     Returns:
         The round, with the time spent generating and scoring.
@@ -116,11 +123,15 @@ def generate_round(
         raise RuntimeError(f"the generator must return {num_samples} completions for each of {len(prompts)} prompts")
     steps = [[solution_steps(text, settings.generation.step_end) for text in samples] for samples in completions]
     scored_places = [(row, sample) for row in range(len(prompts)) for sample in range(num_samples) if steps[row][sample]]
-    scores = scorer.score_steps(
-        [prompts[row] for row, _ in scored_places],
-        [steps[row][sample] for row, sample in scored_places],
-        [references[row] for row, _ in scored_places],
-    )
+    scores = []
+    chunks = range(0, len(scored_places), SCORING_CHUNK)
+    for start in tqdm(chunks, desc="score steps", disable=not progress or len(chunks) < 2):
+        places = scored_places[start : start + SCORING_CHUNK]
+        scores += scorer.score_steps(
+            [prompts[row] for row, _ in places],
+            [steps[row][sample] for row, sample in places],
+            [references[row] for row, _ in places],
+        )
     step_scores = dict(zip(scored_places, scores))  # (prompt row, sample) -> scores
     scored = time.perf_counter()
     source = settings.answer_source

@@ -282,7 +282,7 @@ class OnlineRounds(L.Callback):
         )
         mine = list(range(rank, len(prompts), world))
         record = generate_round(generator, self.verifier, [prompts[i] for i in mine], [references[i] for i in mine],
-                                settings, [ids[i] for i in mine])
+                                settings, [ids[i] for i in mine], progress=trainer.is_global_zero)
         shard = (mine, solution_rows(record.prompts), record.seconds)
         shards = all_gather_objects(shard, world)
         if trainer.is_global_zero:
