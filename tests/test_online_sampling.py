@@ -75,3 +75,30 @@ def test_round_settings_must_sample_several_solutions():
     with pytest.raises(SettingError, match=r"^online\.generation\.num_samples: "):
         RoundSettings(generation=GenerationSettings(do_sample=False))
 
+
+
+class CountingVerifier(ArithmeticStepVerifier):
+    """The rule verifier, counting the solutions of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call_sizes: list[int] = []
+
+    def score_steps(self, prompts, steps, reference_solutions=None):
+        self.call_sizes.append(len(steps))
+        return super().score_steps(prompts, steps, reference_solutions)
+
+
+def test_scoring_in_chunks_gives_what_one_call_gives():
+    """20 goats and 20 hens, 4 samples each: the goats' blank sample is never scored, so 20 x 3 +
+    20 x 4 = 140 solutions, scored in calls of 64, 64 and 12; every solution's scores equal one call's."""
+    counting = CountingVerifier()
+    record = generate_round(scripted_generator(), counting, PROMPTS * 20, REFERENCES * 20,
+                            RoundSettings(generation=SAMPLING), progress=True)
+    assert counting.call_sizes == [64, 64, 12]
+    scored = [(prompt, s) for prompt in record.prompts for s in prompt.solutions if s.steps]
+    expected = ArithmeticStepVerifier().score_steps(
+        [prompt.prompt for prompt, _ in scored], [s.steps for _, s in scored],
+        [prompt.reference_solution for prompt, _ in scored],
+    )
+    assert [s.step_scores for _, s in scored] == expected
