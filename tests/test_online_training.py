@@ -207,6 +207,16 @@ def test_online_settings_it_cannot_run_fail_at_start_naming_the_setting(tmp_path
     assert message in outcome.err
 
 
+def test_a_new_run_in_a_folder_with_rounds_stops_before_training(uninterrupted, tmp_path, cache_dir, capsys):
+    """A fresh `fit` (no --ckpt_path) whose run folder holds rounds would read them back as its
+    own: it stops, naming the folder, and leaves the rounds as they were."""
+    before = round_files(uninterrupted / "run")
+    config = online_config(tmp_path, cache_dir, trainer={"default_root_dir": str(uninterrupted / "run")})
+    outcome = run_entry(main, ["fit", "--config", str(config)], capsys)
+    assert outcome.code != 0 and "holds the rounds of an earlier run" in outcome.err
+    assert round_files(uninterrupted / "run") == before
+
+
 @pytest.mark.slow
 def test_two_process_ddp_round_samples_each_prompt_once(tmp_path, cache_dir):
     """DDP, 2 processes, one round of 5 prompts: rank 0 samples prompts 0, 2, 4 and rank 1

@@ -166,6 +166,10 @@ class OnlineRounds(L.Callback):
         callback state names (the round the data module held when it was saved)."""
         if not self.enabled:
             return
+        rounds = Path(trainer.default_root_dir) / "online"
+        if trainer.ckpt_path is None and rounds.is_dir() and any(rounds.iterdir()):
+            raise UserError(f"{rounds} holds the rounds of an earlier run, which a new run would train on: resume "
+                            "that run with --ckpt_path, or set another trainer.default_root_dir")
         rows = trainer.datamodule.train_dataset
         self.pool, without_reference = held_out_problems(
             [json.loads(prompt) for prompt in rows["prompt_json"]], rows["reference_solution"], rows["chosen_steps"],
