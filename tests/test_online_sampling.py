@@ -96,6 +96,7 @@ def test_scoring_in_chunks_gives_what_one_call_gives():
     record = generate_round(scripted_generator(), counting, PROMPTS * 20, REFERENCES * 20,
                             RoundSettings(generation=SAMPLING), progress=True)
     assert counting.call_sizes == [64, 64, 12]
+    assert all(0 <= seconds < 60 for seconds in record.seconds.values())  # durations, not clock readings
     scored = [(prompt, s) for prompt in record.prompts for s in prompt.solutions if s.steps]
     expected = ArithmeticStepVerifier().score_steps(
         [prompt.prompt for prompt, _ in scored], [s.steps for _, s in scored],

@@ -125,8 +125,8 @@ def generate_round(
     scored_places = [(row, sample) for row in range(len(prompts)) for sample in range(num_samples) if steps[row][sample]]
     scores = []
     chunks = range(0, len(scored_places), SCORING_CHUNK)
-    for start in tqdm(chunks, desc="score steps", disable=not progress or len(chunks) < 2):
-        places = scored_places[start : start + SCORING_CHUNK]
+    for first in tqdm(chunks, desc="score steps", disable=not progress or len(chunks) < 2):
+        places = scored_places[first : first + SCORING_CHUNK]
         scores += scorer.score_steps(
             [prompts[row] for row, _ in places],
             [steps[row][sample] for row, sample in places],
