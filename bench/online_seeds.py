@@ -5,13 +5,16 @@ pairs with numbers up to 40, then 150 steps at a hundredth of the learning rate)
 the method differs:
 
 - ``online``: the config as it is: 15 rounds of 10 steps, each on pairs of the policy's own samples;
-- ``offline``: ``online.enabled: false``, one epoch of 16,000 embedded pairs (500 steps): the
-  150 preference steps on fixed pairs (a correct solution vs an injected slip), as tiny.yaml;
+- ``offline``: ``online.enabled: false``, a second epoch over the same 11,200 pairs, stopped at
+  step 500: the 150 preference steps on fixed pairs (a correct solution vs an injected slip), as
+  tiny.yaml;
 - ``sft``: the same 500 steps, all SFT (``model.sft_warmup_steps: 500``).
 
-The held-out greedy solve rate (``val/solve_rate``, 128 validation problems) is read from each
-run's metrics.csv: at the end of the warm-up (step 350; the online run validates there, the others
-at their end only) and at the end (step 500). Two runs at a time, one thread each.
+The warm-up (epoch 0: same data, order and initialisation) is the same run in all three, so their
+solve rates at step 350 agree. The held-out greedy solve rate (``val/solve_rate``, 128 validation
+problems) is read from each run's metrics.csv: at the end of the warm-up (step 350) and at the
+end (step 500); the offline runs validate every 50 steps, the online run after every epoch (round).
+Two runs at a time, one thread each.
 
     python bench/online_seeds.py --seeds 0 1 2 --out runs/online_seeds   # ~35 min on 2 quiet cores
 
@@ -33,12 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {
-    "online": [],
-    "offline": ["--online.enabled=false", "--trainer.max_epochs=1", "--data.synthetic_train_size=16000"],
-    "sft": ["--online.enabled=false", "--trainer.max_epochs=1", "--data.synthetic_train_size=16000",
-            "--model.sft_warmup_steps=500"],
-}
+OFFLINE = ["--online.enabled=false", "--trainer.max_epochs=2", "--trainer.max_steps=500", "--trainer.val_check_interval=50"]
+METHODS = {"online": [], "offline": OFFLINE, "sft": [*OFFLINE, "--model.sft_warmup_steps=500"]}
 
 
 def run(method: str, seed: int, root: Path) -> dict:
@@ -75,7 +74,7 @@ def main() -> None:
     jobs = [(method, seed) for seed in args.seeds for method in args.methods]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = dict(zip(jobs, pool.map(lambda job: run(*job, args.out / f"{job[0]}-seed{job[1]}"), jobs)))
-    print("| method | solve rate at step 500 (mean ± std) | per seed | at step 350 (online run: end of warm-up) | fit wall (s, per seed) |")
+    print("| method | solve rate at step 500 (mean ± std) | per seed | at step 350 (end of warm-up) | fit wall (s, per seed) |")
     print("| --- | --- | --- | --- | --- |")
     summary = {}
     for method in args.methods:
