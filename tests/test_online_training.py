@@ -4,7 +4,8 @@ way a user runs it: `train.py fit` with a YAML file. Generation is `online_helpe
 policy; the rule verifier, pair building, round files, the data side and training are the package's.
 
 The run: epoch 0 trains 4 SFT warm-up steps on 16 embedded pairs (batch 4), then every epoch is a
-round: 4 prompts x 4 samples, `first_error_branch` pairs, 3 optimizer steps.
+round: 4 prompts x 4 samples, `first_error_branch` pairs, 3 optimizer steps; three rounds, the
+reference re-frozen from the policy every second round.
 """
 
 from __future__ import annotations
@@ -23,19 +24,23 @@ from entry import BASE, merged, run_entry, write_config, write_pairs
 from stepwise_lit.cli import main
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.sampling import RoundSampler
-from stepwise_lit.errors import DataFormatError
+from stepwise_lit.errors import DataFormatError, SettingError
+from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.online.training import OnlineRounds
+from stepwise_lit.rewards import ArithmeticStepVerifier
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_STEPS, STEPS_PER_ROUND, PROMPTS_PER_ROUND, SAMPLES = 4, 3, 4, 4
 VERIFIER = {"class_path": "stepwise_lit.rewards.ArithmeticStepVerifier"}
 ONLINE = {
     "seed_everything": 0,
-    "trainer": {"max_steps": -1, "max_epochs": 3, "reload_dataloaders_every_n_epochs": 1, "val_check_interval": None,
+    "trainer": {"max_steps": -1, "max_epochs": 4, "reload_dataloaders_every_n_epochs": 1, "val_check_interval": None,
                 "limit_val_batches": 1},
     "model": {"sft_warmup_steps": WARMUP_STEPS},
     "data": {"synthetic_train_size": 16, "synthetic_max_value": 30},
     "online": {"enabled": True, "verifier": VERIFIER, "prompts_per_round": PROMPTS_PER_ROUND,
                "steps_per_round": STEPS_PER_ROUND, "generator": "online_helpers.SolvingGenerator",
+               "reference_refresh_rounds": 2,
                "generation": {"do_sample": True, "num_samples": SAMPLES, "max_new_tokens": 64}},
 }
 
@@ -75,11 +80,16 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def probe(folder: Path) -> dict:
+    return {"class_path": "online_helpers.ReferenceProbe", "init_args": {"path": str(folder / "probe.jsonl")}}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir) -> Path:
-    """Two rounds after the warm-up, in one process, with a checkpoint after every step."""
+    """Three rounds after the warm-up, the reference refreshed every second round, in one
+    process, with a checkpoint after every step."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    config = online_config(folder, cache_dir, trainer={"callbacks": [EVERY_STEP]})
+    config = online_config(folder, cache_dir, trainer={"callbacks": [EVERY_STEP, probe(folder)]})
     result = train(config, folder / "calls")
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
@@ -124,11 +134,11 @@ def test_train_on_round_gives_steps_per_round_batches_of_the_file(tmp_path, cach
 
 
 def test_online_fit_writes_each_round_before_training_and_logs_it(uninterrupted):
-    """Rounds 0 and 1 (epochs 1 and 2): 4 prompts x 4 samples in solutions.jsonl, one
-    first-error pair per prompt (samples 0/2 right, 1/3 slipped), readable as stepwise data;
-    the run trains 4 + 2 x 3 steps, and metrics.csv has the round figures per epoch."""
+    """Rounds 0-2 (epochs 1-3): 4 prompts x 4 samples in solutions.jsonl, one first-error pair
+    per prompt (samples 0/2 right, 1/3 slipped), readable as stepwise data; the run trains
+    4 + 3 x 3 steps, and metrics.csv has the round figures per epoch."""
     root = uninterrupted / "run"
-    for index in (0, 1):
+    for index in (0, 1, 2):
         folder = root / "online" / f"round-{index}"
         solutions = [json.loads(line) for line in (folder / "solutions.jsonl").read_text().splitlines()]
         assert len(solutions) == PROMPTS_PER_ROUND * SAMPLES
@@ -145,28 +155,29 @@ def test_online_fit_writes_each_round_before_training_and_logs_it(uninterrupted)
     second = {json.loads(line)["prompt"] for line in (root / "online/round-1/pairs.jsonl").read_text().splitlines()}
     assert not first & second
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == WARMUP_STEPS + 2 * STEPS_PER_ROUND
+    assert checkpoint["global_step"] == WARMUP_STEPS + 3 * STEPS_PER_ROUND
     metrics = (root / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
     for name in ("online/pairs", "online/generation_s", "online/scoring_s", "online/training_s"):
         column = header.index(name)
         assert [line.split(",")[column] for line in metrics[1:] if line.split(",")[column]] != []
-    assert len(calls(uninterrupted / "calls")) == 2  # one generate call per round
+    assert len(calls(uninterrupted / "calls")) == 3  # one generate call per round
 
 
 @pytest.mark.slow
 def test_sigkill_in_a_round_then_resume_gives_the_same_pairs_and_weights(uninterrupted, tmp_path, cache_dir):
     """SIGKILL at the end of step 9 (the second step of round 1, before its checkpoint);
     `--ckpt_path last` resumes at step 8 of round 1, reads both rounds from disk (no generate
-    call after the kill) and ends with the uninterrupted run's round files and weights."""
+    call for them after the kill) and ends with the uninterrupted run's round files and weights
+    (the reference refresh of round 2 included)."""
     kill = {"class_path": "online_helpers.KillAtStep", "init_args": {"step": 9, "marker": str(tmp_path / "killed")}}
-    config = online_config(tmp_path, cache_dir, trainer={"callbacks": [EVERY_STEP, kill]})
+    config = online_config(tmp_path, cache_dir, trainer={"callbacks": [EVERY_STEP, probe(tmp_path), kill]})
     killed = train(config, tmp_path / "calls")
     assert killed.returncode == -signal.SIGKILL and (tmp_path / "killed").exists()
-    assert len(calls(tmp_path / "calls")) == 2
+    assert len(calls(tmp_path / "calls")) == 2  # rounds 0 and 1
     resumed = train(config, tmp_path / "calls", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(calls(tmp_path / "calls")) == 2  # nothing generated twice
+    assert len(calls(tmp_path / "calls")) == 3  # round 2 only: nothing generated twice
     assert round_files(tmp_path / "run") == round_files(uninterrupted / "run")
     expected, got = final_policy(uninterrupted / "run"), final_policy(tmp_path / "run")
     assert expected.keys() == got.keys()
@@ -174,17 +185,11 @@ def test_sigkill_in_a_round_then_resume_gives_the_same_pairs_and_weights(uninter
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
 
-def test_reference_refresh_every_second_round(tmp_path, cache_dir, capsys):
-    """Three rounds, `reference_refresh_rounds: 2`, at the first step of each epoch: the warm-up
-    starts from the reference's weights; at round 0 the reference is the policy again (re-frozen
-    after the warm-up), at round 1 it is not (the policy trained 3 steps since), at round 2 it
-    is (refreshed)."""
-    probe = {"class_path": "online_helpers.ReferenceProbe", "init_args": {"path": str(tmp_path / "probe.jsonl")}}
-    config = online_config(tmp_path, cache_dir, trainer={"max_epochs": 4, "callbacks": [probe]},
-                           online={"reference_refresh_rounds": 2})
-    outcome = run_entry(main, ["fit", "--config", str(config)], capsys)
-    assert outcome.code == 0, outcome.err[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+def test_reference_refresh_every_second_round(uninterrupted):
+    """`reference_refresh_rounds: 2`, at the first step of each epoch: the warm-up starts from the
+    reference's weights; at round 0 the reference is the policy again (re-frozen after the
+    warm-up), at round 1 it is not (the policy trained 3 steps since), at round 2 it is (refreshed)."""
+    records = [json.loads(line) for line in (uninterrupted / "probe.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["reference_is_policy"]) for r in records] == [(0, True), (1, True), (2, False), (3, True)]
 
 
@@ -192,19 +197,28 @@ def test_reference_refresh_every_second_round(tmp_path, cache_dir, capsys):
     ("changes", "message"),
     [
         ({"trainer": {"reload_dataloaders_every_n_epochs": 0}}, "trainer.reload_dataloaders_every_n_epochs: 1"),
-        ({"online": {"verifier": None}}, "online.verifier"),
-        ({"online": {"generator": "nowhere.Backend"}}, "online.generator: cannot import 'nowhere.Backend'"),
         ({"trainer": {"max_epochs": 1}}, "trainer.max_epochs"),
         ({"online": {"reference_refresh_rounds": 1}, "model": {"reference": "none", "sft_warmup_steps": 0}},
          "online.reference_refresh_rounds"),
     ],
-    ids=["no-reload", "no-verifier", "bad-generator", "no-round-epoch", "refresh-without-copy"],
+    ids=["no-reload", "no-round-epoch", "refresh-without-copy"],
 )
 def test_online_settings_it_cannot_run_fail_at_start_naming_the_setting(tmp_path, cache_dir, capsys, changes, message):
     config = write_config(tmp_path, merged(merged(ONLINE, changes), {}), cache_dir)
     outcome = run_entry(main, ["fit", "--config", str(config)], capsys)
     assert outcome.code != 0
     assert message in outcome.err
+
+
+def test_online_settings_are_checked_when_built():
+    with pytest.raises(SettingError, match="online.verifier"):
+        OnlineRounds(enabled=True)
+    with pytest.raises(SettingError, match="online.generator: cannot import 'nowhere.Backend'"):
+        OnlineRounds(enabled=True, verifier=ArithmeticStepVerifier(), generator="nowhere.Backend")
+    with pytest.raises(SettingError, match="online.steps_per_round: must be at least 1"):
+        OnlineRounds(steps_per_round=0)
+    with pytest.raises(SettingError, match="online.generation.num_samples"):
+        OnlineRounds(enabled=True, verifier=ArithmeticStepVerifier(), generation=GenerationSettings(num_samples=1))
 
 
 def test_a_new_run_in_a_folder_with_rounds_stops_before_training(uninterrupted, tmp_path, cache_dir, capsys):
