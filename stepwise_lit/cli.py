@@ -250,12 +250,25 @@ def run_cli(args: list[str] | None, argv: list[str]) -> StepwiseCLI:
     )
 
 
+def show_package_log() -> None:
+    """Prints the ``stepwise_lit`` logger's INFO and above on stderr (once per process), without
+    changing what other libraries log."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(args: list[str] | None = None) -> None:
     """Runs the CLI (`args`: the command line without the program name; None reads `sys.argv`).
 
     Data and setting errors end with their one-paragraph message and exit code 2 (see
     `stepwise_lit.errors.exit_on_user_error`); `--show_traceback` shows the traceback instead.
-    A run stopped by SIGTERM exits with 143 once its checkpoint is saved."""
+    A run stopped by SIGTERM exits with 143 once its checkpoint is saved. The package's own
+    messages (``stepwise_lit`` logger: rows cut or skipped by count, the online rounds' figures)
+    are shown from INFO up, on stderr."""
+    show_package_log()
     argv = sys.argv[1:] if args is None else list(args)
     try:
         exit_on_user_error(lambda: run_cli(args, argv), argv)

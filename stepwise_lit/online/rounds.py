@@ -194,6 +194,7 @@ def run_round(
         write_jsonl_atomically(folder / PAIRS_FILE, record.pairs.rows)
     num_solutions = sum(len(prompt.solutions) for prompt in record.prompts)
     log.info("online round %d (%s): %d prompts, %d solutions, %d pairs, prompts skipped by reason: %s",
-             index, "generated" if state == "missing" else f"resumed, was {state}", len(record.prompts),
+             index, {"missing": "generated", "generated": "pairs built from the written solutions",
+                     "complete": "read back"}[state], len(record.prompts),
              num_solutions, len(record.pairs.rows), record.pairs.skipped or "none")
     return record
