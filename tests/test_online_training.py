@@ -200,8 +200,9 @@ def test_reference_refresh_every_second_round(uninterrupted):
         ({"trainer": {"max_epochs": 1}}, "trainer.max_epochs"),
         ({"online": {"reference_refresh_rounds": 1}, "model": {"reference": "none", "sft_warmup_steps": 0}},
          "online.reference_refresh_rounds"),
+        ({"model": {"reference": "precomputed", "sft_warmup_steps": 0}}, "model.reference: precomputed"),
     ],
-    ids=["no-reload", "no-round-epoch", "refresh-without-copy"],
+    ids=["no-reload", "no-round-epoch", "refresh-without-copy", "precomputed-reference"],
 )
 def test_online_settings_it_cannot_run_fail_at_start_naming_the_setting(tmp_path, cache_dir, capsys, changes, message):
     config = write_config(tmp_path, merged(merged(ONLINE, changes), {}), cache_dir)

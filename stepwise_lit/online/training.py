@@ -154,6 +154,9 @@ class OnlineRounds(L.Callback):
         if trainer.max_epochs is None or trainer.max_epochs <= self.start_epoch:
             raise SettingError(f"trainer.max_epochs: the rounds are the epochs from online.start_epoch "
                                f"({self.start_epoch}) on; set max_epochs above it, got {trainer.max_epochs}")
+        if pl_module.hparams.reference == "precomputed":
+            raise SettingError("model.reference: precomputed computes reference log-probs once for a fixed training "
+                               "set; online rounds make a new one each round: use copy, adapter or none")
         if self.reference_refresh_rounds is not None and pl_module.hparams.reference != "copy":
             raise SettingError("online.reference_refresh_rounds: re-freezes a frozen copy; needs model.reference: copy, "
                                f"not {pl_module.hparams.reference!r}")
