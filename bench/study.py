@@ -142,7 +142,7 @@ class Task:
 
 TASKS = {
     "arithmetic": Task("arithmetic", "embedded", batch_size=32, sft_steps=400, preference_steps=150, sft_lr=3e-3,
-                       preference_lr=3e-4, max_length=256, max_prompt_length=64, max_new_tokens=192, max_prompts=128),
+                       preference_lr=3e-4, max_length=256, max_prompt_length=64, max_new_tokens=192, max_prompts=256),
     "gsm8k": Task("gsm8k", "gsm8k", batch_size=8, sft_steps=100, preference_steps=100, sft_lr=1e-3,
                   preference_lr=1e-4, max_length=384, max_prompt_length=192, max_new_tokens=128, max_prompts=64),
 }
@@ -520,6 +520,8 @@ def run_all(args: argparse.Namespace, tasks: dict[str, Task], paths: dict[str, d
 def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     args = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars, here and in the workers
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     quiet(threads=1)
     tasks = {name: scaled(TASKS[name], args) for name in args.tasks}
     args.out.mkdir(parents=True, exist_ok=True)
