@@ -90,6 +90,7 @@ METHODS = {
     # Hypotheses for the SFT > DPO gap (run on one or two seeds: --methods ... --seeds 0 1)
     "stepwise_lr1e-3": Method("stepwise, preference lr 1e-3 (default 3e-4)", lr=1e-3),
     "stepwise_lr1e-4": Method("stepwise, preference lr 1e-4", lr=1e-4),
+    "stepwise_sft3": Method("stepwise, sft_weight 3 (default 1)", {"sft_weight": 3.0}),
     "stepwise_sft10": Method("stepwise, sft_weight 10 (default 1)", {"sft_weight": 10.0}),
     "plain_dpo_sft10": Method("plain DPO, sft_weight 10",
                               {"outcome_loss_type": "sigmoid", "step_loss_weight": 0.0, "sft_weight": 10.0}),

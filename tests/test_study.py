@@ -15,8 +15,10 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jso
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("study", REPO / "bench" / "study.py")
+    """bench/study.py as a module (bench is no package; dataclasses need it in sys.modules)."""
+    spec = importlib.util.spec_from_file_location("bench_study", REPO / "bench" / "study.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
