@@ -30,8 +30,8 @@ itself is tested once per seed (its solve rate: where every method starts).
 
 Runs go to two worker processes (``--workers``, one torch thread each). Writes under
 ``--out``: ``runs.json`` (every run's metrics and settings), ``table.md`` and ``table.json``
-(mean ± sample std over seeds; per method the paired comparison with plain DPO: mean
-difference, sign count, exact two-sided sign-test p-value), ``solve_rate.png`` and
+(mean ± sample std over seeds; per method the paired comparison with plain DPO: mean and
+sample std of the per-seed differences, sign count, exact two-sided sign-test p-value), ``solve_rate.png`` and
 ``f1.png``; prints the table and the wall time of the whole command.
 """
 
@@ -383,8 +383,11 @@ def summarise(runs: list[dict]) -> dict:
                 seeds = sorted(set(values["by_seed"]) & set(baseline.get(metric, {}).get("by_seed", {})))
                 if name != BASELINE and seeds:
                     differences = [values["by_seed"][s] - baseline[metric]["by_seed"][s] for s in seeds]
-                    values["vs_plain_dpo"] = {"seeds": seeds, "mean_difference": statistics.fmean(differences),
-                                              **sign_test(differences)}
+                    values["vs_plain_dpo"] = {
+                        "seeds": seeds, "mean_difference": statistics.fmean(differences),
+                        "std_difference": statistics.stdev(differences) if len(differences) > 1 else None,
+                        **sign_test(differences),
+                    }
     return summary
 
 
@@ -396,12 +399,15 @@ def mean_std(values: dict | None) -> str:
 
 
 def paired(values: dict | None) -> str:
-    """``+0.050 (4 up, 1 down, p 0.38)``: the mean paired difference with plain DPO and the sign test."""
+    """``+0.050 ± 0.020 (4 up, 1 down, p 0.38)``: the mean and sample std of the paired
+    differences with plain DPO, and the sign test."""
     versus = (values or {}).get("vs_plain_dpo")
     if not versus:
         return "–"
+    spread = f" ± {versus['std_difference']:.3f}" if versus["std_difference"] is not None else ""
     ties = f", {versus['ties']} tied" if versus["ties"] else ""
-    return f"{versus['mean_difference']:+.3f} ({versus['wins']} up, {versus['losses']} down{ties}, p {versus['p']:.2f})"
+    return (f"{versus['mean_difference']:+.3f}{spread} ({versus['wins']} up, {versus['losses']} down{ties}, "
+            f"p {versus['p']:.2f})")
 
 
 def markdown(summary: dict) -> str:
@@ -414,7 +420,7 @@ def markdown(summary: dict) -> str:
             seeds = max(len(values["by_seed"]) for values in metrics.values())
             label = "SFT policy (every method's start)" if name == SFT_START else name
             lines.append(f"| {label} | {seeds} | " + " | ".join(mean_std(metrics.get(m)) for m in METRICS) + " |")
-        lines += ["", f"### {task}: minus {BASELINE}, paired by seed (mean difference; exact two-sided sign test)", "",
+        lines += ["", f"### {task}: minus {BASELINE}, paired by seed (mean ± std of the differences; exact two-sided sign test)", "",
                   "| method | " + " | ".join(PAIRED_METRICS) + " |", "| --- |" + " ---: |" * len(PAIRED_METRICS)]
         for name, metrics in methods.items():
             if name not in (BASELINE, SFT_START):
@@ -532,20 +538,22 @@ def main(argv: list[str] | None = None) -> None:
     paths = prepare(args, tasks)
     runs = run_all(args, tasks, paths)
     summary = summarise(runs)
-    wall = time.perf_counter() - start
-    table = markdown(summary)
-    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
-    (args.out / "table.json").write_text(json.dumps({
-        "command": " ".join([sys.executable.split("/")[-1], "bench/study.py", *(argv if argv is not None else sys.argv[1:])]),
-        "wall_seconds": wall, "load_average_at_start": load, "tasks": {n: asdict(t) for n, t in tasks.items()},
-        "methods": {n: asdict(METHODS[n]) for n in args.methods}, "seeds": args.seeds, "max_value": args.max_value,
-        "summary": summary,
-    }, indent=2))
-    (args.out / "table.md").write_text(table)
     plot(summary, "solve_rate", "greedy solve rate (test)", args.out / "solve_rate.png")
     plot(summary, "processbench_f1", "ProcessBench F1 of h_t (test)", args.out / "f1.png")
+    wall = time.perf_counter() - start
+    load_end = os.getloadavg()
+    command = " ".join(["python bench/study.py", *(argv if argv is not None else sys.argv[1:])])
+    table = (f"`{command}`: wall time {wall / 60:.1f} min on {os.cpu_count()} CPUs; load average {load[0]:.2f} "
+             f"at the start (1 min), {load_end[2]:.2f} over the last 15 min at the end\n\n" + markdown(summary))
+    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+    (args.out / "table.json").write_text(json.dumps({
+        "command": command, "wall_seconds": wall, "load_average_at_start": load, "load_average_at_end": load_end,
+        "tasks": {n: asdict(t) for n, t in tasks.items()}, "methods": {n: asdict(METHODS[n]) for n in args.methods},
+        "seeds": args.seeds, "max_value": args.max_value, "summary": summary,
+    }, indent=2))
+    (args.out / "table.md").write_text(table)
     print(table)
-    print(f"wall time of the whole command: {wall:.0f} s ({wall / 60:.1f} min); load average at start {load[0]:.2f}")
+    print(f"wall time of the whole command: {wall:.0f} s ({wall / 60:.1f} min)")
 
 
 if __name__ == "__main__":
