@@ -500,26 +500,31 @@ def prepare(args: argparse.Namespace, tasks: dict[str, Task]) -> dict[str, dict[
 
 
 def run_all(args: argparse.Namespace, tasks: dict[str, Task], paths: dict[str, dict[str, Path]]) -> list[dict]:
-    """Every SFT warm-up, and each method once its seed's warm-up is done, `--workers` at a time."""
+    """Every SFT warm-up and every method, `--workers` at a time. A free worker takes a method
+    of a finished warm-up before the next warm-up, so whole seeds finish in seed order."""
     runs: list[dict] = []
+    warmups = [(name, seed) for seed in args.seeds for name in tasks]
+    ready: list[tuple[str, str, int]] = []  # (task, method, seed) whose warm-up is done
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-        pending: dict[Future, tuple] = {
-            pool.submit(run_sft, task, seed, paths[name], args.out): (name, seed)
-            for seed in args.seeds for name, task in tasks.items()
-        }
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        running: set[Future] = set()
+        while warmups or ready or running:
+            while len(running) < args.workers and (ready or warmups):
+                if ready:
+                    name, method, seed = ready.pop(0)
+                    running.add(pool.submit(run_method, tasks[name], method, seed, paths[name], args.out))
+                else:
+                    name, seed = warmups.pop(0)
+                    running.add(pool.submit(run_sft, tasks[name], seed, paths[name], args.out))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 result = future.result()
                 runs.append(result)
                 metrics = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if v is not None)
                 print(f"[study] {result['task']} {result['method']} seed {result['seed']}: {metrics} "
                       f"({result['seconds']:.0f} s)", flush=True)
-                name, seed = pending.pop(future)
                 if result["method"] == SFT_START:
-                    for method in args.methods:
-                        pending[pool.submit(run_method, tasks[name], method, seed, paths[name], args.out)] = (name, seed)
+                    ready += [(result["task"], method, result["seed"]) for method in args.methods]
     order = {name: index for index, name in enumerate([SFT_START, *METHODS])}
     return sorted(runs, key=lambda run: (run["task"], order[run["method"]], run["seed"]))
 
