@@ -142,7 +142,7 @@ class Task:
 
 
 TASKS = {
-    "arithmetic": Task("arithmetic", "embedded", batch_size=32, sft_steps=400, preference_steps=150, sft_lr=3e-3,
+    "arithmetic": Task("arithmetic", "embedded", batch_size=32, sft_steps=400, preference_steps=100, sft_lr=3e-3,
                        preference_lr=3e-4, max_length=256, max_prompt_length=64, max_new_tokens=192, max_prompts=256),
     "gsm8k": Task("gsm8k", "gsm8k", batch_size=8, sft_steps=100, preference_steps=100, sft_lr=1e-3,
                   preference_lr=1e-4, max_length=384, max_prompt_length=192, max_new_tokens=128, max_prompts=64),
