@@ -28,11 +28,13 @@ ProcessBench threshold of the implicit step rewards h_t (and of their per-token 
 prompts (`SolveRateEvaluation`), reward accuracy and within-response AUROC. The SFT policy
 itself is tested once per seed (its solve rate: where every method starts).
 
-Runs go to two worker processes (``--workers``, one torch thread each). Writes under
-``--out``: ``runs.json`` (every run's metrics and settings), ``table.md`` and ``table.json``
-(mean ± sample std over seeds; per method the paired comparison with plain DPO: mean and
-sample std of the per-seed differences, sign count, exact two-sided sign-test p-value), ``solve_rate.png`` and
-``f1.png``; prints the table and the wall time of the whole command.
+Runs go to two worker processes (``--workers``, one torch thread each); a free worker takes
+the methods of a finished warm-up first. Writes under ``--out``: ``runs.json`` (every run's
+metrics, settings and thresholds), ``table.md`` and ``table.json`` (mean ± sample std over
+seeds; per method the paired comparison with plain DPO: mean and sample std of the per-seed
+differences, sign count, exact two-sided sign-test p-value), ``solve_rate.png``, ``f1.png``,
+the data files, the tokenized cache, the SFT exports, each run's reports and logs; prints the
+table and the wall time of the whole command.
 """
 
 from __future__ import annotations
