@@ -111,9 +111,10 @@ class Task:
     Attributes:
         name: ``arithmetic`` or ``gsm8k``.
         source: Answer extraction of the solve rate (`stepwise_lit.answers`).
-        batch_size: Pairs per optimizer step.
+        batch_size: Pairs per optimizer step of the SFT warm-up.
         sft_steps: Optimizer steps of the SFT warm-up.
         preference_steps: Optimizer steps of each method's stage.
+        preference_batch_size: Pairs per optimizer step of each method's stage.
         sft_lr: AdamW learning rate of the warm-up.
         preference_lr: AdamW learning rate of the stage (a tenth of SFT's, as tiny.yaml).
         max_length: Tokens (bytes) of prompt + response.
@@ -129,6 +130,7 @@ class Task:
     batch_size: int
     sft_steps: int
     preference_steps: int
+    preference_batch_size: int
     sft_lr: float
     preference_lr: float
     max_length: int
@@ -144,9 +146,10 @@ class Task:
 
 
 TASKS = {
-    "arithmetic": Task("arithmetic", "embedded", batch_size=32, sft_steps=400, preference_steps=100, sft_lr=3e-3,
+    "arithmetic": Task("arithmetic", "embedded", batch_size=32, sft_steps=400, preference_steps=100,
+                       preference_batch_size=16, sft_lr=3e-3,
                        preference_lr=3e-4, max_length=256, max_prompt_length=64, max_new_tokens=192, max_prompts=256),
-    "gsm8k": Task("gsm8k", "gsm8k", batch_size=8, sft_steps=100, preference_steps=100, sft_lr=1e-3,
+    "gsm8k": Task("gsm8k", "gsm8k", batch_size=8, sft_steps=60, preference_steps=60, preference_batch_size=8, sft_lr=1e-3,
                   preference_lr=1e-4, max_length=384, max_prompt_length=192, max_new_tokens=128, max_prompts=64),
 }
 
@@ -176,7 +179,7 @@ def prepare_arithmetic(folder: Path, task: Task, max_value: int, eval_pairs: int
     """
     from stepwise_lit.data.synthetic import generate_pairs
 
-    num_train = task.batch_size * (task.sft_steps + task.preference_steps)
+    num_train = task.batch_size * task.sft_steps + task.preference_batch_size * task.preference_steps
     rows = generate_pairs(int(1.3 * num_train) + 40 * eval_pairs, seed=0, max_value=max_value)
     train, evaluation = [], {"val": {}, "test": {}}
     for row in rows:
@@ -232,12 +235,14 @@ def quiet(threads: int = 1) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def data_module(task: Task, path: Path, val_path: Path | None, seed: int, cache: Path):
+def data_module(task: Task, path: Path, val_path: Path | None, seed: int, cache: Path, batch_size: int | None = None):
+    """The task's data module for `path` (training) and `val_path` (validate/test); `batch_size`:
+    pairs per training step (None: the warm-up's)."""
     from stepwise_lit.data.datamodule import StepwiseDataModule
 
     return StepwiseDataModule(
         path=str(path), val_path=None if val_path is None else str(val_path), val_fraction=0.0, format="stepwise",
-        max_length=task.max_length, max_prompt_length=task.max_prompt_length, batch_size=task.batch_size,
+        max_length=task.max_length, max_prompt_length=task.max_prompt_length, batch_size=batch_size or task.batch_size,
         eval_batch_size=64, seed=seed, cache_dir=str(cache),
     )
 
@@ -293,7 +298,7 @@ def run_sft(task: Task, seed: int, paths: dict[str, Path], out: Path) -> dict:
         L.seed_everything(seed, verbose=False)
         shape = TinyModelConfig(hidden_size=task.hidden_size, num_layers=2, num_heads=4, intermediate_size=3 * task.hidden_size)
         module = StepwiseDPOModule(tiny_model=shape, sft_warmup_steps=task.sft_steps, optimizer=adamw(task.sft_lr), **task.model)
-        data_module(task, paths["preference"], None, seed, out / "cache").prepare_data()
+        data_module(task, paths["preference"], None, seed, out / "cache", task.preference_batch_size).prepare_data()
         evaluation = solve_rate_callback(task)
         run = trainer(root, [evaluation], task.sft_steps)
         run.fit(module, datamodule=data_module(task, paths["sft"], None, seed, out / "cache"))
@@ -326,7 +331,7 @@ def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Pa
             optimizer=adamw(method.lr or task.preference_lr), **settings,
         )
         trainer(root, [], task.preference_steps).fit(
-            module, datamodule=data_module(task, paths["preference"], None, seed, out / "cache")
+            module, datamodule=data_module(task, paths["preference"], None, seed, out / "cache", task.preference_batch_size)
         )
         trainer(root, [StepRewardReport(dirpath=str(reports["val"])),
                        StepRewardReport(dirpath=str(reports["val_per_token"]), per_token=True)]).validate(
@@ -501,9 +506,12 @@ def prepare(args: argparse.Namespace, tasks: dict[str, Task]) -> dict[str, dict[
     return paths
 
 
-def run_all(args: argparse.Namespace, tasks: dict[str, Task], paths: dict[str, dict[str, Path]]) -> list[dict]:
-    """Every SFT warm-up and every method, `--workers` at a time. A free worker takes a method
-    of a finished warm-up before the next warm-up, so whole seeds finish in seed order."""
+def run_all(
+    args: argparse.Namespace, tasks: dict[str, Task], paths: dict[str, dict[str, Path]], on_result
+) -> list[dict]:
+    """Every SFT warm-up and every method, `--workers` at a time; `on_result(runs)` after each
+    finished run. A free worker takes a method of a finished warm-up before the next warm-up,
+    so whole seeds finish in seed order."""
     runs: list[dict] = []
     warmups = [(name, seed) for seed in args.seeds for name in tasks]
     ready: list[tuple[str, str, int]] = []  # (task, method, seed) whose warm-up is done
@@ -527,13 +535,40 @@ def run_all(args: argparse.Namespace, tasks: dict[str, Task], paths: dict[str, d
                       f"({result['seconds']:.0f} s)", flush=True)
                 if result["method"] == SFT_START:
                     ready += [(result["task"], method, result["seed"]) for method in args.methods]
+                on_result(runs)
+    return runs
+
+
+def write_outputs(args: argparse.Namespace, tasks: dict[str, Task], runs: list[dict], start: float, load: tuple) -> str:
+    """Writes runs.json, table.json, table.md and the plots of the runs so far; returns table.md's text."""
     order = {name: index for index, name in enumerate([SFT_START, *METHODS])}
-    return sorted(runs, key=lambda run: (run["task"], order[run["method"]], run["seed"]))
+    runs = sorted(runs, key=lambda run: (run["task"], order[run["method"]], run["seed"]))
+    summary = summarise(runs)
+    plot(summary, "solve_rate", "greedy solve rate (test)", args.out / "solve_rate.png")
+    plot(summary, "processbench_f1", "ProcessBench F1 of h_t (test)", args.out / "f1.png")
+    wall = time.perf_counter() - start
+    load_end = os.getloadavg()
+    expected = len(args.seeds) * len(tasks) * (1 + len(args.methods))
+    status = "" if len(runs) == expected else f" (**unfinished: {len(runs)} of {expected} runs so far**)"
+    command = " ".join(["python bench/study.py", *args.argv])
+    table = (f"`{command}`: wall time {wall / 60:.1f} min{status} on {os.cpu_count()} CPUs; load average "
+             f"{load[0]:.2f} at the start (1 min), {load_end[2]:.2f} over the last 15 min at the end\n\n"
+             + markdown(summary))
+    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+    (args.out / "table.json").write_text(json.dumps({
+        "command": command, "wall_seconds": wall, "finished_runs": len(runs), "expected_runs": expected,
+        "load_average_at_start": load, "load_average_at_end": load_end,
+        "tasks": {n: asdict(t) for n, t in tasks.items()}, "methods": {n: asdict(METHODS[n]) for n in args.methods},
+        "seeds": args.seeds, "max_value": args.max_value, "summary": summary,
+    }, indent=2))
+    (args.out / "table.md").write_text(table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     args = parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars, here and in the workers
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     quiet(threads=1)
@@ -543,24 +578,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--out: {args.out} already holds a study's runs; name a new folder")
     load = os.getloadavg()
     paths = prepare(args, tasks)
-    runs = run_all(args, tasks, paths)
-    summary = summarise(runs)
-    plot(summary, "solve_rate", "greedy solve rate (test)", args.out / "solve_rate.png")
-    plot(summary, "processbench_f1", "ProcessBench F1 of h_t (test)", args.out / "f1.png")
-    wall = time.perf_counter() - start
-    load_end = os.getloadavg()
-    command = " ".join(["python bench/study.py", *(argv if argv is not None else sys.argv[1:])])
-    table = (f"`{command}`: wall time {wall / 60:.1f} min on {os.cpu_count()} CPUs; load average {load[0]:.2f} "
-             f"at the start (1 min), {load_end[2]:.2f} over the last 15 min at the end\n\n" + markdown(summary))
-    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
-    (args.out / "table.json").write_text(json.dumps({
-        "command": command, "wall_seconds": wall, "load_average_at_start": load, "load_average_at_end": load_end,
-        "tasks": {n: asdict(t) for n, t in tasks.items()}, "methods": {n: asdict(METHODS[n]) for n in args.methods},
-        "seeds": args.seeds, "max_value": args.max_value, "summary": summary,
-    }, indent=2))
-    (args.out / "table.md").write_text(table)
+    runs = run_all(args, tasks, paths, lambda runs: write_outputs(args, tasks, runs, start, load))
+    table = write_outputs(args, tasks, runs, start, load)
     print(table)
-    print(f"wall time of the whole command: {wall:.0f} s ({wall / 60:.1f} min)")
+    print(f"wall time of the whole command: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
