@@ -30,7 +30,7 @@ from typing import Literal
 from stepwise_lit.data.formats import read_records, to_canonical
 from stepwise_lit.errors import DataFormatError, UserError
 from stepwise_lit.generate import Generator, Prompt
-from stepwise_lit.online.pairs import ScoredPrompt, ScoredSolution, build_pairs
+from stepwise_lit.online.pairs import PairSettings, ScoredPrompt, ScoredSolution, build_pairs
 from stepwise_lit.online.sampling import RoundRecord, RoundSettings, checked_prompt_ids, generate_round
 from stepwise_lit.rewards.base import StepScorer
 
@@ -173,28 +173,52 @@ def run_round(
         UserError: If the round on disk was written for other prompt ids, or its pairs differ from
             what the settings build (the settings changed: use a new run folder).
     """
-    folder = round_folder(root, index)
     ids = checked_prompt_ids(prompt_ids, len(prompts))
-    state = round_state(root, index)
+    if round_state(root, index) != "missing":
+        return finish_round(root, index, ids, settings.pairs)
+    record = generate_round(generator, scorer, prompts, references, settings, ids)
+    write_jsonl_atomically(round_folder(root, index) / SOLUTIONS_FILE, solution_rows(record.prompts))
+    return finish_round(root, index, ids, settings.pairs, generated=record)
+
+
+def finish_round(
+    root: str | Path, index: int, prompt_ids: list[str], pairs: PairSettings, generated: RoundRecord | None = None
+) -> RoundRecord:
+    """Round ``index``, whose ``solutions.jsonl`` is on disk, with its pairs: built from the
+    solutions and written, or, for a complete round, checked against ``pairs.jsonl``; logged.
+
+    Args:
+        root: The run folder.
+        index: The round (0-based).
+        prompt_ids: The ids the round's prompts must have.
+        pairs: How pairs are built.
+        generated: The round as it was just generated (and its solutions written); None reads
+            the solutions back.
+
+    Raises:
+        UserError: If the round on disk was written for other prompt ids, or its pairs differ from
+            what the settings build (the settings changed: use a new run folder).
+    """
+    folder = round_folder(root, index)
     leftovers = sorted(path.name for path in folder.glob(".*.tmp")) if folder.is_dir() else []
     if leftovers:
         log.warning("%s: temporary files of an interrupted write are kept: %s", folder, ", ".join(leftovers))
-    if state == "missing":
-        record = generate_round(generator, scorer, prompts, references, settings, ids)
-        write_jsonl_atomically(folder / SOLUTIONS_FILE, solution_rows(record.prompts))
-    else:
+    if generated is None:
         written = read_solutions(folder / SOLUTIONS_FILE)
-        check_same_prompts(folder, written, ids)
-        record = RoundRecord(written, build_pairs(written, settings.pairs))
+        check_same_prompts(folder, written, prompt_ids)
+        record = RoundRecord(written, build_pairs(written, pairs))
+    else:
+        record = generated
+    state = round_state(root, index)
     if state == "complete":
         if read_pairs(folder / PAIRS_FILE) != record.pairs.rows:
             raise UserError(f"{folder / PAIRS_FILE}: differs from the pairs the online.pairs settings build from "
                             f"{SOLUTIONS_FILE}; the settings changed since the round was written: use a new run folder")
     else:
         write_jsonl_atomically(folder / PAIRS_FILE, record.pairs.rows)
+    how = "generated" if generated is not None else "read back" if state == "complete" else (
+        "pairs built from the written solutions")
     num_solutions = sum(len(prompt.solutions) for prompt in record.prompts)
     log.info("online round %d (%s): %d prompts, %d solutions, %d pairs, prompts skipped by reason: %s",
-             index, {"missing": "generated", "generated": "pairs built from the written solutions",
-                     "complete": "read back"}[state], len(record.prompts),
-             num_solutions, len(record.pairs.rows), record.pairs.skipped or "none")
+             index, how, len(record.prompts), num_solutions, len(record.pairs.rows), record.pairs.skipped or "none")
     return record

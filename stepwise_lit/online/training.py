@@ -42,9 +42,9 @@ from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
     PAIRS_FILE,
     SOLUTIONS_FILE,
+    finish_round,
     round_folder,
     round_state,
-    run_round,
     solution_rows,
     write_jsonl_atomically,
 )
@@ -247,7 +247,7 @@ class OnlineRounds(L.Callback):
             seconds = self.generate_shards(trainer, pl_module, round_index, prompts, references, ids)
         record = None
         if trainer.is_global_zero:  # writes the pairs (or checks them) from the solutions on disk
-            record = run_round(root, round_index, _NoGeneration(), self.verifier, prompts, references, self.settings, ids)
+            record = finish_round(root, round_index, ids, self.settings.pairs)
         trainer.strategy.barrier("online round written")
         record = trainer.strategy.broadcast(record, src=0)
         trainer.datamodule.train_on_round(latest_pairs(root, round_index, record), round_index, self.steps_per_round)
@@ -336,13 +336,6 @@ def latest_pairs(root: str | Path, round_index: int, record: RoundRecord) -> Pat
         f"by reason: {dict(record.pairs.skipped)}); sample more solutions (online.generation.num_samples, "
         "temperature) or train the policy longer before the rounds (online.start_epoch, model.sft_warmup_steps)"
     )
-
-
-class _NoGeneration:
-    """The generator handed to ``run_round`` once the solutions are on disk: it must never be called."""
-
-    def generate(self, prompts, settings):
-        raise RuntimeError("online round: solutions.jsonl should exist before the pairs are built")
 
 
 def imported_backend(path: str) -> Callable[..., Generator]:
