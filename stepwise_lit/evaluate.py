@@ -33,8 +33,6 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from stepwise_lit.answers import AnswerSourceName, answer_key, answers_match
-from stepwise_lit.data.batch import PairBatch, is_packed
-from stepwise_lit.logps import next_token_targets
 from stepwise_lit.metrics import WeightedMean
 
 
@@ -407,34 +405,6 @@ class WithinResponseAUROC(Metric):
         if isinstance(self.rewards, list) and not self.rewards:  # a list before a sync, one tensor after
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         return auroc(dim_zero_cat(self.rewards), dim_zero_cat(self.good) > 0)
-
-
-def step_token_counts(batch: PairBatch, num_steps: int) -> torch.Tensor:
-    """Tokens each step's log-prob sums over, long ``[2B, S]`` (chosen rows, then rejected), packed or not.
-
-    Counted from the targets the log-probs use (``stepwise_lit.forward.step_logps``), so a
-    response's last step counts its EOS token as its log-prob does; 0 past a response's steps.
-
-    Args:
-        batch: An unpacked or packed pair batch.
-        num_steps: S, the step columns.
-    """
-    if is_packed(batch):
-        target_step_ids = batch["target_step_ids"]  # [B, L, 2]
-    else:
-        _, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
-    counts = torch.nn.functional.one_hot(target_step_ids, num_steps + 1).sum(1)[..., 1:]  # [N, K, S]
-    return counts.transpose(0, 1).reshape(-1, num_steps)
-
-
-def per_token_step_rewards(step_rewards: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
-    """The length-normalised step reward ``h_t / n_t``; 0 where a step has no token (padding).
-
-    Args:
-        step_rewards: ``[N, S]`` step rewards ``h_t``.
-        token_counts: ``[N, S]`` tokens per step ``n_t`` (:func:`step_token_counts`).
-    """
-    return torch.where(token_counts > 0, step_rewards / token_counts.clamp(min=1), torch.zeros_like(step_rewards))
 
 
 class LabelledStepRewards(Metric):

@@ -80,6 +80,24 @@ def chosen_token_counts(batch: PairBatch) -> torch.Tensor:
     return (chosen(batch["step_ids"])[:, 1:] > 0).sum(-1)
 
 
+def step_token_counts(batch: PairBatch, num_steps: int) -> torch.Tensor:
+    """Tokens each step's log-prob sums over, long ``[2B, S]`` (chosen rows, then rejected), packed or not.
+
+    Counted from the targets the log-probs use (``stepwise_lit.forward.step_logps``), so a
+    response's last step counts its EOS token as its log-prob does; 0 past a response's steps.
+
+    Args:
+        batch: An unpacked or packed pair batch.
+        num_steps: S, the step columns.
+    """
+    if is_packed(batch):
+        target_step_ids = batch["target_step_ids"]  # [B, L, 2]
+    else:
+        _, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
+    counts = torch.nn.functional.one_hot(target_step_ids, num_steps + 1).sum(1)[..., 1:]  # [N, K, S]
+    return counts.transpose(0, 1).reshape(-1, num_steps)
+
+
 def packed_mask_for(model: torch.nn.Module, batch: PairBatch):
     """The attention mask of a packed batch in the form `model`'s attention takes: boolean
     ``[R, 1, L, L]`` for sdpa, additive in the weights' dtype for eager, a FlexAttention

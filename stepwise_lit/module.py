@@ -15,7 +15,7 @@ from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rej
 from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm
 from stepwise_lit.errors import SettingError
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
-from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, use_lean_logps
+from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts, use_lean_logps
 from stepwise_lit.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import DTYPES, DtypeName, LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
@@ -89,6 +89,12 @@ class StepwiseDPOModule(L.LightningModule):
         step_loss_weight: Weight of the step loss in the total.
         outcome_loss_weight: Weight of the outcome loss in the total.
         sft_weight: Weight of the per-token NLL of the chosen response.
+        step_reward_per_token: The step loss uses the per-token step reward h_t / n_t (β_s times
+            the step's mean per-token log-ratio; n_t its tokens) instead of h_t, so a long step
+            does not outweigh a short one; the outcome loss keeps the sequence log-ratio. h_t / n_t
+            is about n_t times smaller than h_t: raise `step_beta` to match (the embedded task's steps
+            average 24 tokens: β_s 2 gives h_t / n_t about the size β_s 0.1 gives h_t). Logged and reported
+            step rewards stay h_t (`StepRewardReport(per_token=True)` localises with h_t / n_t).
         sft_warmup_steps: Optimizer steps of supervised fine-tuning on the chosen responses
             (per-token NLL alone, no reference forward) before the preference losses start;
             then the reference (`reference: copy`) is re-frozen from the policy (LoRA adapters
@@ -147,6 +153,7 @@ class StepwiseDPOModule(L.LightningModule):
         step_loss_weight: float = 0.5,
         outcome_loss_weight: float = 0.5,
         sft_weight: float = 0.0,
+        step_reward_per_token: bool = False,
         sft_warmup_steps: int = 0,
         evaluate_step_accuracy: bool = True,
         step_accuracy_metric: StepAccuracyMetric = "accuracy",
@@ -319,6 +326,7 @@ class StepwiseDPOModule(L.LightningModule):
             policy_step_logps, reference_step_logps, step_scores, batch["step_mask"], batch["outcome_scores"],
             batch["has_outcome_scores"], batch["first_divergence"], chosen_token_counts(batch),
             self.objective_settings, batch.get("pair_weights"),
+            step_token_counts(batch, num_steps(batch)) if self.objective_settings.step_reward_per_token else None,
         )
 
     def on_train_batch_start(self, batch: PairBatch, batch_idx: int) -> None:

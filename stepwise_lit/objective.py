@@ -38,6 +38,8 @@ class ObjectiveSettings:
         step_loss_weight: Weight of the step loss in the total.
         outcome_loss_weight: Weight of the outcome loss in the total.
         sft_weight: Weight of the per-token NLL of the chosen responses.
+        step_reward_per_token: The step loss sees the per-token step reward h_t / n_t (n_t: the
+            step's tokens) instead of h_t; the outcome loss keeps ρ(y).
     """
 
     step_beta: float = 0.1
@@ -54,6 +56,7 @@ class ObjectiveSettings:
     step_loss_weight: float = 0.5
     outcome_loss_weight: float = 0.5
     sft_weight: float = 0.0
+    step_reward_per_token: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class Objective:
         step_logratios: ``[2B, S]`` ρ_t, zero past a response's steps.
         logratios: ``[2B]`` ρ(y).
         rewards: ``[2B]`` implicit rewards β_o ρ(y).
-        step_rewards: ``[2B, S]`` implicit step rewards h_t = β_s ρ_t.
+        step_rewards: ``[2B, S]`` implicit step rewards h_t = β_s ρ_t (also with
+            `step_reward_per_token`, whose h_t / n_t the step loss alone sees).
         verifier_rewards: ``[2B]`` R.
         policy_logps: ``[2B]`` policy sequence log-probs.
     """
@@ -146,6 +150,16 @@ def verifier_rewards(
     return torch.where(has_outcome_scores, mixed, rewards)
 
 
+def per_token_step_rewards(step_rewards: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
+    """The length-normalised step reward ``h_t / n_t``; 0 where a step has no token (padding).
+
+    Args:
+        step_rewards: ``[N, S]`` step rewards ``h_t``.
+        token_counts: ``[N, S]`` tokens per step ``n_t`` (`stepwise_lit.forward.step_token_counts`).
+    """
+    return torch.where(token_counts > 0, step_rewards / token_counts.clamp(min=1), torch.zeros_like(step_rewards))
+
+
 def pair_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean over pairs of ``values`` ``[B]``, weighted by ``weights`` ``[B]`` when given (0 when all are 0)."""
     if weights is None:
@@ -175,6 +189,7 @@ def stepwise_objective(
     chosen_tokens: torch.Tensor,
     settings: ObjectiveSettings,
     pair_weights: torch.Tensor | None = None,
+    step_token_counts: torch.Tensor | None = None,
 ) -> Objective:
     """Log-ratios, verifier rewards and the step, outcome, SFT and total losses of one batch.
 
@@ -189,9 +204,15 @@ def stepwise_objective(
         chosen_tokens: ``[B]`` response tokens of each chosen side (for the SFT loss).
         settings: The loss settings.
         pair_weights: ``[B]`` per-pair weights (0: a row that only pads an evaluation shard); None: all 1.
+        step_token_counts: ``[2B, S]`` tokens per step n_t; required by `step_reward_per_token`.
     """
     step_logratios = (policy_step_logps - reference_step_logps) * step_mask  # ρ_t, [2B, S]
     logratios = step_logratios.sum(-1)  # ρ(y), [2B]
+    step_loss_logratios = step_logratios  # what the step loss sees: ρ_t, or ρ_t / n_t
+    if settings.step_reward_per_token:
+        if step_token_counts is None:
+            raise ValueError("step_reward_per_token needs step_token_counts (tokens per step, [2B, S])")
+        step_loss_logratios = per_token_step_rewards(step_logratios, step_token_counts)
     rewards = verifier_rewards(step_scores, step_mask, outcome_scores, has_outcome_scores, settings)  # R, [2B]
     outcome_losses = outcome_loss(
         chosen(logratios), rejected(logratios), chosen(rewards), rejected(rewards),
@@ -199,7 +220,7 @@ def stepwise_objective(
         gamma=settings.margin_gamma,
     )
     step_losses = step_loss(
-        chosen(step_logratios), rejected(step_logratios), chosen(step_scores), rejected(step_scores),
+        chosen(step_loss_logratios), rejected(step_loss_logratios), chosen(step_scores), rejected(step_scores),
         chosen(step_mask), rejected(step_mask), beta=settings.step_beta, loss_type=settings.step_loss_type,
         alpha=settings.step_reward_scale, divergence=first_divergence,
     )

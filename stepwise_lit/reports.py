@@ -45,11 +45,11 @@ from stepwise_lit.evaluate import (
     WithinResponseAUROC,
     choose_threshold,
     first_error_labels,
-    per_token_step_rewards,
-    step_token_counts,
 )
 from stepwise_lit.evaluation import SolveRateEvaluation
+from stepwise_lit.forward import step_token_counts
 from stepwise_lit.metrics import PreferenceMetrics
+from stepwise_lit.objective import per_token_step_rewards
 
 REPORT_FILE = "report.json"
 HISTORY_METRICS = ("reward_accuracy", "reward_margin", "solve_rate")

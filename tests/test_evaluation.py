@@ -17,7 +17,8 @@ from stepwise_lit.cli import main
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
-from stepwise_lit.evaluate import per_token_step_rewards, step_token_counts
+from stepwise_lit.forward import step_token_counts
+from stepwise_lit.objective import per_token_step_rewards
 from stepwise_lit.evaluation import GenerationMetrics, Problem, held_out_problems, reference_answer
 from stepwise_lit.generate import TransformersGenerator
 from stepwise_lit.tokenizer import load_tokenizer

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
+from stepwise_lit.data.batch import chosen, rejected
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.models import LoraSettings, TinyModelConfig
 from stepwise_lit.errors import SettingError
 from stepwise_lit.export import export_policy
-from stepwise_lit.forward import step_logps
+from stepwise_lit.forward import step_logps, step_token_counts
+from stepwise_lit.losses import step_loss
+from stepwise_lit.models import LoraSettings, TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.objective import Objective
 
@@ -81,6 +83,31 @@ def test_margin_loss_at_policy_equals_reference_is_the_offset_alone(batch):
     assert delta.abs().min() > 0
     expected = 0.5 * math.log(2.0) + 0.5 * -torch.nn.functional.logsigmoid(-2.0 * delta).mean()
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_per_token_setting_gives_the_step_loss_each_steps_logratio_over_its_tokens(batch):
+    """`step_reward_per_token`: the module's step loss is `step_loss` of ρ_t / n_t, with ρ_t from the
+    default module (the same weights, moved off the reference) and n_t counted from the batch; the
+    outcome loss and the returned ρ_t are the default module's."""
+    outs = []
+    for per_token in (False, True):
+        module = make_module(step_reward_per_token=per_token)
+        with torch.no_grad():
+            for parameter in module.policy.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        outs.append(run_objective(module, clone(batch)))
+    plain, per_token = outs
+    assert plain.step_logratios.abs().max() > 0.01
+    per_token_logratios = plain.step_logratios / step_token_counts(batch, plain.step_logratios.shape[1]).clamp(min=1)
+    scores, mask = batch["step_scores"], batch["step_mask"]
+    expected = step_loss(
+        chosen(per_token_logratios), rejected(per_token_logratios), chosen(scores), rejected(scores), chosen(mask),
+        rejected(mask), beta=0.1, alpha=0.5,
+    ).mean()
+    torch.testing.assert_close(per_token.step_loss, expected)
+    assert not torch.isclose(per_token.step_loss, plain.step_loss)
+    torch.testing.assert_close(per_token.step_logratios, plain.step_logratios)
+    torch.testing.assert_close(per_token.outcome_loss, plain.outcome_loss)
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])

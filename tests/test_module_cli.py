@@ -13,9 +13,9 @@ from stepwise_lit.cli import main
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
 
 
-def config(tmp_path, reference: str, lora: dict | None) -> list[str]:
+def config(tmp_path, reference: str, lora: dict | None, **model_settings) -> list[str]:
     """A YAML config of two training steps on synthetic pairs; returns the CLI arguments."""
-    model = {"tiny_model": TINY, "reference": reference}
+    model = {"tiny_model": TINY, "reference": reference, **model_settings}
     if lora is not None:
         model["lora"] = lora
     settings = {
@@ -54,3 +54,10 @@ def test_a_typo_in_a_choice_is_refused_by_the_parser(tmp_path, capsys):
     assert stop.value.code != 0
     err = capsys.readouterr().err
     assert "outcome_loss_type" in err and "soft_label" in err
+
+
+def test_per_token_step_rewards_train_from_yaml(tmp_path):
+    """`model.step_reward_per_token: true` (with a β_s to match) in YAML trains two steps and is saved with the export."""
+    main(config(tmp_path, "copy", None, step_reward_per_token=True, step_beta=2.0))
+    saved = json.loads((tmp_path / "run" / "export" / "stepwise_config.json").read_text())
+    assert saved["step_reward_per_token"] is True and saved["step_beta"] == 2.0

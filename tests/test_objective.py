@@ -6,6 +6,8 @@ import math
 
 import torch
 
+import pytest
+
 from stepwise_lit.objective import ObjectiveSettings, sft_loss, stepwise_objective, verifier_rewards
 
 
@@ -13,7 +15,7 @@ def logsigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x))
 
 
-def one_pair(settings: ObjectiveSettings, policy=None, weights=None):
+def one_pair(settings: ObjectiveSettings, policy=None, weights=None, token_counts=None):
     """One pair (rows: chosen, rejected) of two steps; the rejected response has one real step."""
     policy = torch.tensor([[-1.0, -2.0], [-3.0, -5.0]], requires_grad=True) if policy is None else policy
     reference = torch.tensor([[-1.5, -2.5], [-2.0, -9.0]])
@@ -22,7 +24,7 @@ def one_pair(settings: ObjectiveSettings, policy=None, weights=None):
     return policy, stepwise_objective(
         policy, reference, scores, mask, outcome_scores=torch.tensor([0.0, 0.0]),
         has_outcome_scores=torch.tensor([False, False]), first_divergence=torch.tensor([0]),
-        chosen_tokens=torch.tensor([6]), settings=settings, pair_weights=weights,
+        chosen_tokens=torch.tensor([6]), settings=settings, pair_weights=weights, step_token_counts=token_counts,
     )
 
 
@@ -44,6 +46,21 @@ def test_sigmoid_and_reward_weighted_by_hand():
     torch.testing.assert_close(out.step_rewards, 0.1 * out.step_logratios)
     torch.testing.assert_close(out.policy_logps, torch.tensor([-3.0, -8.0]))
     torch.testing.assert_close(out.verifier_rewards, torch.tensor([0.75, -1.0]))  # mean of the real steps
+
+
+def test_per_token_step_rewards_feed_the_step_loss_by_hand():
+    """Step tokens n_c = (2, 5), n_r = (4, padding): ρ_t / n_t = (0.25, 0.1) and (−0.25, 0). At β_s 0.1,
+    α 0.5: u = 0.1·(1.5·0.25 + 1.25·0.1) − 0.1·(1.5·(−0.25)) = 0.05 + 0.0375 = 0.0875, L_step = −log σ(0.0875).
+    The outcome loss keeps ρ(y) = (1, −1): z = 0.2, and the returned ρ_t and h_t stay per step, as without the setting."""
+    settings = ObjectiveSettings(outcome_loss_type="sigmoid", step_reward_per_token=True)
+    _, out = one_pair(settings, token_counts=torch.tensor([[2, 5], [4, 0]]))
+    torch.testing.assert_close(out.step_logratios, torch.tensor([[0.5, 0.5], [-1.0, 0.0]]))
+    torch.testing.assert_close(out.step_rewards, 0.1 * out.step_logratios)
+    torch.testing.assert_close(out.step_loss, torch.tensor(-logsigmoid(0.0875)))
+    torch.testing.assert_close(out.logratios, torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(out.outcome_loss, torch.tensor(-logsigmoid(0.2)))
+    with pytest.raises(ValueError, match="step_token_counts"):
+        one_pair(settings)
 
 
 def test_only_the_loss_carries_gradients_and_they_reach_the_policy():
