@@ -73,12 +73,20 @@ class Method:
         settings: `StepwiseDPOModule` arguments on top of `Task.model` (the loss settings).
         sft_only: Continue SFT for the stage instead (no preference loss).
         lr: Learning rate of the stage; None: the task's `preference_lr`.
+        online: Train on pairs of the policy's own samples, in rounds (`OnlineRounds` with the
+            task's `online_rounds`), instead of the fixed preference pairs.
+        tasks: The tasks it runs on; None: every task.
     """
 
     description: str
     settings: dict = field(default_factory=dict)
     sft_only: bool = False
     lr: float | None = None
+    online: bool = False
+    tasks: tuple[str, ...] | None = None
+
+    def runs_on(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
 
 METHODS = {
@@ -89,6 +97,10 @@ METHODS = {
     "step_bce": Method("step_bce step loss + soft_label outcome", {"step_loss_type": "step_bce"}),
     "step_dpo": Method("Step-DPO: first_divergence step loss + soft_label outcome",
                        {"step_loss_type": "first_divergence"}),
+    # The policy's own samples, paired at the first wrong step; arithmetic only: the GSM8K SFT
+    # policy solves no problem, so no sample is right and no pair can be built.
+    "online": Method("online stepwise: default loss on first-error pairs of the policy's own samples",
+                     online=True, tasks=("arithmetic",)),
     # Hypotheses for the SFT > DPO gap (run on one or two seeds: --methods ... --seeds 0 1)
     "stepwise_lr1e-3": Method("stepwise, preference lr 1e-3 (default 3e-4)", lr=1e-3),
     "stepwise_lr1e-4": Method("stepwise, preference lr 1e-4", lr=1e-4),
@@ -100,8 +112,15 @@ METHODS = {
     "stepwise_beta0.5": Method("stepwise, β_s = 0.5", {"step_beta": 0.5}),
     "stepwise_step0.1": Method("stepwise, step_loss_weight 0.1 (default 0.5)", {"step_loss_weight": 0.1}),
     "stepwise_step1": Method("stepwise, step_loss_weight 1, outcome 0", {"step_loss_weight": 1.0, "outcome_loss_weight": 0.0}),
+    # Length-normalised step rewards h_t / n_t in the step loss; β_s 2 keeps their size near h_t's
+    # at β_s 0.1 (arithmetic steps: 24 tokens on average)
+    "stepwise_per_token": Method("stepwise, step loss on h_t / n_t, β_s 2",
+                                 {"step_reward_per_token": True, "step_beta": 2.0}),
+    "step_bce_per_token": Method("step_bce on h_t / n_t, β_s 2",
+                                 {"step_loss_type": "step_bce", "step_reward_per_token": True, "step_beta": 2.0}),
 }
-MAIN_METHODS = ("sft", "plain_dpo", "stepwise", "step_bce", "step_dpo")
+MAIN_METHODS = ("sft", "plain_dpo", "stepwise", "step_bce", "step_dpo", "online")
+HYPOTHESES = ("sft", "plain_dpo", "stepwise", "plain_dpo_sft10", "stepwise_sft10", "stepwise_per_token", "step_bce_per_token")
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,9 @@ class Task:
         max_new_tokens: Generation budget per test prompt.
         max_prompts: Test prompts decoded for the solve rate.
         hidden_size: Width of the embedded model (2 layers, 4 heads).
+        online_rounds: Rounds of an online method: `preference_steps / online_rounds` steps each,
+            on pairs from `online_prompts` prompts × 8 samples (temperature 0.7) per round.
+        online_prompts: Prompts sampled per round, in order through the preference pairs' prompts.
         model: Module settings every method shares (tiny.yaml's model settings).
     """
 
@@ -138,6 +160,8 @@ class Task:
     max_new_tokens: int
     max_prompts: int
     hidden_size: int = 64
+    online_rounds: int = 10
+    online_prompts: int = 64
     model: dict = field(default_factory=lambda: {
         "step_beta": 0.1, "outcome_beta": 0.1, "outcome_loss_type": "soft_label", "step_loss_type": "reward_weighted",
         "step_reward_scale": 0.5, "aggregation_strategy": "mean", "step_loss_weight": 0.5, "outcome_loss_weight": 0.5,
@@ -247,15 +271,37 @@ def data_module(task: Task, path: Path, val_path: Path | None, seed: int, cache:
     )
 
 
-def trainer(root: Path, callbacks: list, max_steps: int = -1):
-    """A quiet one-process CPU trainer (no logger, no checkpoints); `max_steps` for `fit`."""
+def trainer(root: Path, callbacks: list, max_steps: int = -1, **settings):
+    """A quiet one-process CPU trainer (no logger, no checkpoints); `max_steps` for `fit`; `settings`
+    override the trainer's (`max_epochs`, `reload_dataloaders_every_n_epochs`)."""
     import lightning as L
 
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0,
-        default_root_dir=str(root), callbacks=callbacks,
+    return L.Trainer(**{
+        "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "max_epochs": -1, "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+        "num_sanity_val_steps": 0, "gradient_clip_val": 1.0, "default_root_dir": str(root), "callbacks": callbacks,
+        **settings,
+    })
+
+
+def online_rounds(task: Task, seed: int, generator: str):
+    """The online method's callback and trainer settings: every epoch is a round (from the first),
+    `task.online_rounds` of them, sampled from the policy by the backend at import path
+    `generator`, scored by the rule verifier, paired at the first wrong step,
+    `preference_steps / online_rounds` steps each."""
+    from stepwise_lit.generate import GenerationSettings
+    from stepwise_lit.online.training import OnlineRounds
+    from stepwise_lit.rewards.rules import ArithmeticStepVerifier
+
+    if task.preference_steps % task.online_rounds:
+        raise ValueError(f"{task.name}: {task.preference_steps} preference steps do not split into {task.online_rounds} rounds")
+    callback = OnlineRounds(
+        enabled=True, verifier=ArithmeticStepVerifier(), start_epoch=0, prompts_per_round=task.online_prompts,
+        steps_per_round=task.preference_steps // task.online_rounds, answer_source=task.source, generator=generator,
+        generation=GenerationSettings(do_sample=True, temperature=0.7, num_samples=8, max_new_tokens=task.max_new_tokens,
+                                      batch_size=16, seed=seed),
     )
+    return callback, {"max_epochs": task.online_rounds, "reload_dataloaders_every_n_epochs": 1}
 
 
 def solve_rate_callback(task: Task):
@@ -308,8 +354,9 @@ def run_sft(task: Task, seed: int, paths: dict[str, Path], out: Path) -> dict:
             "metrics": {"solve_rate": evaluation.results["solve_rate"]}}
 
 
-def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Path) -> dict:
-    """One method's preference stage from the seed's SFT export, then its evaluation (see the module docstring)."""
+def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Path, generator: str) -> dict:
+    """One method's preference stage from the seed's SFT export, then its evaluation (see the module
+    docstring); `generator`: the online methods' decoding backend (an import path)."""
     import lightning as L
 
     from stepwise_lit.module import StepwiseDPOModule
@@ -330,7 +377,11 @@ def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Pa
             model_name_or_path=str(out / "sft" / f"{task.name}-seed{seed}" / "export"),
             optimizer=adamw(method.lr or task.preference_lr), **settings,
         )
-        trainer(root, [], task.preference_steps).fit(
+        callbacks, settings_of_fit = [], {}
+        if method.online:
+            callback, settings_of_fit = online_rounds(task, seed, generator)
+            callbacks.append(callback)
+        trainer(root, callbacks, task.preference_steps, **settings_of_fit).fit(
             module, datamodule=data_module(task, paths["preference"], None, seed, out / "cache", task.preference_batch_size)
         )
         trainer(root, [StepRewardReport(dirpath=str(reports["val"])),
@@ -349,8 +400,14 @@ def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Pa
     metrics = {metric: test.get(metric) for metric in METRICS if metric in test}
     metrics["solve_rate"] = evaluation.results["solve_rate"]
     metrics["processbench_f1_per_token"] = per_token.get("processbench_f1")
-    return {"task": task.name, "method": name, "seed": seed, "seconds": time.perf_counter() - start, "metrics": metrics,
-            "thresholds": thresholds, "settings": {**settings, "lr": method.lr or task.preference_lr}}
+    result = {"task": task.name, "method": name, "seed": seed, "seconds": time.perf_counter() - start,
+              "metrics": metrics, "thresholds": thresholds, "settings": {**settings, "lr": method.lr or task.preference_lr}}
+    if method.online:  # per round: pairs, share of right samples, seconds
+        summaries = [json.loads(path.read_text()) for path in sorted(
+            (root / "online").glob("round-*/summary.json"), key=lambda path: int(path.parent.name.split("-")[1]))]
+        result["online"] = {key: [summary[key] for summary in summaries]
+                            for key in ("pairs", "sample_accuracy", "generation_s", "scoring_s", "training_s")}
+    return result
 
 
 # ------------------------------------------------------------------ statistics and output
@@ -436,6 +493,23 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def online_markdown(runs: list[dict]) -> str:
+    """Per online method and seed: pairs per round, the share of right samples in the first and last
+    round, and the seconds spent generating, scoring and training."""
+    lines = []
+    for run in runs:
+        rounds = run.get("online")
+        if rounds:
+            if not lines:
+                lines = ["### online rounds", "", "| task | method | seed | pairs per round | right samples, first → last round "
+                         "| generation s | scoring s | training s |", "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+            accuracy = rounds["sample_accuracy"]
+            lines.append(f"| {run['task']} | {run['method']} | {run['seed']} | {' '.join(map(str, rounds['pairs']))} | "
+                         f"{accuracy[0]:.3f} → {accuracy[-1]:.3f} | {sum(rounds['generation_s']):.0f} | "
+                         f"{sum(rounds['scoring_s']):.1f} | {sum(rounds['training_s']):.0f} |")
+    return "\n".join(lines + [""]) if lines else ""
+
+
 def plot(summary: dict, metric: str, title: str, path: Path) -> None:
     """Per task a panel: each method's seeds as dots, their mean ± std as a bar."""
     import matplotlib
@@ -469,25 +543,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=list(METHODS),
                         help=f"methods (see METHODS); {BASELINE} is the paired baseline")
+    parser.add_argument("--hypotheses", action="store_true",
+                        help=f"the hypotheses' methods instead: {' '.join(HYPOTHESES)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max-value", type=int, default=50, help="largest number of an arithmetic problem (tiny.yaml: 20)")
     parser.add_argument("--eval-pairs", type=int, default=256, help="arithmetic validation and test pairs (each)")
     parser.add_argument("--gsm8k-source", type=Path, default=GSM8K)
     parser.add_argument("--gsm8k-limit", type=int, default=None, help="first N GSM8K questions only")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (processes of one torch thread)")
+    parser.add_argument("--online-generator", default="stepwise_lit.generate.TransformersGenerator",
+                        help="the online method's decoding backend, an import path (online.generator)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every task's SFT and preference steps")
     parser.add_argument("--smoke", action="store_true",
-                        help="the test's budget: 1 seed, 4+4 steps, plain_dpo and stepwise, 64 GSM8K questions, 1 worker")
+                        help="the test's budget: 1 seed, 4+4 steps, plain_dpo, stepwise and online, 64 GSM8K questions, "
+                             "1 worker")
     args = parser.parse_args(argv)
+    if args.hypotheses:
+        args.methods = list(HYPOTHESES)
     if args.smoke:
-        args.seeds, args.methods, args.gsm8k_limit, args.eval_pairs, args.workers = [0], ["plain_dpo", "stepwise"], 64, 64, 1
+        args.seeds, args.methods, args.gsm8k_limit, args.eval_pairs, args.workers = [0], ["plain_dpo", "stepwise", "online"], 64, 64, 1
     return args
 
 
 def scaled(task: Task, args: argparse.Namespace) -> Task:
-    """The task with the command's step budget (`--smoke`: 4 + 4 steps, 8 test prompts)."""
+    """The task with the command's step budget (`--smoke`: 4 + 4 steps, 8 test prompts, 2 online rounds of 8 prompts)."""
     if args.smoke:
-        return replace(task, sft_steps=4, preference_steps=4, max_prompts=8, max_new_tokens=32)
+        return replace(task, sft_steps=4, preference_steps=4, max_prompts=8, max_new_tokens=32, online_rounds=2,
+                       online_prompts=8)
     return replace(task, sft_steps=max(1, round(task.sft_steps * args.steps_scale)),
                    preference_steps=max(1, round(task.preference_steps * args.steps_scale)))
 
@@ -522,7 +604,8 @@ def run_all(
             while len(running) < args.workers and (ready or warmups):
                 if ready:
                     name, method, seed = ready.pop(0)
-                    running.add(pool.submit(run_method, tasks[name], method, seed, paths[name], args.out))
+                    running.add(pool.submit(run_method, tasks[name], method, seed, paths[name], args.out,
+                                            args.online_generator))
                 else:
                     name, seed = warmups.pop(0)
                     running.add(pool.submit(run_sft, tasks[name], seed, paths[name], args.out))
@@ -534,7 +617,8 @@ def run_all(
                 print(f"[study] {result['task']} {result['method']} seed {result['seed']}: {metrics} "
                       f"({result['seconds']:.0f} s)", flush=True)
                 if result["method"] == SFT_START:
-                    ready += [(result["task"], method, result["seed"]) for method in args.methods]
+                    ready += [(result["task"], method, result["seed"]) for method in args.methods
+                              if METHODS[method].runs_on(result["task"])]
                 on_result(runs)
     return runs
 
@@ -548,12 +632,12 @@ def write_outputs(args: argparse.Namespace, tasks: dict[str, Task], runs: list[d
     plot(summary, "processbench_f1", "ProcessBench F1 of h_t (test)", args.out / "f1.png")
     wall = time.perf_counter() - start
     load_end = os.getloadavg()
-    expected = len(args.seeds) * len(tasks) * (1 + len(args.methods))
+    expected = len(args.seeds) * sum(1 + sum(METHODS[m].runs_on(task) for m in args.methods) for task in tasks)
     status = "" if len(runs) == expected else f" (**unfinished: {len(runs)} of {expected} runs so far**)"
     command = " ".join(["python bench/study.py", *args.argv])
     table = (f"`{command}`: wall time {wall / 60:.1f} min{status} on {os.cpu_count()} CPUs; load average "
              f"{load[0]:.2f} at the start (1 min), {load_end[2]:.2f} over the last 15 min at the end\n\n"
-             + markdown(summary))
+             + markdown(summary) + online_markdown(runs))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     (args.out / "table.json").write_text(json.dumps({
         "command": command, "wall_seconds": wall, "finished_runs": len(runs), "expected_runs": expected,

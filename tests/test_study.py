@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,19 +39,23 @@ def test_sign_test_matches_hand_counts():
 @pytest.mark.slow
 @pytest.mark.skipif(not GSM8K.exists(), reason="shared GSM8K data not present")
 def test_smoke_study_writes_its_table_and_plots(tmp_path):
-    """`--smoke` (1 seed, 4 + 4 steps, plain DPO and stepwise, both tasks) writes a table with
-    every metric of every method, rates and AUROCs in [0, 1], the paired comparison, and both plots."""
+    """`--smoke` (1 seed, 4 + 4 steps, plain DPO and stepwise on both tasks, online on arithmetic) writes
+    a table with every metric of every method, rates and AUROCs in [0, 1], the paired comparison, both
+    plots, and the online run's rounds (2 of 2 steps; the test's backend solves half the samples, so
+    each of the 8 prompts per round gives a first-error pair)."""
     out = tmp_path / "study"
-    subprocess.run([sys.executable, str(REPO / "bench" / "study.py"), "--smoke", "--out", str(out)], check=True, cwd=REPO,
-                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, str(REPO / "bench" / "study.py"), "--smoke", "--out", str(out),
+                    "--online-generator", "online_helpers.SolvingGenerator"], check=True, cwd=REPO, capture_output=True,
+                   env=env)
     study = load_study()
     table = json.loads((out / "table.json").read_text())
     summary = table["summary"]
     assert set(summary) == {"arithmetic", "gsm8k"}
-    for methods in summary.values():
-        assert set(methods) == {study.SFT_START, "plain_dpo", "stepwise"}
+    for task, methods in summary.items():
+        assert set(methods) == {study.SFT_START, "plain_dpo", "stepwise"} | ({"online"} if task == "arithmetic" else set())
         assert set(methods[study.SFT_START]) == {"solve_rate"}
-        for name in ("plain_dpo", "stepwise"):
+        for name in set(methods) - {study.SFT_START}:
             metrics = methods[name]
             assert set(metrics) == set(study.METRICS)
             for values in metrics.values():
@@ -60,6 +65,10 @@ def test_smoke_study_writes_its_table_and_plots(tmp_path):
         assert paired["wins"] + paired["losses"] + paired["ties"] == 1 and 0.0 <= paired["p"] <= 1.0
     markdown = (out / "table.md").read_text()
     assert "| method | seeds | " + " | ".join(study.METRICS) + " |" in markdown
+    assert "| arithmetic | online | 0 | 8 8 | 0.500 → 0.500 |" in markdown
     assert (out / "solve_rate.png").stat().st_size > 0 and (out / "f1.png").stat().st_size > 0
     runs = json.loads((out / "runs.json").read_text())
-    assert len(runs) == 2 * 3  # per task: the SFT policy and the two methods
+    assert len(runs) == 2 * 3 + 1  # per task: the SFT policy and the two methods; online on arithmetic
+    online = next(run for run in runs if run["method"] == "online")
+    assert online["online"]["pairs"] == [8, 8] and online["online"]["sample_accuracy"] == [0.5, 0.5]
+    assert table["finished_runs"] == table["expected_runs"] == 7
