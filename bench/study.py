@@ -74,7 +74,8 @@ class Method:
         sft_only: Continue SFT for the stage instead (no preference loss).
         lr: Learning rate of the stage; None: the task's `preference_lr`.
         online: Train on pairs of the policy's own samples, in rounds (`OnlineRounds` with the
-            task's `online_rounds`), instead of the fixed preference pairs.
+            task's `online_rounds`), instead of the fixed preference pairs: the `PairSettings`
+            arguments of its pairs ({}: the defaults); None: offline.
         tasks: The tasks it runs on; None: every task.
     """
 
@@ -82,7 +83,7 @@ class Method:
     settings: dict = field(default_factory=dict)
     sft_only: bool = False
     lr: float | None = None
-    online: bool = False
+    online: dict | None = None
     tasks: tuple[str, ...] | None = None
 
     def runs_on(self, task: str) -> bool:
@@ -99,8 +100,11 @@ METHODS = {
                        {"step_loss_type": "first_divergence"}),
     # The policy's own samples, paired at the first wrong step; arithmetic only: the GSM8K SFT
     # policy solves no problem, so no sample is right and no pair can be built.
-    "online": Method("online stepwise: default loss on first-error pairs of the policy's own samples",
-                     online=True, tasks=("arithmetic",)),
+    "online": Method("online stepwise: first-error pairs of the policy's samples (right = right answer)",
+                     online={}, tasks=("arithmetic",)),
+    "online_reference": Method(
+        "online stepwise: right = right answer and no flagged step; the reference where no sample is right",
+        online={"correctness": "answer_and_steps", "reference_fallback": True}, tasks=("arithmetic",)),
     # Hypotheses for the SFT > DPO gap (run on one or two seeds: --methods ... --seeds 0 1)
     "stepwise_lr1e-3": Method("stepwise, preference lr 1e-3 (default 3e-4)", lr=1e-3),
     "stepwise_lr1e-4": Method("stepwise, preference lr 1e-4", lr=1e-4),
@@ -119,7 +123,7 @@ METHODS = {
     "step_bce_per_token": Method("step_bce on h_t / n_t, β_s 2",
                                  {"step_loss_type": "step_bce", "step_reward_per_token": True, "step_beta": 2.0}),
 }
-MAIN_METHODS = ("sft", "plain_dpo", "stepwise", "step_bce", "step_dpo", "online")
+MAIN_METHODS = ("sft", "plain_dpo", "stepwise", "step_bce", "step_dpo", "online", "online_reference")
 HYPOTHESES = ("sft", "plain_dpo", "stepwise", "plain_dpo_sft10", "stepwise_sft10", "stepwise_per_token", "step_bce_per_token")
 
 
@@ -284,12 +288,13 @@ def trainer(root: Path, callbacks: list, max_steps: int = -1, **settings):
     })
 
 
-def online_rounds(task: Task, seed: int, generator: str):
+def online_rounds(task: Task, seed: int, generator: str, pairs: dict):
     """The online method's callback and trainer settings: every epoch is a round (from the first),
     `task.online_rounds` of them, sampled from the policy by the backend at import path
-    `generator`, scored by the rule verifier, paired at the first wrong step,
-    `preference_steps / online_rounds` steps each."""
+    `generator`, scored by the rule verifier, paired at the first wrong step (`pairs`: the
+    `PairSettings` arguments), `preference_steps / online_rounds` steps each."""
     from stepwise_lit.generate import GenerationSettings
+    from stepwise_lit.online.pairs import PairSettings
     from stepwise_lit.online.training import OnlineRounds
     from stepwise_lit.rewards.rules import ArithmeticStepVerifier
 
@@ -298,6 +303,7 @@ def online_rounds(task: Task, seed: int, generator: str):
     callback = OnlineRounds(
         enabled=True, verifier=ArithmeticStepVerifier(), start_epoch=0, prompts_per_round=task.online_prompts,
         steps_per_round=task.preference_steps // task.online_rounds, answer_source=task.source, generator=generator,
+        pairs=PairSettings(**pairs),
         generation=GenerationSettings(do_sample=True, temperature=0.7, num_samples=8, max_new_tokens=task.max_new_tokens,
                                       batch_size=16, seed=seed),
     )
@@ -322,9 +328,10 @@ def adamw(lr: float):
 
 @contextlib.contextmanager
 def printed_to(path: Path):
-    """Sends what a run prints (the evaluation reports' tables) to `path` instead of the terminal."""
+    """Sends what a run prints (the evaluation reports' tables, the online rounds' progress bars)
+    to `path` instead of the terminal."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle, contextlib.redirect_stdout(handle):
+    with open(path, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
         yield
 
 
@@ -378,8 +385,8 @@ def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Pa
             optimizer=adamw(method.lr or task.preference_lr), **settings,
         )
         callbacks, settings_of_fit = [], {}
-        if method.online:
-            callback, settings_of_fit = online_rounds(task, seed, generator)
+        if method.online is not None:
+            callback, settings_of_fit = online_rounds(task, seed, generator, method.online)
             callbacks.append(callback)
         trainer(root, callbacks, task.preference_steps, **settings_of_fit).fit(
             module, datamodule=data_module(task, paths["preference"], None, seed, out / "cache", task.preference_batch_size)
@@ -402,11 +409,11 @@ def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Pa
     metrics["processbench_f1_per_token"] = per_token.get("processbench_f1")
     result = {"task": task.name, "method": name, "seed": seed, "seconds": time.perf_counter() - start,
               "metrics": metrics, "thresholds": thresholds, "settings": {**settings, "lr": method.lr or task.preference_lr}}
-    if method.online:  # per round: pairs, share of right samples, seconds
+    if method.online is not None:  # per round: pairs, share of right samples, seconds
         summaries = [json.loads(path.read_text()) for path in sorted(
             (root / "online").glob("round-*/summary.json"), key=lambda path: int(path.parent.name.split("-")[1]))]
         result["online"] = {key: [summary[key] for summary in summaries]
-                            for key in ("pairs", "sample_accuracy", "generation_s", "scoring_s", "training_s")}
+                            for key in ("pairs", "reference_pairs", "sample_accuracy", "generation_s", "scoring_s", "training_s")}
     return result
 
 
@@ -501,11 +508,12 @@ def online_markdown(runs: list[dict]) -> str:
         rounds = run.get("online")
         if rounds:
             if not lines:
-                lines = ["### online rounds", "", "| task | method | seed | pairs per round | right samples, first → last round "
-                         "| generation s | scoring s | training s |", "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+                lines = ["### online rounds", "", "| task | method | seed | pairs per round | of them with the reference | right samples, "
+                         "first → last round | generation s | scoring s | training s |",
+                         "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
             accuracy = rounds["sample_accuracy"]
             lines.append(f"| {run['task']} | {run['method']} | {run['seed']} | {' '.join(map(str, rounds['pairs']))} | "
-                         f"{accuracy[0]:.3f} → {accuracy[-1]:.3f} | {sum(rounds['generation_s']):.0f} | "
+                         f"{sum(rounds['reference_pairs'])} | {accuracy[0]:.3f} → {accuracy[-1]:.3f} | {sum(rounds['generation_s']):.0f} | "
                          f"{sum(rounds['scoring_s']):.1f} | {sum(rounds['training_s']):.0f} |")
     return "\n".join(lines + [""]) if lines else ""
 

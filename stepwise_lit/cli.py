@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import pickle
@@ -22,6 +21,7 @@ from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.evaluation import SolveRateEvaluation
 from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.export import HuggingFaceExport
+from stepwise_lit.imports import import_callable
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.online.training import OnlineRounds
 from stepwise_lit.reports import StepRewardReport
@@ -120,7 +120,7 @@ class StepwiseCLI(LightningCLI):
 
 def is_checkpoint_callback(callback: Namespace) -> bool:
     """Whether a parsed callback (`class_path` + `init_args`) is a `ModelCheckpoint`."""
-    return issubclass(imported(callback.class_path), ModelCheckpoint)
+    return issubclass(import_callable(callback.class_path, "trainer.callbacks"), ModelCheckpoint)
 
 
 def with_checkpoint_callback(callbacks, folder: str) -> list[Namespace]:
@@ -189,12 +189,6 @@ def check_ckpt_path(ckpt_path: str | None, folders: list[str]) -> None:
             ) from error
 
 
-def imported(class_path: str) -> type:
-    """The class a `class_path` names."""
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
 def check_optimizer(optimizer, scheduler) -> None:
     """Builds the configured optimizer and scheduler over one dummy parameter, so a value they
     reject (a negative learning rate, an unknown argument) stops before any model is loaded.
@@ -209,13 +203,13 @@ def check_optimizer(optimizer, scheduler) -> None:
     if not isinstance(optimizer, Namespace):
         return
     try:
-        built = imported(optimizer.class_path)([torch.nn.Parameter(torch.zeros(1))], **optimizer.get("init_args", {}))
+        built = import_callable(optimizer.class_path, "model.optimizer")([torch.nn.Parameter(torch.zeros(1))], **optimizer.get("init_args", {}))
     except (ValueError, TypeError) as error:
         raise SettingError(f"model.optimizer: {optimizer.class_path}: {error}") from error
     if not isinstance(scheduler, Namespace):
         return
     try:
-        imported(scheduler.class_path)(built, **scheduler.get("init_args", {}))
+        import_callable(scheduler.class_path, "model.scheduler")(built, **scheduler.get("init_args", {}))
     except (ValueError, TypeError) as error:
         raise SettingError(f"model.scheduler: {scheduler.class_path}: {error}") from error
 

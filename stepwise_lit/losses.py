@@ -15,7 +15,6 @@ aggregations, a user function given by import path aggregates scores (`resolve_a
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from stepwise_lit.errors import SettingError
+from stepwise_lit.imports import import_callable
 
 AggregationName = Literal["sum", "mean", "weighted_sum", "min", "max", "last", "product", "discounted"]
 OutcomeLossType = Literal["sigmoid", "soft_label", "margin", "distill", "ipo"]
@@ -88,27 +88,12 @@ def resolve_aggregation(name: str) -> str | AggregationFunction:
     """
     if name in AGGREGATION_STRATEGIES:
         return name
-    module_name, _, attribute = name.rpartition(".")
-    if not module_name or not attribute:
+    if "." not in name:
         raise SettingError(
             f"{AGGREGATION_SETTING}: unknown value {name!r}; choose one of {', '.join(AGGREGATION_STRATEGIES)}, "
             "or give a function as package.module.function"
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise SettingError(
-            f"{AGGREGATION_SETTING}: cannot import module {module_name!r} of {name!r}: {error}"
-        ) from None
-    if not hasattr(module, attribute):
-        raise SettingError(f"{AGGREGATION_SETTING}: module {module_name!r} has no attribute {attribute!r}")
-    function = getattr(module, attribute)
-    if not callable(function):
-        raise SettingError(
-            f"{AGGREGATION_SETTING}: {name!r} is not callable (type {type(function).__name__}); "
-            "give a function of (scores, mask)"
-        )
-    return function
+    return import_callable(name, AGGREGATION_SETTING, "a function of (scores, mask)")
 
 
 def aggregate_rewards(

@@ -4,6 +4,8 @@
   embedded problems computed from the prompt, half right and half with a slip, so rounds have
   pairs without a trained policy. It records every call (pid, rank, prompts) in
   ``$ONLINE_CALLS_DIR/calls-<pid>.jsonl`` when that variable is set.
+- ``SlippingGenerator`` (``online.generator: online_helpers.SlippingGenerator``): every sample
+  slips at some step, so no sample is right (``online.pairs.reference_fallback``).
 - ``KillAtStep``: SIGKILL in the middle of a round.
 - ``ReferenceProbe``: whether the reference equals the policy at each epoch's first step.
 """
@@ -58,6 +60,14 @@ class SolvingGenerator:
             completions.append([solution(prompt, None if i % 2 == 0 else 1 + (i // 2) % times)
                                 for i in range(settings.num_samples)])
         return completions
+
+
+class SlippingGenerator(SolvingGenerator):
+    """Like `SolvingGenerator`, but sample i slips at step 1 + i mod times: none is right."""
+
+    def generate(self, prompts, settings: GenerationSettings) -> list[list[str]]:
+        return [[solution(prompt, 1 + i % int(PROBLEM.search(prompt).group(4))) for i in range(settings.num_samples)]
+                for prompt in prompts]
 
 
 class KillAtStep(L.Callback):

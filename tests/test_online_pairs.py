@@ -141,3 +141,29 @@ def test_pairs_are_canonical_rows():
 def test_bad_pair_settings_name_the_setting(name, value):
     with pytest.raises(SettingError, match=rf"^online\.pairs\.{name}: "):
         PairSettings(**{name: value})
+
+
+def test_reference_fallback_pairs_the_reference_with_the_closest_wrong_sample():
+    """No sample is right by answer_and_steps (sample 0's answer is right but its step B! is flagged):
+    the reference "A\\nB\\nC\\n" (steps scored 1) becomes sample 2 and pairs with the wrong sample that
+    shares most steps with it: sample 0 (A), not sample 1 (none). A prompt with a right sample keeps
+    its own pair; one without a reference is skipped as before."""
+    weak = ScoredPrompt("w", "Q?", "A\nB\nC\n", [
+        solution(["A\n", "B!\n", "C\n"], [1.0, -1.0, 1.0], True),
+        solution(["Z!\n", "C\n"], [-1.0, 1.0], False),
+    ])
+    no_reference = ScoredPrompt("n", "Q?", None, list(weak.solutions))
+    settings = PairSettings(correctness="answer_and_steps", reference_fallback=True)
+    pairs = build_pairs([weak, main_prompt(), no_reference], settings)
+    assert picked(pairs.rows) == ["w/2-0", "p0/1-0"]
+    row = pairs.rows[0]
+    assert row["chosen_steps"] == ["A\n", "B\n", "C\n"] and row["chosen_step_scores"] == [1.0, 1.0, 1.0]
+    assert row["rejected_steps"] == ["A\n", "B!\n", "C\n"]
+    assert pairs.reference_pairs == 1 and pairs.skipped == {"no_correct": 1}
+    without = build_pairs([weak, main_prompt(), no_reference], PairSettings(correctness="answer_and_steps"))
+    assert picked(without.rows) == ["p0/1-0"] and without.reference_pairs == 0 and without.skipped == {"no_correct": 2}
+
+
+def test_reference_fallback_needs_a_strategy_that_uses_correctness():
+    with pytest.raises(SettingError, match="online.pairs.reference_fallback: needs strategy"):
+        PairSettings(strategy="best_vs_worst", reference_fallback=True)

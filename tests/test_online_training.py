@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from entry import BASE, merged, run_entry, write_config, write_pairs
+from entry import merged, run_entry, write_config, write_pairs
 from stepwise_lit.cli import main
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.sampling import RoundSampler
@@ -248,3 +248,23 @@ def test_two_process_ddp_round_samples_each_prompt_once(tmp_path, cache_dir):
     assert by_rank == {0: prompts[0::2], 1: prompts[1::2]}
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 16 // 4 + STEPS_PER_ROUND  # warm-up: 16 pairs / (2 ranks x 2)
+
+
+def test_reference_fallback_from_yaml_pairs_the_reference_when_no_sample_is_right(tmp_path, cache_dir):
+    """A policy none of whose samples is right (`SlippingGenerator`) gives no pair; with
+    `online.pairs.reference_fallback: true` every prompt of the round pairs its reference solution
+    (chosen, every step scored 1) with a wrong sample, and the round's summary counts them."""
+    config = online_config(tmp_path, cache_dir, trainer={"max_epochs": 2, "reload_dataloaders_every_n_epochs": 1},
+                           online={"generator": "online_helpers.SlippingGenerator", "reference_refresh_rounds": None,
+                                   "pairs": {"reference_fallback": True}})
+    result = train(config, tmp_path / "calls")
+    assert result.returncode == 0, result.stderr[-3000:]
+    round_0 = tmp_path / "run" / "online" / "round-0"
+    pairs = [json.loads(line) for line in (round_0 / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == PROMPTS_PER_ROUND
+    for row in pairs:
+        assert "".join(row["chosen_steps"]) == row["reference_solution"]
+        assert set(row["chosen_step_scores"]) == {1.0} and min(row["rejected_step_scores"]) < 0
+        assert row["id"].split("/")[1].startswith(f"{SAMPLES}-")  # the reference is sample K
+    summary = json.loads((round_0 / "summary.json").read_text())
+    assert summary["reference_pairs"] == PROMPTS_PER_ROUND and summary["sample_accuracy"] == 0.0

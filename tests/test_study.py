@@ -65,7 +65,7 @@ def test_smoke_study_writes_its_table_and_plots(tmp_path):
         assert paired["wins"] + paired["losses"] + paired["ties"] == 1 and 0.0 <= paired["p"] <= 1.0
     markdown = (out / "table.md").read_text()
     assert "| method | seeds | " + " | ".join(study.METRICS) + " |" in markdown
-    assert "| arithmetic | online | 0 | 8 8 | 0.500 → 0.500 |" in markdown
+    assert "| arithmetic | online | 0 | 8 8 | 0 | 0.500 → 0.500 |" in markdown
     assert (out / "solve_rate.png").stat().st_size > 0 and (out / "f1.png").stat().st_size > 0
     runs = json.loads((out / "runs.json").read_text())
     assert len(runs) == 2 * 3 + 1  # per task: the SFT policy and the two methods; online on arithmetic

@@ -22,6 +22,12 @@ matches the reference, ``stepwise_lit.answers.answers_match``), ``steps`` (no st
 below 0, the verifier's flag) or ``answer_and_steps`` (both). A solution whose correctness
 cannot be told (no reference answer under ``answer``) is neither side.
 
+With ``reference_fallback`` (``first_error_branch``, ``all_pairs``), a prompt none of whose
+samples is correct takes its reference solution as the correct side: split into lines
+(steps), every step scored 1, sample index K (one past the K samples) in the pair id. A
+policy too weak to solve a prompt still gives a pair: the reference against its own
+wrong samples. `Pairs.reference_pairs` counts them.
+
 A solution with no non-blank step cannot be a side (a canonical row needs one); a pair
 whose two step lists are the same is never built. A prompt with no valid pair is skipped
 and counted under one reason of :data:`SKIP_REASONS`.
@@ -32,7 +38,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
@@ -41,6 +47,7 @@ from stepwise_lit.data.tokenize import first_divergence
 from stepwise_lit.errors import SettingError
 from stepwise_lit.generate import Prompt
 from stepwise_lit.losses import AGGREGATION_STRATEGIES, AggregationName, aggregate_rewards
+from stepwise_lit.rerank import split_solution
 
 PairStrategy = Literal["best_vs_worst", "first_error_branch", "all_pairs"]
 Correctness = Literal["answer", "steps", "answer_and_steps"]
@@ -65,6 +72,8 @@ class PairSettings:
             ``answer``, ``steps`` (no step scored below 0) or ``answer_and_steps``.
         max_pairs_per_prompt: Cap of ``all_pairs`` per prompt (the other strategies give one).
         seed: Seed of the draw under the ``all_pairs`` cap.
+        reference_fallback: Where no sample of a prompt is correct, its reference solution (lines
+            as steps, each scored 1) is the correct side (``first_error_branch``, ``all_pairs``).
     """
 
     strategy: PairStrategy = "first_error_branch"
@@ -72,6 +81,7 @@ class PairSettings:
     correctness: Correctness = "answer"
     max_pairs_per_prompt: int = 4
     seed: int = 0
+    reference_fallback: bool = False
 
     def __post_init__(self) -> None:
         problems = {
@@ -81,6 +91,10 @@ class PairSettings:
             ),
             "correctness": (self.correctness not in get_args(Correctness), "choose answer, steps or answer_and_steps"),
             "max_pairs_per_prompt": (self.max_pairs_per_prompt < 1, "must be at least 1"),
+            "reference_fallback": (
+                self.reference_fallback and self.strategy == "best_vs_worst",
+                "needs strategy first_error_branch or all_pairs (best_vs_worst does not use correctness)",
+            ),
         }
         for name, (is_bad, problem) in problems.items():
             if is_bad:
@@ -130,10 +144,12 @@ class Pairs:
     Attributes:
         rows: Canonical rows, in prompt order.
         skipped: Skip reason (:data:`SKIP_REASONS`) -> number of prompts; reasons with none left out.
+        reference_pairs: Rows whose correct side is the reference solution (``reference_fallback``).
     """
 
     rows: list[dict]
     skipped: dict[str, int]
+    reference_pairs: int = 0
 
 
 def is_usable(solution: ScoredSolution) -> bool:
@@ -250,6 +266,19 @@ def pair_row(prompt: ScoredPrompt, chosen: int, rejected: int) -> dict:
     }
 
 
+def with_reference(prompt: ScoredPrompt, correctness: Correctness) -> ScoredPrompt:
+    """``prompt`` with its reference solution appended as a correct sample (lines as steps, each
+    scored 1) when none of its usable samples is correct and it has a non-blank reference; else ``prompt``."""
+    reference = prompt.reference_solution
+    if not reference or not reference.strip():
+        return prompt
+    if any(is_usable(solution) and is_correct(solution, correctness) for solution in prompt.solutions):
+        return prompt
+    steps = split_solution(reference, "\n")
+    solution = ScoredSolution(reference, steps, [1.0] * len(steps), answer=None, correct=True)
+    return replace(prompt, solutions=[*prompt.solutions, solution])
+
+
 def prompt_pairs(prompt: ScoredPrompt, settings: PairSettings) -> list[tuple[int, int]] | str:
     """The (chosen, rejected) sample indices ``settings.strategy`` picks for one prompt, or its skip reason."""
     if settings.strategy == "best_vs_worst":
@@ -273,10 +302,15 @@ def build_pairs(prompts: Sequence[ScoredPrompt], settings: PairSettings) -> Pair
     """
     rows: list[dict] = []
     skipped: Counter[str] = Counter()
+    reference_pairs = 0
     for prompt in prompts:
+        num_samples = len(prompt.solutions)
+        if settings.reference_fallback:
+            prompt = with_reference(prompt, settings.correctness)
         picked = prompt_pairs(prompt, settings)
         if isinstance(picked, str):
             skipped[picked] += 1
             continue
         rows.extend(pair_row(prompt, chosen, rejected) for chosen, rejected in picked)
-    return Pairs(rows, {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]})
+        reference_pairs += sum(chosen == num_samples for chosen, _ in picked)
+    return Pairs(rows, {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]}, reference_pairs)

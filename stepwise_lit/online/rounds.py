@@ -219,6 +219,7 @@ def finish_round(
     how = "generated" if generated is not None else "read back" if state == "complete" else (
         "pairs built from the written solutions")
     num_solutions = sum(len(prompt.solutions) for prompt in record.prompts)
-    log.info("online round %d (%s): %d prompts, %d solutions, %d pairs, prompts skipped by reason: %s",
-             index, how, len(record.prompts), num_solutions, len(record.pairs.rows), record.pairs.skipped or "none")
+    log.info("online round %d (%s): %d prompts, %d solutions, %d pairs (%d with the reference as the correct side), "
+             "prompts skipped by reason: %s", index, how, len(record.prompts), num_solutions, len(record.pairs.rows),
+             record.pairs.reference_pairs, record.pairs.skipped or "none")
     return record

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +36,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from stepwise_lit.answers import AnswerSourceName
 from stepwise_lit.errors import SettingError, UserError
 from stepwise_lit.evaluation import Problem, held_out_problems
-from stepwise_lit.generate import GenerationSettings, Generator
+from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.imports import import_callable
 from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
     PAIRS_FILE,
@@ -62,7 +62,8 @@ class OnlineRounds(L.Callback):
     Needs the trainer's ``reload_dataloaders_every_n_epochs: 1`` (each round is a new
     training set), a ``StepwiseDataModule``, and DDP or one process (generation needs the
     whole policy on each rank). The number of rounds is ``trainer.max_epochs -
-    start_epoch``. Logged per round (epoch): ``online/pairs``, ``online/skipped_prompts``,
+    start_epoch``. Logged per round (epoch): ``online/pairs``, ``online/reference_pairs``
+    (``pairs.reference_fallback``), ``online/skipped_prompts``,
     ``online/sample_accuracy`` (share of sampled solutions with the right answer),
     ``online/generation_s``, ``online/scoring_s``, ``online/training_s``; with the solve-rate
     evaluation on (``evaluation.during_fit``) the validation after each round logs
@@ -126,7 +127,7 @@ class OnlineRounds(L.Callback):
         self.steps_per_round = steps_per_round
         self.settings = RoundSettings(generation, pairs, answer_source) if enabled else None
         self.reference_refresh_rounds = reference_refresh_rounds
-        self.generator = imported_backend(generator) if enabled else None
+        self.generator = import_callable(generator, "online.generator", "a backend class") if enabled else None
         self.refreshed_rounds: list[int] = []  # rounds whose reference refresh is done (kept in checkpoints)
         self.data_round: int | None = None  # the round the data module trains on (kept in checkpoints)
         self.pool: list[Problem] = []  # the training split's distinct prompts, read at the start of fit
@@ -202,7 +203,7 @@ class OnlineRounds(L.Callback):
             self.refreshed_rounds.append(round_index)
             log.info("online round %d: the reference is now a frozen copy of the policy", round_index)
         self.round_seconds["training"] = 0.0
-        for name in ("pairs", "skipped_prompts", "sample_accuracy", "generation_s", "scoring_s"):
+        for name in ("pairs", "reference_pairs", "skipped_prompts", "sample_accuracy", "generation_s", "scoring_s"):
             if self.round_summary.get(name) is not None:
                 pl_module.log(f"online/{name}", float(self.round_summary[name]), on_epoch=True, on_step=False)
 
@@ -259,6 +260,7 @@ class OnlineRounds(L.Callback):
             "prompts": len(record.prompts),
             "solutions": len(solutions),
             "pairs": len(record.pairs.rows),
+            "reference_pairs": record.pairs.reference_pairs,
             "skipped_prompts": sum(record.pairs.skipped.values()),
             "skipped_by_reason": dict(record.pairs.skipped),
             "sample_accuracy": sum(graded) / len(graded) if graded else None,
@@ -336,22 +338,6 @@ def latest_pairs(root: str | Path, round_index: int, record: RoundRecord) -> Pat
         f"by reason: {dict(record.pairs.skipped)}); sample more solutions (online.generation.num_samples, "
         "temperature) or train the policy longer before the rounds (online.start_epoch, model.sft_warmup_steps)"
     )
-
-
-def imported_backend(path: str) -> Callable[..., Generator]:
-    """The generation backend at an import path (``package.module.Class``).
-
-    Raises:
-        SettingError: Naming ``online.generator`` when it cannot be imported or is not callable.
-    """
-    module_name, _, name = path.rpartition(".")
-    try:
-        backend = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise SettingError(f"online.generator: cannot import {path!r} ({error}); give package.module.Class") from None
-    if not callable(backend):
-        raise SettingError(f"online.generator: {path!r} is not a class or function")
-    return backend
 
 
 def round_seed(seed: int, round_index: int, rank: int) -> int:
