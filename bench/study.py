@@ -108,6 +108,10 @@ METHODS = {
     # Hypotheses for the SFT > DPO gap (run on one or two seeds: --methods ... --seeds 0 1)
     "stepwise_lr1e-3": Method("stepwise, preference lr 1e-3 (default 3e-4)", lr=1e-3),
     "stepwise_lr1e-4": Method("stepwise, preference lr 1e-4", lr=1e-4),
+    "stepwise_lr3e-5": Method("stepwise, preference lr 3e-5", lr=3e-5),
+    "online_reference_lr3e-5": Method("online_reference at lr 3e-5 (configs/online_tiny.yaml's rate for its rounds)",
+                                      online={"correctness": "answer_and_steps", "reference_fallback": True},
+                                      tasks=("arithmetic",), lr=3e-5),
     "stepwise_sft3": Method("stepwise, sft_weight 3 (default 1)", {"sft_weight": 3.0}),
     "stepwise_sft10": Method("stepwise, sft_weight 10 (default 1)", {"sft_weight": 10.0}),
     "plain_dpo_sft10": Method("plain DPO, sft_weight 10",
@@ -124,7 +128,8 @@ METHODS = {
                                  {"step_loss_type": "step_bce", "step_reward_per_token": True, "step_beta": 2.0}),
 }
 MAIN_METHODS = ("sft", "plain_dpo", "stepwise", "step_bce", "step_dpo", "online", "online_reference")
-HYPOTHESES = ("sft", "plain_dpo", "stepwise", "plain_dpo_sft10", "stepwise_sft10", "stepwise_per_token", "step_bce_per_token")
+HYPOTHESES = ("sft", "plain_dpo", "stepwise", "plain_dpo_sft10", "stepwise_sft10", "stepwise_per_token", "step_bce_per_token",
+              "stepwise_lr3e-5", "online_reference_lr3e-5")
 
 
 @dataclass(frozen=True)
