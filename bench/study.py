@@ -1,10 +1,15 @@
 """Study: does stepwise DPO make a better reasoner than plain DPO? (STUDY.md)
 
-    python bench/study.py --out runs/study          # the whole study, < 30 min on 2 CPU cores
-    python bench/study.py --smoke --out /tmp/smoke  # 1 seed, a few steps, 2 methods (the test)
+    python bench/study.py --out runs/study                                   # the study, < 30 min on 2 CPU cores
+    python bench/study.py --tasks arithmetic --hypotheses --out runs/hyp   # why SFT wins: `HYPOTHESES`, 5 seeds
+    python bench/study.py --smoke --out /tmp/smoke  # 1 seed, a few steps, 3 methods (the test)
 
 Every method starts from the same SFT policy of its seed and trains for the same number of
-optimizer steps on the same pairs in the same order; only the loss differs.
+optimizer steps of the same batch size; the offline methods on the same pairs in the same order
+(only the loss differs), the online ones (`Method.online`) on pairs of the policy's own samples:
+`online_rounds` rounds of `online_prompts` training prompts × 8 samples (temperature 0.7), scored
+by the rule verifier, paired at the first wrong step (`first_error_branch`), with the default
+stepwise loss (arithmetic only: on GSM8K the SFT policy solves nothing, so no sample is right).
 
 Tasks (`TASKS`):
 - ``arithmetic``: the embedded task (`stepwise_lit.data.synthetic`) with numbers up to
@@ -33,8 +38,9 @@ the methods of a finished warm-up first. Writes under ``--out``: ``runs.json`` (
 metrics, settings and thresholds), ``table.md`` and ``table.json`` (mean ± sample std over
 seeds; per method the paired comparison with plain DPO: mean and sample std of the per-seed
 differences, sign count, exact two-sided sign-test p-value), ``solve_rate.png``, ``f1.png``,
-the data files, the tokenized cache, the SFT exports, each run's reports and logs; prints the
-table and the wall time of the whole command.
+the data files, the tokenized cache, the SFT exports, each run's reports and logs (an online run's
+rounds under ``runs/<task>-<method>-seed<seed>/online/``; their pairs per round, right samples and
+seconds in the table); prints the table and the wall time of the whole command.
 """
 
 from __future__ import annotations
