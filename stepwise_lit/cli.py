@@ -202,14 +202,16 @@ def check_optimizer(optimizer, scheduler) -> None:
     """
     if not isinstance(optimizer, Namespace):
         return
+    optimizer_class = import_callable(optimizer.class_path, "model.optimizer")
     try:
-        built = import_callable(optimizer.class_path, "model.optimizer")([torch.nn.Parameter(torch.zeros(1))], **optimizer.get("init_args", {}))
+        built = optimizer_class([torch.nn.Parameter(torch.zeros(1))], **optimizer.get("init_args", {}))
     except (ValueError, TypeError) as error:
         raise SettingError(f"model.optimizer: {optimizer.class_path}: {error}") from error
     if not isinstance(scheduler, Namespace):
         return
+    scheduler_class = import_callable(scheduler.class_path, "model.scheduler")
     try:
-        import_callable(scheduler.class_path, "model.scheduler")(built, **scheduler.get("init_args", {}))
+        scheduler_class(built, **scheduler.get("init_args", {}))
     except (ValueError, TypeError) as error:
         raise SettingError(f"model.scheduler: {scheduler.class_path}: {error}") from error
 
