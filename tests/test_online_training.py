@@ -214,7 +214,7 @@ def test_online_settings_it_cannot_run_fail_at_start_naming_the_setting(tmp_path
 def test_online_settings_are_checked_when_built():
     with pytest.raises(SettingError, match="online.verifier"):
         OnlineRounds(enabled=True)
-    with pytest.raises(SettingError, match="online.generator: cannot import 'nowhere.Backend'"):
+    with pytest.raises(SettingError, match="online.generator: cannot import module 'nowhere' of 'nowhere.Backend'"):
         OnlineRounds(enabled=True, verifier=ArithmeticStepVerifier(), generator="nowhere.Backend")
     with pytest.raises(SettingError, match="online.steps_per_round: must be at least 1"):
         OnlineRounds(steps_per_round=0)
