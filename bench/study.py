@@ -96,6 +96,9 @@ class Method:
         return self.tasks is None or task in self.tasks
 
 
+REFERENCE_PAIRS = {"correctness": "answer_and_steps", "reference_fallback": True}
+"""`PairSettings` of the online methods whose right side passes every step, or is the reference."""
+
 METHODS = {
     "sft": Method("SFT continued (no preference loss)", sft_only=True),
     "plain_dpo": Method("plain DPO: sigmoid outcome loss, step_loss_weight 0",
@@ -110,14 +113,13 @@ METHODS = {
                      online={}, tasks=("arithmetic",)),
     "online_reference": Method(
         "online stepwise: right = right answer and no flagged step; the reference where no sample is right",
-        online={"correctness": "answer_and_steps", "reference_fallback": True}, tasks=("arithmetic",)),
-    # Hypotheses for the SFT > DPO gap (run on one or two seeds: --methods ... --seeds 0 1)
+        online=REFERENCE_PAIRS, tasks=("arithmetic",)),
+    # Hypotheses for the SFT > DPO gap (`HYPOTHESES`, run by --hypotheses; the others by --methods)
     "stepwise_lr1e-3": Method("stepwise, preference lr 1e-3 (default 3e-4)", lr=1e-3),
     "stepwise_lr1e-4": Method("stepwise, preference lr 1e-4", lr=1e-4),
     "stepwise_lr3e-5": Method("stepwise, preference lr 3e-5", lr=3e-5),
     "online_reference_lr3e-5": Method("online_reference at lr 3e-5 (configs/online_tiny.yaml's rate for its rounds)",
-                                      online={"correctness": "answer_and_steps", "reference_fallback": True},
-                                      tasks=("arithmetic",), lr=3e-5),
+                                      online=REFERENCE_PAIRS, tasks=("arithmetic",), lr=3e-5),
     "stepwise_sft3": Method("stepwise, sft_weight 3 (default 1)", {"sft_weight": 3.0}),
     "stepwise_sft10": Method("stepwise, sft_weight 10 (default 1)", {"sft_weight": 10.0}),
     "plain_dpo_sft10": Method("plain DPO, sft_weight 10",

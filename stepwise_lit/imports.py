@@ -9,7 +9,7 @@ from collections.abc import Callable
 from stepwise_lit.errors import SettingError
 
 
-def import_callable(path: str, setting: str, expected: str = "package.module.name") -> Callable:
+def import_callable(path: str, setting: str, expected: str = "a class or function") -> Callable:
     """The class or function at ``path``.
 
     Args:

@@ -23,6 +23,7 @@ from stepwise_lit.data.collate import right_pad
 from stepwise_lit.data.tokenize import tokenize_response
 from stepwise_lit.export import MARKER
 from stepwise_lit.forward import step_logps
+from stepwise_lit.objective import per_token_step_rewards
 from stepwise_lit.rewards.base import (
     Prompt,
     StepScorer,
@@ -63,7 +64,7 @@ def implicit_step_rewards(
     Args:
         policy_logps: float ``[N, S]`` policy log-probs of each step's tokens.
         reference_logps: float ``[N, S]`` reference log-probs of the same tokens.
-        token_counts: long ``[N, S]`` tokens per step, n_t (a step without tokens divides by 1).
+        token_counts: long ``[N, S]`` tokens per step, n_t (a step without tokens, whose log-probs sum to 0, gets 0).
         beta: β, the scale of the step reward.
         per_token: Divide h_t by n_t (the step's mean per-token log-ratio, times β).
 
@@ -71,7 +72,7 @@ def implicit_step_rewards(
         float ``[N, S]``.
     """
     rewards = beta * (policy_logps - reference_logps)
-    return rewards / token_counts.clamp(min=1) if per_token else rewards
+    return per_token_step_rewards(rewards, token_counts) if per_token else rewards
 
 
 def squash(rewards: torch.Tensor, scale: float) -> torch.Tensor:
