@@ -99,6 +99,8 @@ class StepwiseCLI(LightningCLI):
                 optimizer or scheduler rejects its settings.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # The module's hparams name the tokenizer it uses, as the link gave it to the data module.
+        config.model.tokenizer_name_or_path = config.data.tokenizer_name_or_path
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         root = config.trainer.default_root_dir or os.getcwd()
@@ -246,11 +248,24 @@ def run_cli(args: list[str] | None, argv: list[str]) -> StepwiseCLI:
     )
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is when a record is emitted (not the
+    stream of the moment it was made), so a caller that swaps stderr still sees the messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def show_package_log() -> None:
     """Prints the ``stepwise_lit`` logger's INFO and above on stderr (once per process), without
     changing what other libraries log."""
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -100,3 +100,22 @@ def check_writable_folder(folder: str, setting: str) -> None:
             pass
     except OSError as error:
         raise SettingError(f"{setting}: cannot write to {folder}: {error.strerror or error}") from error
+
+
+def check_not_input(output: str, input: str | None, command: str) -> None:
+    """Fails if `output` is the file `input` names, through any path that resolves to it (a
+    symlink, ``./``, a hard link), or lies inside an `input` folder.
+
+    Raises:
+        SettingError: Naming ``output``, before anything is read or written.
+    """
+    if input is None or not os.path.exists(input):
+        return
+    out, source = os.path.realpath(output), os.path.realpath(input)
+    if os.path.isdir(source):
+        if os.path.commonpath([out, source]) == source:
+            raise SettingError(f"output: {output} lies inside the input folder {input}; name a file elsewhere "
+                               f"({command} never writes into its input)")
+    elif out == source or (os.path.exists(output) and os.path.samefile(output, input)):
+        raise SettingError(f"output: {output} is the input file {input}; name another file ({command} never "
+                           "overwrites its input)")

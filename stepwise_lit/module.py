@@ -167,6 +167,9 @@ class StepwiseDPOModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        # Saved as the tokenizer actually used, the value the CLI links into the data module's
+        # hparams: a logger merges both and refuses one key with two values.
+        tokenizer_name_or_path = tokenizer_name_or_path or model_name_or_path
         self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler"])
         # The typed settings themselves: under LightningCLI `hparams` holds the parsed config,
         # where dataclasses are plain dicts.
@@ -181,8 +184,8 @@ class StepwiseDPOModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.tokenizer = load_tokenizer(
-            tokenizer_name_or_path or model_name_or_path, trust_remote_code,
-            setting="model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path",
+            tokenizer_name_or_path, trust_remote_code,
+            setting="model.tokenizer_name_or_path" if tokenizer_name_or_path != model_name_or_path else "model.model_name_or_path",
         )
         # Models are built in `configure_model`, so sharded strategies can wrap them there.
         self.policy: torch.nn.Module | None = None

@@ -37,7 +37,7 @@ from stepwise_lit.data.datamodule import SYNTHETIC, StepwiseDataModule, check_se
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.records import SIDES
 from stepwise_lit.data.synthetic import MAX_VALUE, generate_pairs
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_not_input, check_writable_folder, exit_on_user_error
 
 logger = logging.getLogger("stepwise_lit")
 
@@ -124,10 +124,12 @@ def prepare(
         The rows written.
 
     Raises:
-        SettingError: Without input and `num_pairs`, or for a bad output path.
+        SettingError: Without input and `num_pairs`, or for a bad output path (one that is or lies
+            in the input).
         DataFormatError: On an unreadable file or an invalid record.
     """
     check_output(Path(output))
+    check_not_input(str(output), None if input is None else str(input), "prepare")
     if input is None:
         if num_pairs is None:
             raise SettingError("num_pairs: how many synthetic pairs to generate (there is no data.path to read)")

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_not_input, check_writable_folder, exit_on_user_error
 from stepwise_lit.prepare import OUTPUT_SUFFIXES, parquet_table, write_rows
 from stepwise_lit.rewards.base import StepScorer
 
@@ -357,8 +357,7 @@ def check_input_and_output(input: Path, output: Path) -> None:
     """
     if not input.is_file():
         raise SettingError(f"input: {input} {'is a folder' if input.exists() else 'does not exist'}")
-    if output.exists() and output.resolve() == input.resolve():
-        raise SettingError(f"output: {output} is the input file; name another file (score never overwrites its input)")
+    check_not_input(str(output), str(input), "score")
 
 
 def instantiate_scorer(parser: ArgumentParser, config):

@@ -110,6 +110,7 @@ def test_prepare_reads_the_data_section_of_a_train_config(tmp_path, capsys):
     main(["--config", str(config), "--data.step_delimiter", "\n", "--output", str(tmp_path / "b.jsonl")])
     (row,) = read_records(tmp_path / "b.jsonl")
     assert row["chosen_steps"] == ["Step 1: a\n", "\nStep 2: b"]
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), "--data.batch_size", "0", "--output", str(tmp_path / "c.jsonl")])
     assert exit_info.value.code == 2
@@ -132,3 +133,30 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, capsys):
         main(["--data.path", str(raw), "--output", str(tmp_path / "x.jsonl")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[0].endswith("raw.jsonl line 2: not UTF-8 text: byte 0xff at column 13; save the file as UTF-8")
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot_slash", "symlink", "hard_link", "inside_folder"])
+def test_prepare_never_writes_over_its_input(tmp_path, monkeypatch, capsys, spelling):
+    """The output is refused (exit 2, naming `output`) before the input is read: the input holds
+    text no reader accepts, so reading it first would fail with another message."""
+    monkeypatch.chdir(tmp_path)
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("not json\n")
+    output, data_path = {
+        "same": (str(raw), str(raw)),
+        "dot_slash": ("./raw.jsonl", "raw.jsonl"),
+        "symlink": (str(tmp_path / "link.jsonl"), str(raw)),
+        "hard_link": (str(tmp_path / "hard.jsonl"), str(raw)),
+        "inside_folder": (str(tmp_path / "pairs.jsonl"), str(tmp_path)),
+    }[spelling]
+    if spelling == "symlink":
+        (tmp_path / "link.jsonl").symlink_to(raw)
+    if spelling == "hard_link":
+        (tmp_path / "hard.jsonl").hardlink_to(raw)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data.format", "gsm8k", "--data.path", data_path, "--output", output])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"output: {output}" in error and "never" in error
+    assert raw.read_text() == "not json\n"
+    assert not (tmp_path / "pairs.jsonl").exists()
