@@ -116,8 +116,8 @@ def load_causal_lm(
         check_source(setting, model_name_or_path, "config.json")
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                model_name_or_path, trust_remote_code=trust_remote_code, dtype=dtype
-            )
+                model_name_or_path, trust_remote_code=trust_remote_code, dtype="auto" if dtype is None else dtype
+            )  # "auto": the checkpoint's dtype (transformers 4.x reads a missing dtype as float32)
         except (OSError, ValueError) as error:  # missing files; a folder without a model config
             raise SettingError(f"{setting}: cannot load a model from {model_name_or_path!r}: {error}") from error
         if model.config.pad_token_id is None:

@@ -4,9 +4,11 @@ item 5: a missing local path used to go to the hub and wait there, 51 s offline)
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.models import TinyModelConfig, check_source
+from stepwise_lit.models import TinyModelConfig, check_source, load_causal_lm
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.tokenizer import load_tokenizer
 
@@ -53,3 +55,16 @@ def test_the_module_names_the_setting_of_each_source(tmp_path):
 def test_load_tokenizer_names_its_setting(tmp_path):
     with pytest.raises(SettingError, match=r"^data\.tokenizer_name_or_path: cannot load a tokenizer"):
         load_tokenizer(str(tmp_path), setting="data.tokenizer_name_or_path")
+
+
+def test_a_folder_loads_in_its_own_dtype_when_none_is_set(tmp_path):
+    """`dtype` unset means the checkpoint's dtype: a bfloat16 folder loads as bfloat16 (transformers
+    4.x, given no dtype, would load float32)."""
+    tokenizer = load_tokenizer(None)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path), tokenizer, TinyModelConfig())
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    model = load_causal_lm(str(tmp_path), tokenizer, TinyModelConfig(), dtype=torch.float32)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
