@@ -298,14 +298,12 @@ class StepwiseDPOModule(L.LightningModule):
             model.to(self.device)
 
     def on_fit_start(self) -> None:
+        """Places the frozen models, and puts the policy in train mode: `from_pretrained` returns
+        a model in eval mode and Lightning keeps each module's mode (its evaluation loops switch
+        to eval and back), so a loaded policy would otherwise train as at inference, where Hugging
+        Face layers skip gradient checkpointing. Dropout stays off (`stepwise_lit.models.disable_dropout`);
+        the frozen models are not the module's children and stay in eval mode."""
         self._place_frozen_models()
-
-    def on_train_start(self) -> None:
-        """The policy trains in train mode: `from_pretrained` returns a model in eval mode and
-        Lightning keeps each module's mode (its evaluation loops switch to eval and back), so a
-        loaded policy would otherwise train as at inference, where Hugging Face layers skip
-        gradient checkpointing. Dropout stays off (`stepwise_lit.models.disable_dropout`); the
-        frozen models are not the module's children and stay in eval mode."""
         self.policy.train()
 
     def on_validation_start(self) -> None:

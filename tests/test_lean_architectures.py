@@ -126,6 +126,23 @@ def test_the_lean_path_equals_the_models_own_logits(model_type, tmp_path):
     assert lean.serves(model, unpacked["input_ids"]) is True
 
 
+@pytest.mark.parametrize("model_type, settings", [
+    ("granite", {"logits_scaling": 8.0}), ("cohere", {"logit_scale": 0.0625}), ("gemma2", {"head_dim": 16}),
+])
+def test_the_start_time_check_catches_the_architectures_left_out(model_type, settings, tmp_path):
+    """Put on the lean path by hand, Granite (logits / 8), Cohere (logits x 1/16) and Gemma 2
+    (softcapping at 30) miss their own logits by whole nats, over 1,000 times the tolerance
+    (seed 0, a unit-scale head: 22, 24 and 3.0 nats)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **SIZES, **settings, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1)
+    unpacked, _ = pair_batches(tmp_path, None)
+    gap, tolerance = lean_logps_gap(model, unpacked["input_ids"][:1])
+    assert gap > 1000 * tolerance, (gap, tolerance)
+
+
 class ScaledLogitsLlama(LlamaForCausalLM):
     """A Llama whose forward divides its logits by 8 after the head, as Granite's does: on the
     allow-list by its model_type, so only the start-time check can catch it."""
