@@ -155,25 +155,26 @@ DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, tor
                    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
 
-def is_dropout_setting(name: str, value: object) -> bool:
-    """Whether an attribute is a dropout probability: a number (not a bool) named ``*dropout*``
-    or ``*pdrop`` (`attention_dropout`, `hidden_dropout_prob`, `resid_pdrop`, `classifier_dropout`...)."""
-    named = "dropout" in name or name.endswith("pdrop")
+def is_train_noise_setting(name: str, value: object) -> bool:
+    """Whether an attribute sets noise that only train mode adds: a number (not a bool) named
+    ``*dropout*`` or ``*pdrop`` (`attention_dropout`, `hidden_dropout_prob`, `resid_pdrop`,
+    `classifier_dropout`...) or ``*jitter*`` (Mixtral's `router_jitter_noise`)."""
+    named = "dropout" in name or name.endswith("pdrop") or "jitter" in name
     return named and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Sets every dropout probability of `model` to zero, so train mode (in which Hugging Face
-    layers run gradient checkpointing) computes what eval mode does: every dropout module's `p`,
-    every dropout setting of the config (and of its text config), and every one a module copied
-    from the config when it was built, which Hugging Face attention reads at call time
-    (``dropout=0.0 if not self.training else self.attention_dropout``)."""
+    """Sets every dropout probability (and router jitter) of `model` to zero, so train mode (in
+    which Hugging Face layers run gradient checkpointing) computes what eval mode does: every
+    dropout module's `p`, every such setting of the config (and of its text config), and every
+    one a module copied from the config when it was built, which Hugging Face layers read at
+    call time (``dropout=0.0 if not self.training else self.attention_dropout``)."""
     config = getattr(model, "config", None)
     settings = [] if config is None else [config, config.get_text_config()]
     for holder in [*model.modules(), *settings]:
         if isinstance(holder, DROPOUT_MODULES):
             holder.p = 0.0
-        for name in [name for name, value in vars(holder).items() if is_dropout_setting(name, value)]:
+        for name in [name for name, value in vars(holder).items() if is_train_noise_setting(name, value)]:
             setattr(holder, name, 0.0)
 
 

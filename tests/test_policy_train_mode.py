@@ -14,6 +14,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -29,7 +31,7 @@ SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "nu
 
 def save_folder(tmp_path, architecture: str, dropout: float = 0.0):
     """A random-weight model of `architecture` saved with the byte-level tokenizer beside it;
-    `dropout` goes to every dropout setting of its config."""
+    `dropout` goes to every dropout setting of its config (Mixtral: its router jitter)."""
     tokenizer = load_tokenizer(None)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
@@ -38,6 +40,9 @@ def save_folder(tmp_path, architecture: str, dropout: float = 0.0):
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=512,
                             attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout, **ids)
         model = GPT2LMHeadModel(config)
+    elif architecture == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), num_local_experts=4, num_experts_per_tok=2,
+                                                 router_jitter_noise=dropout, **SIZES, **ids))
     else:
         config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
                                      "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
@@ -71,17 +76,18 @@ def test_gradient_checkpointing_recomputes_the_layers_of_a_loaded_model(tmp_path
         assert record["reference_training"] == [False, False]
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2", "mixtral"])
 def test_train_mode_forwards_of_a_loaded_model_are_equal(architecture, tmp_path):
     """A folder whose config sets its dropout to 0.1 (Llama and Qwen2: `attention_dropout`, which
-    their attention reads at call time; GPT-2: `attn_pdrop`, `resid_pdrop`, `embd_pdrop`): loaded
+    their attention reads at call time; GPT-2: `attn_pdrop`, `resid_pdrop`, `embd_pdrop`; Mixtral:
+    `router_jitter_noise`, which scales the router's input in train mode): loaded
     as the policy is, two train-mode forwards of the same batch give the eval-mode logits exactly,
     while the model as `from_pretrained` gives it is random in train mode."""
     folder = save_folder(tmp_path, architecture, dropout=0.1)
     tokenizer = load_tokenizer(None)
     input_ids = torch.randint(3, len(tokenizer), (2, 64), generator=torch.Generator().manual_seed(1))
     raw = AutoModelForCausalLM.from_pretrained(folder).train()
-    assert not torch.equal(raw(input_ids).logits, raw(input_ids).logits)  # dropout 0.1 does act
+    assert not torch.equal(raw(input_ids).logits, raw(input_ids).logits)  # the noise does act
     model = load_causal_lm(str(folder), tokenizer, TinyModelConfig())
     with torch.no_grad():
         evaluated = model.eval()(input_ids).logits
