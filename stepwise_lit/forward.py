@@ -1,4 +1,4 @@
-"""One model's per-step log-probs of a pair batch, packed or not, from logits or lean.
+"""One model's per-step log-probs of a pair batch, packed or not, from logits or lean (`stepwise_lit.lean`).
 
 The policy and every reference mode go through `step_logps`, so the label shift and the
 step sums can never differ between them.
@@ -11,13 +11,11 @@ import torch
 from stepwise_lit.data.batch import PairBatch, chosen, is_packed, num_pairs
 from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask, packed_mask_mod
 from stepwise_lit.errors import SettingError
-from stepwise_lit.logps import next_token_targets, target_step_logps
-
-LEAN_CHUNK_ELEMENTS = 2**25
-"""`lean_logps`: LM-head outputs per chunk (positions x vocabulary): 128 MiB in fp32."""
+from stepwise_lit.lean import LeanLogps, target_logps
+from stepwise_lit.logps import next_token_targets
 
 
-def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: bool = False) -> torch.Tensor:
+def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: LeanLogps | None = None) -> torch.Tensor:
     """Per-step log-probs of the batch's responses from one forward pass of `model`.
 
     Args:
@@ -25,9 +23,9 @@ def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: b
         batch: Unpacked (``2B`` rows) or packed (rows of ``[prefix | chosen rest | rejected rest]``
             pair blocks); `chosen_side` gives a batch of the chosen responses alone, which this takes too.
         num_steps: S, the step columns of the result (the batch's most steps).
-        lean: Apply the LM head to the final hidden states a chunk at a time
-            (`stepwise_lit.logps.step_logps_from_hidden`), never building ``[rows, L, V]`` logits;
-            check the head with `check_lean_head` first.
+        lean: The run's lean path (`stepwise_lit.lean.use_lean_logps`): where it serves `model`,
+            the LM head is applied to the final hidden states a chunk at a time, never building
+            ``[rows, L, V]`` logits; None: the model's own logits.
 
     Returns:
         float ``[2B, S]``: chosen rows, then rejected rows (``[B, S]`` for a chosen side alone).
@@ -42,14 +40,8 @@ def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: b
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         target_ids, target_step_ids = next_token_targets(batch["input_ids"], batch["step_ids"])  # [2B, L, 1]
-    if lean:  # the decoder's hidden states, then the LM head in chunks
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        weight = model.get_output_embeddings().weight
-        chunk_size = max(1, LEAN_CHUNK_ELEMENTS // weight.shape[0])
-        logps = target_step_logps(hidden, target_ids, target_step_ids, num_steps, weight, chunk_size)
-    else:
-        logits = model(**inputs, use_cache=False).logits
-        logps = target_step_logps(logits, target_ids, target_step_ids, num_steps)
+    on_lean_path = lean is not None and lean.serves(model, batch["input_ids"])
+    logps = target_logps(model, inputs, target_ids, target_step_ids, num_steps, on_lean_path)  # [R, K, S]
     if is_packed(batch):  # [R, 2P, S] -> each response's (row, column), in pair order
         rows, columns = batch["response_targets"].unbind(-1)
         return logps[rows, columns]
@@ -130,49 +122,3 @@ def packed_mask_for(model: torch.nn.Module, batch: PairBatch):
         )
     dtype = None if attention == "sdpa" else next(model.parameters()).dtype
     return packed_attention_mask(segment_ids, slot_ids, dtype)
-
-
-LEAN_AUTO_MIN_ROWS = 32_000
-"""``lean_logps: auto`` takes the lean path for LM heads with at least this many rows."""
-
-
-def lean_head_problem(model: torch.nn.Module, sharded: bool) -> str | None:
-    """Why the lean path cannot serve `model` (None: it can): it applies the LM-head weight itself,
-    so it gets heads with a bias, logit softcapping or logit scaling wrong, and under FSDP the
-    root's weights are gathered only inside the model's own forward."""
-    config = model.config
-    if sharded:
-        return "not supported with FSDP strategies"
-    if model.get_output_embeddings().bias is not None or getattr(config, "final_logit_softcapping", None) or (
-        getattr(config, "logit_scale", None) not in (None, 1.0)
-    ):
-        return (f"{type(model).__name__}'s LM head has a bias, logit softcapping or logit scaling, which the "
-                "lean path does not apply")
-    return None
-
-
-def check_lean_head(model: torch.nn.Module, sharded: bool) -> None:
-    """Fails on a model the lean path cannot serve (`lean_head_problem`).
-
-    Raises:
-        SettingError: naming ``model.lean_logps``.
-    """
-    problem = lean_head_problem(model, sharded)
-    if problem is not None:
-        raise SettingError(f"model.lean_logps: {problem}; set it to false")
-
-
-def use_lean_logps(setting: bool | str, model: torch.nn.Module, sharded: bool) -> bool:
-    """Whether `step_logps` takes the lean path for the ``model.lean_logps`` setting: True (checked
-    by `check_lean_head`), False, or "auto": on when the LM head has at least `LEAN_AUTO_MIN_ROWS`
-    rows and the lean path can serve the model (off otherwise, silently).
-
-    Raises:
-        SettingError: naming ``model.lean_logps``, for True on a model the lean path cannot serve.
-    """
-    if setting == "auto":
-        large = model.get_output_embeddings().weight.shape[0] >= LEAN_AUTO_MIN_ROWS
-        return large and lean_head_problem(model, sharded) is None
-    if setting:
-        check_lean_head(model, sharded)
-    return bool(setting)

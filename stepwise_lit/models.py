@@ -151,15 +151,31 @@ def check_source(setting: str, name_or_path: str, filename: str) -> None:
         )
 
 
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def is_train_noise_setting(name: str, value: object) -> bool:
+    """Whether an attribute sets noise that only train mode adds: a number (not a bool) named
+    ``*dropout*`` or ``*pdrop`` (`attention_dropout`, `hidden_dropout_prob`, `resid_pdrop`,
+    `classifier_dropout`...) or ``*jitter*`` (Mixtral's `router_jitter_noise`)."""
+    named = "dropout" in name or name.endswith("pdrop") or "jitter" in name
+    return named and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Sets every `nn.Dropout` probability and config-level dropout to zero."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    """Sets every dropout probability (and router jitter) of `model` to zero, so train mode (in
+    which Hugging Face layers run gradient checkpointing) computes what eval mode does: every
+    dropout module's `p`, every such setting of the config (and of its text config), and every
+    one a module copied from the config when it was built, which Hugging Face layers read at
+    call time (``dropout=0.0 if not self.training else self.attention_dropout``)."""
     config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+    settings = [] if config is None else [config, config.get_text_config()]
+    for holder in [*model.modules(), *settings]:
+        if isinstance(holder, DROPOUT_MODULES):
+            holder.p = 0.0
+        for name in [name for name, value in vars(holder).items() if is_train_noise_setting(name, value)]:
+            setattr(holder, name, 0.0)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,8 @@ from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rej
 from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm
 from stepwise_lit.errors import SettingError
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
-from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts, use_lean_logps
+from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts
+from stepwise_lit.lean import LeanLogps, use_lean_logps
 from stepwise_lit.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.metrics import PreferenceMetrics
 from stepwise_lit.models import DTYPES, DtypeName, LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
@@ -112,12 +113,14 @@ class StepwiseDPOModule(L.LightningModule):
             `torch.compile(dynamic=True)` (one graph for every batch length; the first steps
             pay the compilation). Not with FSDP1 (`FSDPStrategy`), which wraps the layers later.
         lean_logps: Log-probs from the final hidden states, the LM head applied to completion
-            positions a chunk at a time (`stepwise_lit.logps.step_logps_from_hidden`): no
-            `[2B, L, V]` logits tensor exists, which matters for large vocabularies (at 128k,
-            under a third of the plain way's peak; see BENCHMARKS.md). For LM heads without
-            bias, softcapping or logit scaling (Llama, Mistral, Qwen2...); not under FSDP.
-            "auto" (the default): on for LM heads of at least 32,000 rows where it applies, off
-            otherwise (the embedded tiny model's 259 rows: off).
+            positions a chunk at a time (`stepwise_lit.lean`): no `[2B, L, V]` logits tensor
+            exists, which matters for large vocabularies (at 128k, under a third of the plain
+            way's peak; see BENCHMARKS.md). Only for the architectures of
+            `stepwise_lit.lean.LEAN_ARCHITECTURES` (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
+            GPT-2...), not under FSDP, and checked against each model's own logits on its first
+            batch. "auto" (the default): on for LM heads of at least 32,000 rows where it
+            applies, off otherwise (the embedded tiny model's 259 rows: off), falling back to
+            full logits (a warning) where the check fails; true: fails at start instead.
         attention: The models' attention implementation (transformers' ``attn_implementation``):
             "sdpa", "eager" or "flex_attention" (FlexAttention: packed rows get a block mask, so
             the kernel skips the blocks no query sees, e.g. the other pairs of a
@@ -194,7 +197,7 @@ class StepwiseDPOModule(L.LightningModule):
         self.train_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
         self.val_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
         self.nonfinite_steps = 0
-        self.lean = False  # whether step_logps takes the lean path: `lean_logps` resolved in configure_model
+        self.lean: LeanLogps | None = None  # the lean path of `lean_logps`, resolved in configure_model
         self._skip_optimizer_step = False  # set by a non-finite loss under nonfinite_loss: skip
 
     # ------------------------------------------------------------------ models
@@ -295,7 +298,13 @@ class StepwiseDPOModule(L.LightningModule):
             model.to(self.device)
 
     def on_fit_start(self) -> None:
+        """Places the frozen models, and puts the policy in train mode: `from_pretrained` returns
+        a model in eval mode and Lightning keeps each module's mode (its evaluation loops switch
+        to eval and back), so a loaded policy would otherwise train as at inference, where Hugging
+        Face layers skip gradient checkpointing. Dropout stays off (`stepwise_lit.models.disable_dropout`);
+        the frozen models are not the module's children and stay in eval mode."""
         self._place_frozen_models()
+        self.policy.train()
 
     def on_validation_start(self) -> None:
         self._place_frozen_models()

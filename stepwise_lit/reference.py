@@ -47,6 +47,7 @@ from stepwise_lit.distributed import (
     whole_state_dict,
 )
 from stepwise_lit.forward import step_logps
+from stepwise_lit.lean import LeanLogps
 
 log = logging.getLogger("stepwise_lit")
 
@@ -93,10 +94,10 @@ class AdapterReference(Reference):
 
     Args:
         policy: The PEFT policy.
-        lean: Lean log-probs (`stepwise_lit.forward.step_logps`).
+        lean: The run's lean path (`stepwise_lit.forward.step_logps`).
     """
 
-    def __init__(self, policy: torch.nn.Module, lean: bool = False) -> None:
+    def __init__(self, policy: torch.nn.Module, lean: LeanLogps | None = None) -> None:
         self.policy = policy
         self.lean = lean
 
@@ -111,10 +112,10 @@ class FrozenCopyReference(Reference):
 
     Args:
         model: The frozen model (see `stepwise_lit.models.frozen_copy`).
-        lean: Lean log-probs (`stepwise_lit.forward.step_logps`).
+        lean: The run's lean path (`stepwise_lit.forward.step_logps`).
     """
 
-    def __init__(self, model: torch.nn.Module, lean: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, lean: LeanLogps | None = None) -> None:
         self.model = model
         self.lean = lean
         self.from_warmup = False  # re-frozen from the policy after the SFT warm-up
@@ -229,7 +230,7 @@ class PrecomputedReference(Reference):
         load_model: Builds the reference model, or None: the reference is the policy's start.
         source: ``ref_model_name_or_path``, or None.
         dtype: The ``dtype`` setting (part of the key).
-        lean: Lean log-probs (`stepwise_lit.forward.step_logps`).
+        lean: The run's lean path (`stepwise_lit.forward.step_logps`).
 
     Attributes:
         tables: Split -> float ``[N, 2, S_max]``: row, side (chosen, rejected), step.
@@ -245,7 +246,7 @@ class PrecomputedReference(Reference):
         load_model: Callable[[], torch.nn.Module] | None = None,
         source: str | None = None,
         dtype: str | None = None,
-        lean: bool = False,
+        lean: LeanLogps | None = None,
     ) -> None:
         self.policy, self.tokenizer, self.data = policy, tokenizer, data
         self.load_model, self.source, self.dtype, self.lean = load_model, source, dtype, lean
@@ -375,7 +376,7 @@ class PrecomputedReference(Reference):
 
 @torch.no_grad()
 def compute_table(
-    trainer: L.Trainer, reference: torch.nn.Module, dataset, data: ReferenceData, lean: bool = False
+    trainer: L.Trainer, reference: torch.nn.Module, dataset, data: ReferenceData, lean: LeanLogps | None = None
 ) -> torch.Tensor:
     """Per-step reference log-probs of every row, float ``[N, 2, S_max]`` on the CPU, on every rank.
 

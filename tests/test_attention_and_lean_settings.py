@@ -10,29 +10,30 @@ import torch
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import SettingError
-from stepwise_lit.forward import LEAN_AUTO_MIN_ROWS, use_lean_logps
+from stepwise_lit.lean import LEAN_AUTO_MIN_ROWS, LeanLogps, use_lean_logps
 from stepwise_lit.models import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
-def head_model(rows: int, bias: bool = False) -> SimpleNamespace:
-    """A stand-in with an LM head of `rows` rows (all `use_lean_logps` reads)."""
-    head = torch.nn.Linear(4, rows, bias=bias)
-    return SimpleNamespace(config=SimpleNamespace(), get_output_embeddings=lambda: head)
+def head_model(rows: int, model_type: str = "llama") -> SimpleNamespace:
+    """A stand-in with an LM head of `rows` rows and a `model_type` (all `use_lean_logps` reads)."""
+    head = torch.nn.Linear(4, rows, bias=False)
+    return SimpleNamespace(config=SimpleNamespace(model_type=model_type), get_output_embeddings=lambda: head)
 
 
-def test_lean_auto_is_on_for_large_plain_heads_only():
-    """auto: on at LEAN_AUTO_MIN_ROWS rows, off one row below, off for a head with a bias and under
-    FSDP (never an error); true keeps refusing what the lean path gets wrong."""
-    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS), sharded=False) is True
-    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS - 1), sharded=False) is False
-    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS, bias=True), sharded=False) is False
-    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS), sharded=True) is False
-    assert use_lean_logps(False, head_model(LEAN_AUTO_MIN_ROWS), sharded=False) is False
-    with pytest.raises(SettingError, match="model.lean_logps: .*bias"):
-        use_lean_logps(True, head_model(8, bias=True), sharded=False)
+def test_lean_auto_is_on_for_large_heads_of_allowed_architectures_only():
+    """auto: on at LEAN_AUTO_MIN_ROWS rows, off one row below, off for an architecture off the
+    allow-list and under FSDP (never an error); true keeps refusing what the lean path gets wrong."""
+    assert isinstance(use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS), sharded=False), LeanLogps)
+    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS - 1), sharded=False) is None
+    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS, "granite"), sharded=False) is None
+    assert use_lean_logps("auto", head_model(LEAN_AUTO_MIN_ROWS), sharded=True) is None
+    assert use_lean_logps(False, head_model(LEAN_AUTO_MIN_ROWS), sharded=False) is None
+    assert use_lean_logps(True, head_model(8), sharded=False).forced is True
+    with pytest.raises(SettingError, match="model.lean_logps: .*model_type 'granite'"):
+        use_lean_logps(True, head_model(8, "granite"), sharded=False)
 
 
 def test_lean_auto_is_the_default_and_keeps_the_tiny_model_on_the_plain_path():
@@ -40,7 +41,7 @@ def test_lean_auto_is_the_default_and_keeps_the_tiny_model_on_the_plain_path():
     module = StepwiseDPOModule(tiny_model=TINY)
     module.configure_model()
     assert module.hparams.lean_logps == "auto"
-    assert module.lean is False
+    assert module.lean is None
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

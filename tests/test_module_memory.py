@@ -1,5 +1,6 @@
 """Memory-lean paths of StepwiseDPOModule: `lean_logps` gives the plain path's losses and
-gradients; gradients are freed right after the optimizer step."""
+gradients (which models it serves: tests/test_lean_architectures.py); gradients are freed right
+after the optimizer step."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import torch
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.models import LoraSettings, TinyModelConfig
-from stepwise_lit.errors import SettingError
-from stepwise_lit.forward import check_lean_head
 from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -47,18 +46,6 @@ def test_lean_logps_give_the_plain_losses_and_gradients(datamodule, lora):
     torch.testing.assert_close(lean_loss, plain_loss, rtol=0, atol=1e-6)
     for lean, plain in zip(lean_grads, plain_grads, strict=True):
         torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-6)
-
-
-def test_lean_logps_refuses_a_head_it_would_get_wrong():
-    torch.manual_seed(0)
-    module = StepwiseDPOModule(tiny_model=TINY)
-    module.configure_model()
-    check_lean_head(module.policy, sharded=False)
-    module.policy.config.final_logit_softcapping = 30.0
-    with pytest.raises(SettingError, match="lean_logps"):
-        check_lean_head(module.policy, sharded=False)
-    with pytest.raises(SettingError, match="FSDP"):
-        check_lean_head(module.policy, sharded=True)
 
 
 class GradientProbe(L.Callback):

@@ -115,13 +115,13 @@ def set_attention(module: StepwiseDPOModule, attention: str) -> None:
         model.set_attn_implementation(attention)
 
 
-def assert_same_step_logps(module: StepwiseDPOModule, unpacked: dict, packed: dict, lean: bool) -> None:
+def assert_same_step_logps(module: StepwiseDPOModule, unpacked: dict, packed: dict) -> None:
     """The policy's per-step log-probs of the packed batch within atol = rtol = 1e-5 of the
     unpacked batch's, in pair order (none of the real steps' values is 0)."""
     num_steps = unpacked["step_mask"].shape[1]
     with torch.no_grad():
-        expected = step_logps(module.policy, unpacked, num_steps, lean)
-        actual = step_logps(module.policy, packed, num_steps, lean)
+        expected = step_logps(module.policy, unpacked, num_steps, module.lean)
+        actual = step_logps(module.policy, packed, num_steps, module.lean)
     assert (expected[unpacked["step_mask"]] != 0).all()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
@@ -156,7 +156,8 @@ def test_packed_batch_gives_the_unpacked_log_probs_loss_and_gradients(tmp_path, 
     assert packed["attention_mask"].sum() < unpacked["attention_mask"].sum()
     module = make_module(lean_logps=lean)
     set_attention(module, attention)
-    assert_same_step_logps(module, unpacked, packed, lean)
+    assert (module.lean is not None) == lean
+    assert_same_step_logps(module, unpacked, packed)
     assert_same_objective_and_gradients(module, unpacked, packed)
 
 
