@@ -170,10 +170,42 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
+def check_lora_settings(settings: LoraSettings) -> None:
+    """Fails, naming the setting, on LoRA values peft would refuse with a traceback or that make no
+    adapter: ``r >= 1``, ``alpha > 0``, ``0 <= dropout < 1``, at least one target module.
+
+    Raises:
+        SettingError: naming ``model.lora.<field>``.
+    """
+    if settings.r < 1:
+        raise SettingError(f"model.lora.r: the adapter rank must be at least 1, got {settings.r}")
+    if not settings.alpha > 0:
+        raise SettingError(f"model.lora.alpha: must be > 0 (the update is scaled by alpha / r), got {settings.alpha}")
+    if not 0 <= settings.dropout < 1:
+        raise SettingError(f"model.lora.dropout: a probability in [0, 1), got {settings.dropout}")
+    if not settings.target_modules:
+        raise SettingError("model.lora.target_modules: empty; name module names (e.g. [q_proj, v_proj]) or \"all-linear\"")
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last name parts of `model`'s linear layers (`nn.Linear`, and GPT-2's `Conv1D`),
+    in model order: the names `target_modules` can take, e.g. ``["q_proj", ..., "lm_head"]``."""
+    names = [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]
+    return list(dict.fromkeys(names))
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> torch.nn.Module:
-    """Wraps `model` in LoRA adapters; only the adapter weights stay trainable."""
+    """Wraps `model` in LoRA adapters; only the adapter weights stay trainable.
+
+    Raises:
+        SettingError: naming ``model.lora.<field>`` for a value out of range (`check_lora_settings`),
+            or ``model.lora.target_modules`` when none of its names is a module of `model` (the
+            message lists the model's linear modules).
+    """
     from peft import LoraConfig, get_peft_model
 
+    check_lora_settings(settings)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -181,7 +213,14 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> torch.nn.Modul
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    linear = linear_module_names(model)  # before peft changes the model
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # the values above are checked: peft found no module to adapt
+        raise SettingError(
+            f"model.lora.target_modules: {settings.target_modules!r} matches no module of the model ({error}); "
+            f"its linear modules are: {', '.join(linear)}"
+        ) from error
 
 
 # Checkpoints keep these in their hyper-parameters; allowing them lets `torch.load(..., weights_only=True)`

@@ -18,7 +18,16 @@ from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_s
 from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts, use_lean_logps
 from stepwise_lit.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.metrics import PreferenceMetrics
-from stepwise_lit.models import DTYPES, DtypeName, LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
+from stepwise_lit.models import (
+    DTYPES,
+    DtypeName,
+    LoraSettings,
+    TinyModelConfig,
+    apply_lora,
+    check_lora_settings,
+    frozen_copy,
+    load_causal_lm,
+)
 from stepwise_lit.objective import Objective, ObjectiveSettings, check_objective_settings, sft_loss, stepwise_objective
 from stepwise_lit.reference import (
     AdapterReference,
@@ -176,6 +185,8 @@ class StepwiseDPOModule(L.LightningModule):
         self.tiny_model = tiny_model or TinyModelConfig()
         self.lora = lora
         check_settings(self.hparams)
+        if lora is not None:
+            check_lora_settings(lora)
         self.objective_settings = ObjectiveSettings(**{
             **{f.name: self.hparams[f.name] for f in fields(ObjectiveSettings)},
             "aggregation_strategy": resolve_aggregation(aggregation_strategy),
