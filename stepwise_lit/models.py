@@ -18,6 +18,9 @@ from stepwise_lit.errors import SettingError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Weight dtype names the settings take."""
 DtypeName = Literal["float32", "bfloat16", "float16"]
+TINY_MODEL_RNG_KEY = "tiny_model_rng_state"
+"""A LoRA checkpoint's entry for the CPU RNG state the embedded tiny model was initialised from: the
+checkpoint leaves the frozen base out, and this state rebuilds it (`load_causal_lm(rng_state=...)`)."""
 
 
 @dataclass
@@ -93,6 +96,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
     setting: str = "model.model_name_or_path",
+    rng_state: torch.Tensor | None = None,
 ) -> PreTrainedModel:
     """Loads a Hugging Face causal LM, or builds the embedded tiny model when no path is given.
 
@@ -106,12 +110,17 @@ def load_causal_lm(
         trust_remote_code: Passed to `from_pretrained`; off unless the user sets it.
         dtype: Weight dtype for `from_pretrained` (None: the checkpoint's own).
         setting: The setting `model_name_or_path` came from, as YAML names it (for errors).
+        rng_state: For the tiny model: the CPU RNG state (`torch.get_rng_state()`) to initialise it
+            from, leaving the global RNG as it was; None initialises it from the global RNG.
 
     Raises:
         SettingError: naming `setting`, when the model cannot be found or loaded (`check_source`).
     """
     if model_name_or_path is None:
-        model = build_tiny_model(tokenizer, tiny)
+        with torch.random.fork_rng(devices=[], enabled=rng_state is not None):
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
+            model = build_tiny_model(tokenizer, tiny)
     else:
         check_source(setting, model_name_or_path, "config.json")
         try:
@@ -168,6 +177,12 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     reference.eval()
     reference.requires_grad_(False)
     return reference
+
+
+def frozen_state_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of `model`'s frozen parameters, a tied one under each of its names: under
+    LoRA the base weights, which a checkpoint leaves out (its source rebuilds them)."""
+    return {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
 
 
 def check_lora_settings(settings: LoraSettings) -> None:
