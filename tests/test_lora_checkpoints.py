@@ -81,3 +81,32 @@ def test_a_checkpoint_missing_an_adapter_weight_stops_naming_ckpt_path(trained, 
     assert "Traceback" not in outcome.err
     (first,) = [line for line in outcome.err.splitlines() if line.startswith("error:")]
     assert first.startswith(f"error: ckpt_path: {broken}") and gone in first, first
+
+
+def test_a_model_folder_base_is_reloaded_from_the_folder(tmp_path, capsys):
+    """LoRA on a saved GPT-2 folder (tied embeddings, Conv1D layers): the checkpoint holds only
+    adapter weights (neither name of the tied embedding), and `validate` from it, which reloads the
+    base from `model.model_name_or_path`, gives fit's last validation loss."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stepwise_lit.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=512,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = {"tiny_model": None, "model_name_or_path": str(folder), "lora": {"r": 4, "alpha": 8}}
+    config = write_config(tmp_path / "fit", {"model": model}, tmp_path / "cache")
+    assert run_entry(main, ["fit", "--config", str(config)], capsys).code == 0
+    root = tmp_path / "fit" / "run"
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"] and all("lora_" in key for key in checkpoint["state_dict"])
+    assert "tiny_model_rng_state" not in checkpoint
+    before = val_losses(root)
+    argv = ["validate", "--config", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--report.enabled=false"]
+    outcome = run_entry(main, argv, capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    assert val_losses(root)[len(before):] == [before[-1]]
