@@ -46,7 +46,7 @@ from stepwise_lit.evaluation import GenerationMetrics, SolveRateEvaluation, eval
 from stepwise_lit.export import MARKER
 from stepwise_lit.generate import TransformersGenerator
 from stepwise_lit.localisation import LabelledSettings, check_labelled_settings, localise, read_responses
-from stepwise_lit.models import TINY_MODEL_RNG_KEY, DTYPES, TinyModelConfig, apply_lora, frozen_state_keys, load_causal_lm
+from stepwise_lit.models import DTYPES, TINY_MODEL_RNG_KEY, TinyModelConfig, apply_lora, frozen_state_keys, load_causal_lm
 from stepwise_lit.module import POLICY_PREFIX, StepwiseDPOModule
 from stepwise_lit.rewards.base import StepScorer
 from stepwise_lit.tokenizer import load_tokenizer

@@ -83,7 +83,8 @@ class StepwiseDPOModule(L.LightningModule):
             (reference-free: log-ratios are log-probs).
         ref_model_name_or_path: Reference weights for `reference: copy` or `precomputed`; None:
             the policy's initial weights.
-        lora: LoRA settings; None trains every weight.
+        lora: LoRA settings (checked at start, `stepwise_lit.models.check_lora_settings`); checkpoints then
+            hold only the adapter weights (see `on_save_checkpoint`). None trains every weight.
         step_beta: β_s, the scale of the implicit step reward h_t = β_s ρ_t. Must be > 0.
         outcome_beta: β_o, the scale of the outcome margin z = β_o (ρ(y_c) − ρ(y_r)). Must be > 0.
         outcome_loss_type: The outcome loss (`stepwise_lit.losses.outcome_loss`).
