@@ -46,15 +46,14 @@ from stepwise_lit.evaluation import GenerationMetrics, SolveRateEvaluation, eval
 from stepwise_lit.export import MARKER
 from stepwise_lit.generate import TransformersGenerator
 from stepwise_lit.localisation import LabelledSettings, check_labelled_settings, localise, read_responses
-from stepwise_lit.models import DTYPES, TinyModelConfig, apply_lora, load_causal_lm
-from stepwise_lit.module import StepwiseDPOModule
+from stepwise_lit.models import DTYPES, TINY_MODEL_RNG_KEY, TinyModelConfig, apply_lora, frozen_state_keys, load_causal_lm
+from stepwise_lit.module import POLICY_PREFIX, StepwiseDPOModule
 from stepwise_lit.rewards.base import StepScorer
 from stepwise_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger("stepwise_lit")
 
 REPORT_FILE = "report.json"
-POLICY_PREFIX = "policy."  # the policy's keys in a StepwiseDPOModule checkpoint's state_dict
 EXPORT_DATA_SKIPPED = ("tokenizer_name_or_path", "cache_dir")  # the exporting machine's, not this one's
 IGNORED_SECTIONS = ("trainer", "report", "export", "online")  # train.py config sections this command does not use
 
@@ -161,9 +160,11 @@ def problem_rows(data: Namespace) -> tuple[list[dict], str]:
     return datamodule.canonical_rows(data.path, data.split), data.path
 
 
-def checkpoint_policy_weights(path: str) -> dict[str, torch.Tensor]:
+def checkpoint_policy_weights(path: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """The policy's tensors of a StepwiseDPOModule checkpoint (``state_dict`` keys ``policy.*``, prefix
-    removed), read with ``weights_only=True`` and memory-mapped, so only these tensors are read.
+    removed; a LoRA checkpoint's hold only the adapter) and the RNG state its embedded model was built
+    from (`TINY_MODEL_RNG_KEY`, or None), read with ``weights_only=True`` and memory-mapped, so only
+    these tensors are read.
 
     Raises:
         SettingError: Naming ``ckpt_path`` for a file that is not such a checkpoint.
@@ -178,12 +179,14 @@ def checkpoint_policy_weights(path: str) -> dict[str, torch.Tensor]:
         raise SettingError(
             f"ckpt_path: {path} holds no policy weights (no 'policy.*' in its state_dict): not a checkpoint of train.py"
         )
-    return weights
+    return weights, checkpoint.get(TINY_MODEL_RNG_KEY)
 
 
 def load_policy(model: Namespace, ckpt_path: str | None) -> tuple[torch.nn.Module, object]:
     """The policy and its tokenizer: ``model.*`` builds the model (an export, a hub model, or the embedded
     tiny model), then a checkpoint's policy weights replace its own (LoRA adapters merged after loading).
+    A LoRA checkpoint holds only the adapter: the base is the model ``model.*`` describes (the embedded
+    one built from the RNG state the checkpoint keeps, as in training).
 
     Raises:
         SettingError: Naming ``model.model_name_or_path`` for a source that cannot be loaded, or
@@ -194,15 +197,17 @@ def load_policy(model: Namespace, ckpt_path: str | None) -> tuple[torch.nn.Modul
     tokenizer = load_tokenizer(source, model.trust_remote_code, setting=setting)
     dtype = DTYPES[model.dtype] if model.dtype else None
     tiny = model.tiny_model or TinyModelConfig()
-    policy = load_causal_lm(model.model_name_or_path, tokenizer, tiny, model.trust_remote_code, dtype)
+    weights, rng_state = checkpoint_policy_weights(ckpt_path) if ckpt_path is not None else ({}, None)
+    policy = load_causal_lm(model.model_name_or_path, tokenizer, tiny, model.trust_remote_code, dtype, rng_state=rng_state)
     if ckpt_path is None:
         return policy.eval(), tokenizer
     if model.lora is not None:
         policy = apply_lora(policy, model.lora)
     try:
-        missing, unexpected = policy.load_state_dict(checkpoint_policy_weights(ckpt_path), strict=False)
+        missing, unexpected = policy.load_state_dict(weights, strict=False)
     except RuntimeError as error:  # a tensor of another shape
         raise SettingError(f"ckpt_path: {ckpt_path} does not fit the model model.* describes: {error}") from error
+    missing = [key for key in missing if key not in frozen_state_keys(policy)] if model.lora is not None else missing
     if missing or unexpected:
         raise SettingError(
             f"ckpt_path: {ckpt_path} does not fit the model model.* describes ({len(missing)} weights missing, "

@@ -18,6 +18,9 @@ from stepwise_lit.errors import SettingError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Weight dtype names the settings take."""
 DtypeName = Literal["float32", "bfloat16", "float16"]
+TINY_MODEL_RNG_KEY = "tiny_model_rng_state"
+"""A LoRA checkpoint's entry for the CPU RNG state the embedded tiny model was initialised from: the
+checkpoint leaves the frozen base out, and this state rebuilds it (`load_causal_lm(rng_state=...)`)."""
 
 
 @dataclass
@@ -93,6 +96,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
     setting: str = "model.model_name_or_path",
+    rng_state: torch.Tensor | None = None,
 ) -> PreTrainedModel:
     """Loads a Hugging Face causal LM, or builds the embedded tiny model when no path is given.
 
@@ -106,12 +110,17 @@ def load_causal_lm(
         trust_remote_code: Passed to `from_pretrained`; off unless the user sets it.
         dtype: Weight dtype for `from_pretrained` (None: the checkpoint's own).
         setting: The setting `model_name_or_path` came from, as YAML names it (for errors).
+        rng_state: For the tiny model: the CPU RNG state (`torch.get_rng_state()`) to initialise it
+            from, leaving the global RNG as it was; None initialises it from the global RNG.
 
     Raises:
         SettingError: naming `setting`, when the model cannot be found or loaded (`check_source`).
     """
     if model_name_or_path is None:
-        model = build_tiny_model(tokenizer, tiny)
+        with torch.random.fork_rng(devices=[], enabled=rng_state is not None):
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
+            model = build_tiny_model(tokenizer, tiny)
     else:
         check_source(setting, model_name_or_path, "config.json")
         try:
@@ -186,10 +195,48 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
+def frozen_state_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of `model`'s frozen parameters, a tied one under each of its names: under
+    LoRA the base weights, which a checkpoint leaves out (its source rebuilds them)."""
+    return {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
+
+
+def check_lora_settings(settings: LoraSettings) -> None:
+    """Fails, naming the setting, on LoRA values peft would refuse with a traceback or that make no
+    adapter: ``r >= 1``, ``alpha > 0``, ``0 <= dropout < 1``, at least one target module.
+
+    Raises:
+        SettingError: naming ``model.lora.<field>``.
+    """
+    if settings.r < 1:
+        raise SettingError(f"model.lora.r: the adapter rank must be at least 1, got {settings.r}")
+    if not settings.alpha > 0:
+        raise SettingError(f"model.lora.alpha: must be > 0 (the update is scaled by alpha / r), got {settings.alpha}")
+    if not 0 <= settings.dropout < 1:
+        raise SettingError(f"model.lora.dropout: a probability in [0, 1), got {settings.dropout}")
+    if not settings.target_modules:
+        raise SettingError("model.lora.target_modules: empty; name module names (e.g. [q_proj, v_proj]) or \"all-linear\"")
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last name parts of `model`'s linear layers (`nn.Linear`, and GPT-2's `Conv1D`),
+    in model order: the names `target_modules` can take, e.g. ``["q_proj", ..., "lm_head"]``."""
+    names = [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]
+    return list(dict.fromkeys(names))
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> torch.nn.Module:
-    """Wraps `model` in LoRA adapters; only the adapter weights stay trainable."""
+    """Wraps `model` in LoRA adapters; only the adapter weights stay trainable.
+
+    Raises:
+        SettingError: naming ``model.lora.<field>`` for a value out of range (`check_lora_settings`),
+            or ``model.lora.target_modules`` when none of its names is a module of `model` (the
+            message lists the model's linear modules).
+    """
     from peft import LoraConfig, get_peft_model
 
+    check_lora_settings(settings)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -197,7 +244,14 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> torch.nn.Modul
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    linear = linear_module_names(model)  # before peft changes the model
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # the values above are checked: peft found no module to adapt
+        raise SettingError(
+            f"model.lora.target_modules: {settings.target_modules!r} matches no module of the model ({error}); "
+            f"its linear modules are: {', '.join(linear)}"
+        ) from error
 
 
 # Checkpoints keep these in their hyper-parameters; allowing them lets `torch.load(..., weights_only=True)`

@@ -12,14 +12,25 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 
 from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rejected
-from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm
+from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
 from stepwise_lit.errors import SettingError
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
 from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts
 from stepwise_lit.lean import LeanLogps, use_lean_logps
 from stepwise_lit.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.metrics import PreferenceMetrics
-from stepwise_lit.models import DTYPES, DtypeName, LoraSettings, TinyModelConfig, apply_lora, frozen_copy, load_causal_lm
+from stepwise_lit.models import (
+    DTYPES,
+    TINY_MODEL_RNG_KEY,
+    DtypeName,
+    LoraSettings,
+    TinyModelConfig,
+    apply_lora,
+    check_lora_settings,
+    frozen_copy,
+    frozen_state_keys,
+    load_causal_lm,
+)
 from stepwise_lit.objective import Objective, ObjectiveSettings, check_objective_settings, sft_loss, stepwise_objective
 from stepwise_lit.reference import (
     AdapterReference,
@@ -33,6 +44,9 @@ from stepwise_lit.rewards.base import MissingStepScores, StepScorer
 from stepwise_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger("stepwise_lit")
+
+POLICY_PREFIX = "policy."
+"""The policy's keys in the module's state dict (and a checkpoint's ``state_dict``)."""
 
 ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
 StepAccuracyMetric = Literal["accuracy", "auroc"]
@@ -70,7 +84,8 @@ class StepwiseDPOModule(L.LightningModule):
             (reference-free: log-ratios are log-probs).
         ref_model_name_or_path: Reference weights for `reference: copy` or `precomputed`; None:
             the policy's initial weights.
-        lora: LoRA settings; None trains every weight.
+        lora: LoRA settings (checked at start, `stepwise_lit.models.check_lora_settings`); checkpoints then
+            hold only the adapter weights (see `on_save_checkpoint`). None trains every weight.
         step_beta: β_s, the scale of the implicit step reward h_t = β_s ρ_t. Must be > 0.
         outcome_beta: β_o, the scale of the outcome margin z = β_o (ρ(y_c) − ρ(y_r)). Must be > 0.
         outcome_loss_type: The outcome loss (`stepwise_lit.losses.outcome_loss`).
@@ -179,6 +194,8 @@ class StepwiseDPOModule(L.LightningModule):
         self.tiny_model = tiny_model or TinyModelConfig()
         self.lora = lora
         check_settings(self.hparams)
+        if lora is not None:
+            check_lora_settings(lora)
         self.objective_settings = ObjectiveSettings(**{
             **{f.name: self.hparams[f.name] for f in fields(ObjectiveSettings)},
             "aggregation_strategy": resolve_aggregation(aggregation_strategy),
@@ -192,6 +209,7 @@ class StepwiseDPOModule(L.LightningModule):
         )
         # Models are built in `configure_model`, so sharded strategies can wrap them there.
         self.policy: torch.nn.Module | None = None
+        self.base_rng_state: torch.Tensor | None = None  # the CPU RNG state the embedded model was built from
         self.reference: Reference = NoReference()  # the mode's reference once `configure_model` ran
         self.missing_scores = MissingStepScores(reward_model)
         self.train_metrics = PreferenceMetrics(step_metrics=evaluate_step_accuracy)
@@ -215,6 +233,7 @@ class StepwiseDPOModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
+        self.base_rng_state = torch.get_rng_state() if hp.model_name_or_path is None else None
         base = self.build_base_model(hp.model_name_or_path)
         frozen = self.build_frozen_reference(base) if hp.reference == "copy" else None  # before LoRA changes `base`
         policy = apply_lora(base, self.lora) if self.lora is not None else base
@@ -466,13 +485,24 @@ class StepwiseDPOModule(L.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Adds each rank's RNG, the skipped-step count and the reference's entries. With LoRA the
+        frozen base weights are left out of the state dict (unless FSDP shards the policy): like the
+        reference, they are rebuilt from their source on load (`with_base_weights`); for the embedded
+        model the checkpoint keeps the RNG state it was built from (docs/contract.md, Checkpoint)."""
         checkpoint["rng_states"] = gather_rng_states()
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint.update(self.reference.state_dict())
+        if self.saves_adapter_only():
+            base = self.base_state_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in base}
+            if self.base_rng_state is not None:
+                checkpoint[TINY_MODEL_RNG_KEY] = self.base_rng_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the skipped-step count, the reference's entries and, with as many ranks as
-        saved it, each rank's RNG."""
+        """Puts back the base weights a LoRA checkpoint left out, then restores the skipped-step
+        count, the reference's entries and, with as many ranks as saved it, each rank's RNG."""
+        if self.saves_adapter_only():
+            checkpoint["state_dict"] = self.with_base_weights(checkpoint)
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         self.reference.load_state_dict(checkpoint)
         states = checkpoint.get("rng_states", [])
@@ -483,6 +513,41 @@ class StepwiseDPOModule(L.LightningModule):
                 "the checkpoint holds the RNG states of %d ranks and this run has %d: RNG not restored",
                 len(states), self.trainer.world_size,
             )
+
+    def saves_adapter_only(self) -> bool:
+        """Whether checkpoints hold only the trainable weights: with LoRA, when no FSDP strategy shards
+        the policy (those load their state dicts themselves, before `on_load_checkpoint`)."""
+        return self.lora is not None and not is_sharded(self.policy)
+
+    def base_state_keys(self) -> set[str]:
+        """The state-dict keys (``policy.*``) of the policy's frozen weights: under LoRA its base."""
+        return {POLICY_PREFIX + key for key in frozen_state_keys(self.policy)}
+
+    def with_base_weights(self, checkpoint: dict) -> dict[str, torch.Tensor]:
+        """The checkpoint's state dict completed with the frozen base weights it left out, rebuilt as
+        at start: from `model_name_or_path`, or the embedded model from the RNG state it was first
+        built from (when this run built it from another, e.g. another seed, the models are rebuilt
+        from that state, the reference included). Weights the checkpoint holds win, so a checkpoint
+        with its base (older ones) loads as before; Lightning then loads the result strictly.
+
+        Raises:
+            SettingError: naming ``ckpt_path`` when the checkpoint lacks a trainable weight.
+        """
+        state = checkpoint["state_dict"]
+        built_from = checkpoint.get(TINY_MODEL_RNG_KEY)
+        if built_from is not None and self.base_rng_state is not None and not torch.equal(built_from, self.base_rng_state):
+            self.policy = None
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(built_from)
+                self.configure_model()
+        own, base = self.state_dict(), self.base_state_keys()
+        missing = [key for key in own if key not in base and key not in state]
+        if missing:
+            raise SettingError(
+                f"ckpt_path: {self.trainer.ckpt_path} lacks {len(missing)} trainable weights of this policy, e.g. "
+                f"{missing[0]}; resume with the model.lora settings it was trained with"
+            )
+        return {**{key: own[key] for key in base}, **state}
 
     # ----------------------------------------------------------------- metrics
     def _log_epoch_metrics(self, metrics: PreferenceMetrics, stage: str) -> None:

@@ -309,3 +309,37 @@ def test_show_traceback_keeps_the_traceback(tmp_path, world):
     with pytest.raises(SettingError, match="output"):
         score.main(score_args(world, world.pairs, tmp_path / "out.txt", "--show_traceback")[1:])
 
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+LORA_CASES = {
+    "rank-zero": ({"r": 0}, (), "model.lora.r", ["0"]),
+    "rank-zero-as-a-flag": ({}, ("--model.lora.r=0",), "model.lora.r", ["0"]),
+    "alpha-zero": ({"alpha": 0}, (), "model.lora.alpha", ["> 0"]),
+    "alpha-negative": ({"alpha": -8}, (), "model.lora.alpha", ["-8"]),
+    "dropout-above-1": ({"dropout": 1.5}, (), "model.lora.dropout", ["1.5"]),
+    "dropout-1-as-a-flag": ({}, ("--model.lora.dropout=1.0",), "model.lora.dropout", ["1.0"]),
+    "dropout-negative": ({"dropout": -0.1}, (), "model.lora.dropout", ["-0.1"]),
+    "no-target-module-matches": (
+        {"target_modules": ["no_such_proj"]}, (), "model.lora.target_modules",
+        # the model's own linear modules are listed
+        ["no_such_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]),
+    "no-target-module-matches-as-a-flag": (
+        {}, ("--model.lora.target_modules=[nope_proj]",), "model.lora.target_modules", ["nope_proj", "q_proj"]),
+    "no-target-modules": ({"target_modules": []}, (), "model.lora.target_modules", ["empty"]),
+}
+
+
+@pytest.mark.parametrize("lora, flags, setting, words", list(LORA_CASES.values()), ids=list(LORA_CASES))
+def test_lora_settings_out_of_range_stop_with_the_setting_on_the_first_line(tmp_path, world, capsys, lora, flags,
+                                                                           setting, words):
+    """`train.py fit` with a LoRA value peft refuses (r 0, dropout outside [0, 1)), one that makes no
+    sense (alpha <= 0, which peft takes), or target modules the model lacks: exit code 2, no
+    traceback, and the one error line starts with the setting's name."""
+    outcome = run_entry(main, fit(tmp_path, world, {"model": {"lora": {**LORA, **lora}}}, *flags), capsys)
+    assert outcome.code == 2, outcome.err[-3000:]
+    assert "Traceback" not in outcome.err
+    (first,) = [line for line in outcome.err.splitlines() if line.startswith("error:")]
+    assert first.startswith(f"error: {setting}: "), first
+    for word in words:
+        assert word in first, f"{word!r} not in: {first}"

@@ -141,10 +141,10 @@ class Run:
 
 def write_config(
     root: Path, cache: Path, *, devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
-    checkpoint_every: int = 1, **probe,
+    checkpoint_every: int = 1, lora: dict | None = None, **probe,
 ) -> Path:
-    """A fit config for the tiny model: `STEPS` steps of the global batch, a checkpoint every
-    `checkpoint_every` steps, the `Probe`."""
+    """A fit config for the tiny model (with `lora`: LoRA settings on it): `STEPS` steps of the
+    global batch, a checkpoint every `checkpoint_every` steps, the `Probe`."""
     config = {
         "seed_everything": 0,
         # one thread in every run, in-process or not: float sums then reduce in one order, and the
@@ -164,6 +164,7 @@ def write_config(
         "model": {
             "tiny_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001, "weight_decay": 0.0}},
+            **({"lora": lora} if lora is not None else {}),
         },
         "data": {
             "path": "synthetic", "synthetic_train_size": TRAIN_PAIRS, "synthetic_val_size": VAL_PAIRS,
@@ -370,6 +371,29 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(si
     process.wait()
     (tmp_path / "probe" / "release").touch()  # the resumed run starts at the held step: do not hold again
     resumed = fit(config, "--ckpt_path", "last") if devices > 1 else fit_here(config, "--ckpt_path", "last")
+    assert_resumed_like(resumed, uninterrupted, kill_step, ranks=devices)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2], ids=["one-process", "ddp"])
+def test_sigkill_then_resume_with_lora_gives_the_uninterrupted_weights(tmp_path, cache, devices):
+    """With LoRA the checkpoints hold only the adapter (the base is rebuilt from the embedded
+    model's saved RNG state): SIGKILL after a random step's checkpoint, `--ckpt_path last` ends on
+    the uninterrupted run's merged weights (base + adapter, as exported), losses and RNG draws."""
+    lora = {"r": 4, "alpha": 16, "dropout": 0.1}  # all-linear; adapter dropout draws from the RNG
+    strategy = "auto" if devices == 1 else "ddp"
+    run = fit_here if devices == 1 else fit
+    uninterrupted = run(write_config(tmp_path / "whole", cache, devices=devices, strategy=strategy, lora=lora))
+    config = write_config(tmp_path / "killed", cache, devices=devices, strategy=strategy, lora=lora,
+                          hold_after=random.randint(2, STEPS - 2))
+    process = start(config)
+    kill_step = wait_until_held(Run(config.parent), process, ranks=devices)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    (config.parent / "probe" / "release").touch()
+    state = torch.load(config.parent / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all("lora_" in key for key in state), "the checkpoint holds weights besides the adapter"
+    resumed = run(config, "--ckpt_path", "last")
     assert_resumed_like(resumed, uninterrupted, kill_step, ranks=devices)
 
 

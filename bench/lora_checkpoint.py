@@ -1,0 +1,84 @@
+"""What a LoRA checkpoint holds: a 2-step `train.py fit` of `configs/tiny.yaml` with LoRA, then
+`last.ckpt`'s file size and the values it stores (model state dict: adapter and other; optimizer
+state). Run from the repository root:
+
+    python bench/lora_checkpoint.py            # r 4, all-linear (the README's figures)
+    python bench/lora_checkpoint.py --r 8
+    python bench/lora_checkpoint.py --zephyr   # only the base size of configs/zephyr_gsm8k.yaml's model
+
+`--zephyr` counts the parameters of a `MistralForCausalLM` in zephyr-7b-beta's shape, built on the
+meta device (nothing is downloaded or allocated): the base a bfloat16 checkpoint no longer holds.
+
+The run uses tiny.yaml's model (64 wide, 2 layers) and seed (0), 64 synthetic pairs, no
+validation, no generation evaluation and no export; it writes into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stepwise_lit.cli import main  # noqa: E402
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    """Every tensor anywhere in a nested dict / list of a checkpoint."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in tensors(value)]
+    return []
+
+
+def zephyr_base_parameters() -> int:
+    """Parameters of zephyr-7b-beta's architecture (Mistral-7B: 32 layers, hidden 4096, MLP 14336,
+    8 key/value heads, 32,000-token vocabulary, untied head), counted on the meta device."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return sum(p.numel() for p in MistralForCausalLM(config).parameters())
+
+
+def main_(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--r", type=int, default=4)
+    parser.add_argument("--zephyr", action="store_true", help="print the zephyr-7b base size and stop")
+    args = parser.parse_args(argv)
+    if args.zephyr:
+        count = zephyr_base_parameters()
+        print(f"zephyr-7b-beta base: {count:,} parameters, {2 * count / 1e9:.2f} GB in bfloat16")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        main([
+            "fit", "--config", str(REPO / "configs" / "tiny.yaml"), f"--model.lora.r={args.r}",
+            "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={folder}", "--evaluation.enabled=false", "--export.enabled=false",
+            "--data.synthetic_train_size=64", "--data.synthetic_val_size=8", f"--data.cache_dir={folder}/cache",
+        ])
+        path = Path(folder) / "checkpoints" / "last.ckpt"
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint["state_dict"]
+        adapter = sum(v.numel() for k, v in state.items() if "lora_" in k)
+        other = sum(v.numel() for k, v in state.items() if "lora_" not in k)
+        print(f"last.ckpt: {os.path.getsize(path):,} bytes")
+        print(f"state_dict: {len(state)} tensors, {adapter:,} adapter (lora_) values, {other:,} other values")
+        optimizer = sum(t.numel() for t in tensors(checkpoint["optimizer_states"]))
+        print(f"optimizer state: {optimizer:,} values")
+        rng = sum(t.numel() for t in tensors(checkpoint) if t.dtype == torch.uint8)
+        print(f"RNG states (uint8 tensors): {rng:,} bytes")
+
+
+if __name__ == "__main__":
+    main_()
