@@ -31,12 +31,12 @@ from typing import get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
 from stepwise_lit.answers import AnswerSourceName, extract_answer
 from stepwise_lit.data.sampling import PaddedShardSampler
+from stepwise_lit.distributed import shows_progress
 from stepwise_lit.errors import SettingError
 from stepwise_lit.evaluate import MajorityAtK, PassAtK, SolveRate
 from stepwise_lit.generate import GenerationSettings, Prompt, TransformersGenerator
@@ -249,9 +249,12 @@ class SolveRateEvaluation(L.Callback):
 
     Prompts are the split's distinct prompts in order, at most ``max_prompts``, formatted and
     cut as training formats them (``data.use_step_wise_prompt``/``step_wise_prompt_template``,
-    ``data.max_prompt_length`` from the left). Under DDP each rank generates its in-order
-    share once; the shares are padded to equal length with repeats of weight 0
-    (``data.sampling.PaddedShardSampler``), so the values equal one process's. The results
+    ``data.max_prompt_length`` from the left). Under DDP and FSDP each rank generates its
+    in-order share once; the shares are padded to equal length with repeats of weight 0
+    (``data.sampling.PaddedShardSampler``), so the values equal one process's, and every rank
+    runs as many ``generate`` batches, which a sharded policy decodes in lockstep
+    (``stepwise_lit.generate``). Rank zero shows a progress bar over the batches while the
+    trainer's progress bar is on. The results
     (:attr:`results`) go to the logger as ``<stage>/solve_rate``, ``<stage>/pass_at_k``,
     ``<stage>/maj_at_k`` and ``<stage>/flagged_step_share``, and into ``report.json``.
 
@@ -303,20 +306,6 @@ class SolveRateEvaluation(L.Callback):
             self.during_fit and trainer.state.fn == TrainerFn.FITTING
         )
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Fails at start under FSDP: a sharded policy's forward is collective, and ranks that
-        decode different lengths would wait on each other forever.
-
-        Raises:
-            SettingError: Naming ``evaluation.enabled``.
-        """
-        if self.enabled and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            raise SettingError(
-                "evaluation.enabled: generation needs the whole policy on every rank (DDP or one process); "
-                f"it does not run under {type(trainer.strategy).__name__}. Evaluate the exported model with "
-                "python -m stepwise_lit.evaluate instead"
-            )
-
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module, "val")
 
@@ -345,7 +334,7 @@ class SolveRateEvaluation(L.Callback):
         weights = torch.tensor([float(position < len(problems)) for position in positions])
         generator = TransformersGenerator(
             pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
-            datamodule.hparams.max_prompt_length, progress=False,
+            datamodule.hparams.max_prompt_length, progress=shows_progress(trainer),
         )
         self.metrics.to(pl_module.device)  # torchmetrics syncs its states where they are (NCCL: on the GPU)
         self.metrics.reset()
