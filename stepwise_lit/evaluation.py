@@ -31,6 +31,7 @@ from typing import get_args
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
@@ -242,6 +243,22 @@ def examples(problems: Sequence[Problem], completions: Sequence[Sequence[str]], 
     ]
 
 
+def refuse_fsdp1(trainer: L.Trainer, setting: str) -> None:
+    """Generation runs in one process, under DDP and under FSDP2 (``ModelParallelStrategy``), not
+    yet under FSDP1 (``FSDPStrategy``), whose wrapped root would have to be gathered around
+    ``generate`` and which this package cannot run on the CPU to test.
+
+    Raises:
+        SettingError: Naming ``setting``, under ``FSDPStrategy``.
+    """
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise SettingError(
+            f"{setting}: generation does not run under FSDPStrategy (FSDP1); use ModelParallelStrategy "
+            "(FSDP2, configs/fsdp.yaml), DDP or one process, or evaluate the exported model with "
+            "python -m stepwise_lit.evaluate"
+        )
+
+
 class SolveRateEvaluation(L.Callback):
     """Greedy (or sampled) solutions of the validation split's prompts, graded at the start
     of every ``validate``/``test`` epoch (before the pair metrics; off during ``fit`` unless
@@ -249,7 +266,7 @@ class SolveRateEvaluation(L.Callback):
 
     Prompts are the split's distinct prompts in order, at most ``max_prompts``, formatted and
     cut as training formats them (``data.use_step_wise_prompt``/``step_wise_prompt_template``,
-    ``data.max_prompt_length`` from the left). Under DDP and FSDP each rank generates its
+    ``data.max_prompt_length`` from the left). Under DDP and FSDP2 each rank generates its
     in-order share once; the shares are padded to equal length with repeats of weight 0
     (``data.sampling.PaddedShardSampler``), so the values equal one process's, and every rank
     runs as many ``generate`` batches, which a sharded policy decodes in lockstep
@@ -305,6 +322,11 @@ class SolveRateEvaluation(L.Callback):
         return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) or (
             self.during_fit and trainer.state.fn == TrainerFn.FITTING
         )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fails at start under FSDP1 (see `refuse_fsdp1`)."""
+        if self.enabled:
+            refuse_fsdp1(trainer, "evaluation.enabled")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module, "val")

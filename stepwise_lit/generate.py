@@ -200,7 +200,7 @@ class TextStops:
                 self.steps_left -= 1
                 position = text.find(self.step_end, position + 1)  # overlapping, as completion_end counts
             self.reached = self.reached or self.steps_left == 0
-        self.tail = text[len(text) - self.keep :] if self.keep else ""
+        self.tail = text[max(0, len(text) - self.keep) :]
         return self.reached
 
 

@@ -15,7 +15,7 @@ on them. The reference stays fixed, or is re-frozen from the policy at the start
 Resuming (``--ckpt_path last``): a round on disk is read back, never generated twice; a
 round killed between its solutions and its pairs gets its pairs built from the written
 solutions; the resumed epoch skips the batches already trained (``ResumableDataLoader``).
-Under DDP and FSDP each rank samples its share of the round's prompts (every ``world_size``-th),
+Under DDP and FSDP2 each rank samples its share of the round's prompts (every ``world_size``-th),
 rank 0 writes the round, and every rank trains on all its pairs (each its share of batches).
 The shares are decoded at equal length (:class:`PaddedGenerator`), so a sharded policy's
 ``generate`` batches, collectives under FSDP, match across ranks (``stepwise_lit.generate``).
@@ -38,7 +38,7 @@ from stepwise_lit.answers import AnswerSourceName
 from stepwise_lit.data.sampling import PaddedShardSampler
 from stepwise_lit.distributed import shows_progress
 from stepwise_lit.errors import SettingError, UserError
-from stepwise_lit.evaluation import Problem, held_out_problems
+from stepwise_lit.evaluation import Problem, held_out_problems, refuse_fsdp1
 from stepwise_lit.generate import GenerationSettings, Generator, Prompt, runs_in_lockstep
 from stepwise_lit.imports import import_callable
 from stepwise_lit.online.pairs import PairSettings
@@ -64,7 +64,7 @@ class OnlineRounds(L.Callback):
 
     Needs the trainer's ``reload_dataloaders_every_n_epochs: 1`` (each round is a new
     training set) and a ``StepwiseDataModule``; runs in one process, under DDP and under
-    FSDP. The number of rounds is ``trainer.max_epochs - start_epoch``. Logged per round
+    FSDP2 (not FSDP1: ``stepwise_lit.evaluation.refuse_fsdp1``). The number of rounds is ``trainer.max_epochs - start_epoch``. Logged per round
     (epoch): ``online/pairs``, ``online/reference_pairs``
     (``pairs.reference_fallback``), ``online/skipped_prompts``,
     ``online/sample_accuracy`` (share of sampled solutions with the right answer),
@@ -150,6 +150,7 @@ class OnlineRounds(L.Callback):
         if trainer.reload_dataloaders_every_n_epochs != 1:
             raise SettingError("online.enabled: every round is a new training set; set "
                                "trainer.reload_dataloaders_every_n_epochs: 1")
+        refuse_fsdp1(trainer, "online.enabled")
         if not hasattr(trainer.datamodule, "train_on_round"):
             raise SettingError("online.enabled: needs the StepwiseDataModule (data.*), which trains on the rounds' files")
         if trainer.max_epochs is None or trainer.max_epochs <= self.start_epoch:
