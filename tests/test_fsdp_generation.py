@@ -133,11 +133,12 @@ def test_fsdp2_solve_rate_equals_one_process_and_the_hand_count(tmp_path, capsys
 
 @pytest.mark.slow
 def test_fsdp2_online_round_decodes_unequal_shards_in_lockstep(tmp_path):
-    """configs/online_tiny.yaml under FSDP2: one round of 3 prompts, 1 prompt per `generate`
-    batch, so rank 0 decodes 2 batches and rank 1 one prompt and a dropped repeat. The round's
+    """configs/online_tiny.yaml under FSDP2 with a LoRA policy: one round of 3 prompts, 1 prompt per
+    `generate` batch, so rank 0 decodes 2 batches and rank 1 one prompt and a dropped repeat. The round's
     solutions are each prompt's countdown, every prompt once, in prompt order; with reference
     fallback each prompt gives a pair (its samples are graded wrong), and the validation after
-    the round logs the hand-counted solve rate (learning rate 0: the weights stay the folder's)."""
+    the round logs the hand-counted solve rate (learning rate 0: the adapters stay zero, the policy
+    the folder's model)."""
     model = model_folder(tmp_path / "model")
     rows = write_pairs(tmp_path / "train.jsonl", 8)
     for index, row in enumerate(rows):
@@ -147,7 +148,8 @@ def test_fsdp2_online_round_decodes_unequal_shards_in_lockstep(tmp_path):
     expected = held_out_rows(tmp_path / "val.jsonl")
     config = yaml.safe_load(shrunk(tmp_path, model, tmp_path / "cache").read_text())
     config["trainer"].update({"max_steps": -1, "max_epochs": 2, "val_check_interval": None})
-    config["model"]["sft_warmup_steps"] = 2  # epoch 0: 8 pairs / (2 ranks x 2)
+    # LoRA: PEFT's generate calls the inner model, so the FSDP2 root's weights must be gathered for it
+    config["model"].update({"sft_warmup_steps": 0, "lora": {"r": 4}})
     config["online"] = {"prompts_per_round": 3, "steps_per_round": 2, "answer_source": "gsm8k",
                         "pairs": {"reference_fallback": True},
                         "generation": {"do_sample": True, "num_samples": 2, "max_new_tokens": 12, "batch_size": 1}}
