@@ -17,8 +17,8 @@ round killed between its solutions and its pairs gets its pairs built from the w
 solutions; the resumed epoch skips the batches already trained (``ResumableDataLoader``).
 Under DDP and FSDP2 each rank samples its share of the round's prompts (every ``world_size``-th),
 rank 0 writes the round, and every rank trains on all its pairs (each its share of batches).
-The shares are decoded at equal length (:class:`PaddedGenerator`), so a sharded policy's
-``generate`` batches, collectives under FSDP, match across ranks (``stepwise_lit.generate``).
+Under FSDP2 the shares are decoded at equal length (:class:`PaddedGenerator`), so the sharded
+policy's ``generate`` batches, collectives there, match across ranks (``stepwise_lit.generate``).
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ class OnlineRounds(L.Callback):
 
     Needs the trainer's ``reload_dataloaders_every_n_epochs: 1`` (each round is a new
     training set) and a ``StepwiseDataModule``; runs in one process, under DDP and under
-    FSDP2 (not FSDP1: ``stepwise_lit.evaluation.refuse_fsdp1``). The number of rounds is ``trainer.max_epochs - start_epoch``. Logged per round
-    (epoch): ``online/pairs``, ``online/reference_pairs``
+    FSDP2 (not FSDP1: ``stepwise_lit.evaluation.refuse_fsdp1``). The number of rounds is
+    ``trainer.max_epochs - start_epoch``. Logged per round (epoch): ``online/pairs``,
+    ``online/reference_pairs``
     (``pairs.reference_fallback``), ``online/skipped_prompts``,
     ``online/sample_accuracy`` (share of sampled solutions with the right answer),
     ``online/generation_s``, ``online/scoring_s``, ``online/training_s``; with the solve-rate
