@@ -1,5 +1,6 @@
 """FSDP and multi-process model helpers: FSDP2 sharding of a causal LM, the FSDP1 wrap policy,
-full state dicts for export and checkpoints, and broadcasting a module from one rank.
+full state dicts for export and checkpoints, broadcasting a module from one rank, and which
+rank shows progress bars.
 
 The data order and evaluation padding are in `stepwise_lit.data.sampling`; the signal
 checkpoint and the RNG state of checkpoints in `stepwise_lit.faults`.
@@ -98,3 +99,10 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Copies `src`'s parameters and buffers into every rank's `module` (a collective)."""
     for tensor in [*module.parameters(), *module.buffers()]:
         torch.distributed.broadcast(tensor.data, src=src)
+
+
+def shows_progress(trainer) -> bool:
+    """Whether this process draws the progress bars of work inside a run (generation, the
+    reference pass): rank zero, and only while the trainer's own progress bar is on
+    (``trainer.enable_progress_bar``)."""
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None

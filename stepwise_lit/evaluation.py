@@ -31,12 +31,13 @@ from typing import get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
 from stepwise_lit.answers import AnswerSourceName, extract_answer
 from stepwise_lit.data.sampling import PaddedShardSampler
+from stepwise_lit.distributed import shows_progress
 from stepwise_lit.errors import SettingError
 from stepwise_lit.evaluate import MajorityAtK, PassAtK, SolveRate
 from stepwise_lit.generate import GenerationSettings, Prompt, TransformersGenerator
@@ -242,6 +243,22 @@ def examples(problems: Sequence[Problem], completions: Sequence[Sequence[str]], 
     ]
 
 
+def refuse_fsdp1(trainer: L.Trainer, setting: str) -> None:
+    """Generation runs in one process, under DDP and under FSDP2 (``ModelParallelStrategy``), not
+    yet under FSDP1 (``FSDPStrategy``), whose wrapped root would have to be gathered around
+    ``generate`` and which this package cannot run on the CPU to test.
+
+    Raises:
+        SettingError: Naming ``setting``, under ``FSDPStrategy``.
+    """
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise SettingError(
+            f"{setting}: generation does not run under FSDPStrategy (FSDP1); use ModelParallelStrategy "
+            "(FSDP2, configs/fsdp.yaml), DDP or one process, or evaluate the exported model with "
+            "python -m stepwise_lit.evaluate"
+        )
+
+
 class SolveRateEvaluation(L.Callback):
     """Greedy (or sampled) solutions of the validation split's prompts, graded at the start
     of every ``validate``/``test`` epoch (before the pair metrics; off during ``fit`` unless
@@ -249,9 +266,12 @@ class SolveRateEvaluation(L.Callback):
 
     Prompts are the split's distinct prompts in order, at most ``max_prompts``, formatted and
     cut as training formats them (``data.use_step_wise_prompt``/``step_wise_prompt_template``,
-    ``data.max_prompt_length`` from the left). Under DDP each rank generates its in-order
-    share once; the shares are padded to equal length with repeats of weight 0
-    (``data.sampling.PaddedShardSampler``), so the values equal one process's. The results
+    ``data.max_prompt_length`` from the left). Under DDP and FSDP2 each rank generates its
+    in-order share once; the shares are padded to equal length with repeats of weight 0
+    (``data.sampling.PaddedShardSampler``), so the values equal one process's, and every rank
+    runs as many ``generate`` batches, which a sharded policy decodes in lockstep
+    (``stepwise_lit.generate``). Rank zero shows a progress bar over the batches while the
+    trainer's progress bar is on. The results
     (:attr:`results`) go to the logger as ``<stage>/solve_rate``, ``<stage>/pass_at_k``,
     ``<stage>/maj_at_k`` and ``<stage>/flagged_step_share``, and into ``report.json``.
 
@@ -304,18 +324,9 @@ class SolveRateEvaluation(L.Callback):
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Fails at start under FSDP: a sharded policy's forward is collective, and ranks that
-        decode different lengths would wait on each other forever.
-
-        Raises:
-            SettingError: Naming ``evaluation.enabled``.
-        """
-        if self.enabled and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            raise SettingError(
-                "evaluation.enabled: generation needs the whole policy on every rank (DDP or one process); "
-                f"it does not run under {type(trainer.strategy).__name__}. Evaluate the exported model with "
-                "python -m stepwise_lit.evaluate instead"
-            )
+        """Fails at start under FSDP1 (see `refuse_fsdp1`)."""
+        if self.enabled:
+            refuse_fsdp1(trainer, "evaluation.enabled")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module, "val")
@@ -345,7 +356,7 @@ class SolveRateEvaluation(L.Callback):
         weights = torch.tensor([float(position < len(problems)) for position in positions])
         generator = TransformersGenerator(
             pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
-            datamodule.hparams.max_prompt_length, progress=False,
+            datamodule.hparams.max_prompt_length, progress=shows_progress(trainer),
         )
         self.metrics.to(pl_module.device)  # torchmetrics syncs its states where they are (NCCL: on the GPU)
         self.metrics.reset()

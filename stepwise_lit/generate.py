@@ -9,28 +9,40 @@ stop=stop_strings))`` and then :func:`cut_completion` on every text, which also 
 the step budget (vLLM has no count-based stop). ``temperature`` 0 in vLLM is greedy.
 
 Budgets, all optional except the token budget, whichever comes first:
-  - EOS (the tokenizer's ``eos_token_id``);
+  - EOS: any id of the model's ``generation_config.eos_token_id`` (one id or a list: Llama-3.x
+    and Qwen-Instruct stop on several) or the tokenizer's ``eos_token_id``;
   - ``max_new_tokens`` generated tokens;
   - ``stop_strings``: the completion ends with the first stop string, included;
   - ``max_steps``: the completion ends with its ``max_steps``-th ``step_end``, included
     (``step_end="\\n"`` and ``max_steps=3`` keep three lines, as the embedded task and
     GSM8K write one step a line).
-The text budgets are checked on the decoded completion after every token, so a token
-that runs past a stop is cut back to it.
+The text budgets are checked after every token on the completion decoded so far, which is
+decoded a few tokens at a time (:func:`decoded_increment`) and scanned only where it grew
+(:class:`TextStops`), so the check costs the same at every length; a token that runs past a
+stop is cut back to it (:func:`cut_completion` on the whole decoded completion).
+
+Under FSDP (a sharded model in a multi-process run) every forward is a collective, so every
+rank must run as many as the others: ``generate`` then runs with ``synced_gpus=True``
+(transformers keeps a rank that is done stepping until all are), and the callers give every
+rank the same number of prompts (``stepwise_lit.data.sampling.PaddedShardSampler``), hence the
+same number of batches.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from stepwise_lit.data.tokenize import prompt_token_ids
+from stepwise_lit.distributed import is_sharded
 from stepwise_lit.errors import SettingError
 
 Prompt = str | list[dict]
@@ -130,19 +142,131 @@ def cut_completion(text: str, settings: GenerationSettings) -> str:
     return text if end is None else text[:end]
 
 
+def decoded_increment(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], prefix_offset: int, read_offset: int
+) -> tuple[str, int, int]:
+    """The text that the tokens ``ids[read_offset:]`` add to a completion whose text up to
+    ``read_offset`` is known, decoding only ``ids[prefix_offset:]`` (the incremental
+    detokenization of vLLM and text-generation-inference: the tokens from ``prefix_offset`` to
+    ``read_offset`` give the context that tokenizers which drop a leading space need).
+
+    Args:
+        tokenizer: Decodes with ``skip_special_tokens=True``.
+        ids: The completion's token ids so far.
+        prefix_offset: Where the decoding window starts (0 at first).
+        read_offset: How many of ``ids`` the known text covers (0 at first).
+
+    Returns:
+        The new text and the next ``(prefix_offset, read_offset)``. While the new tokens end
+        inside a character (their decoding ends with U+FFFD, a byte-level token holding part of
+        a UTF-8 sequence) no text is added and the offsets stay, so the character comes whole.
+    """
+    known = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
+    text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
+    if len(text) > len(known) and not text.endswith("\ufffd"):
+        return text[len(known) :], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+class TextStops:
+    """Whether a completion fed piece by piece has reached a text budget: a stop string, or
+    ``max_steps`` occurrences of ``step_end`` (``completion_end(text) is not None`` for the text
+    fed so far). Only the last characters a match could start in are kept, so each piece is
+    scanned once, with a bounded overlap.
+
+    Args:
+        settings: The budgets (``stop_strings``, ``max_steps``, ``step_end``).
+    """
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.stops = list(settings.stop_strings)
+        self.step_end = settings.step_end
+        self.steps_left = settings.max_steps  # None: no step budget
+        self.keep = max(len(text) for text in [*self.stops, self.step_end]) - 1
+        self.tail = ""  # the last `keep` characters fed
+        self.reached = False
+
+    def feed(self, piece: str) -> bool:
+        """Adds ``piece`` to the completion; returns whether a budget is reached (it stays reached)."""
+        if self.reached or not piece:
+            return self.reached
+        text, old = self.tail + piece, len(self.tail)
+        # Only a match that ends in `piece` is new: it starts after old - len(match).
+        if any(stop in text[max(0, old - len(stop) + 1) :] for stop in self.stops):
+            self.reached = True
+        if self.steps_left is not None:
+            position = text.find(self.step_end, max(0, old - len(self.step_end) + 1))
+            while position >= 0 and self.steps_left > 0:
+                self.steps_left -= 1
+                position = text.find(self.step_end, position + 1)  # overlapping, as completion_end counts
+            self.reached = self.reached or self.steps_left == 0
+        self.tail = text[max(0, len(text) - self.keep) :]
+        return self.reached
+
+
 class TextBudget(StoppingCriteria):
-    """Stops a row once its decoded completion reaches a stop string or the step budget."""
+    """Stops a row once its decoded completion reaches a stop string or the step budget.
+
+    Keeps per row the generated ids, the decoding offsets (:func:`decoded_increment`) and a
+    :class:`TextStops`, so each call decodes and scans only what the new tokens add.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int, settings: GenerationSettings) -> None:
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
         self.settings = settings
+        self.seen = prompt_length  # columns of input_ids already read
+        self.rows: list[dict] = []  # per row: ids, prefix_offset, read_offset, stops
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
         """``input_ids`` ``[rows, prompt_length + generated]`` -> done ``[rows]`` (bool)."""
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        done = [completion_end(text, self.settings) is not None for text in texts]
+        if not self.rows:
+            self.rows = [{"ids": [], "prefix_offset": 0, "read_offset": 0, "stops": TextStops(self.settings)}
+                         for _ in range(input_ids.shape[0])]
+        new_ids = input_ids[:, self.seen :].tolist()
+        self.seen = input_ids.shape[1]
+        done = []
+        for row, new in zip(self.rows, new_ids):
+            if not row["stops"].reached:
+                row["ids"] += new
+                piece, row["prefix_offset"], row["read_offset"] = decoded_increment(
+                    self.tokenizer, row["ids"], row["prefix_offset"], row["read_offset"])
+                row["stops"].feed(piece)
+            done.append(row["stops"].reached)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a completion: the model's ``generation_config.eos_token_id`` (an id or a
+    list of ids; Llama-3.x and Qwen-Instruct list several) and the tokenizer's ``eos_token_id``,
+    each once, the model's first."""
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([*listed, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+
+
+def runs_in_lockstep(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP across processes, so its forwards are collectives that
+    every rank must run together (``generate(..., synced_gpus=True)``)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return distributed and torch.distributed.get_world_size() > 1 and is_sharded(model)
+
+
+@contextmanager
+def gathered_root(model: torch.nn.Module) -> Iterator[None]:
+    """Holds the weights of an FSDP2 root (the embeddings, final norm and head outside the decoder
+    layers) gathered for a ``generate`` call, then frees them: a PEFT model's ``generate`` calls the
+    inner model's forward, so the root's own forward hooks, which gather them, do not run. Nothing
+    to do for other models (decoder layers gather in their own forwards)."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class TransformersGenerator:
@@ -153,7 +277,9 @@ class TransformersGenerator:
     the left to ``data.max_prompt_length`` tokens; the number cut is logged) and
     left-padded with the tokenizer's pad token; the tokenizer's own ``padding_side`` is
     not changed. The model is put in eval mode for the call and given back in the mode
-    it had.
+    it had. A model sharded by FSDP across processes decodes in lockstep with the other
+    ranks (``synced_gpus``; see the module docstring): every rank must call with as many
+    prompts.
 
     Args:
         model: A causal LM (``PreTrainedModel`` or a PEFT model around one).
@@ -206,12 +332,13 @@ class TransformersGenerator:
         self.model.eval()
         devices = [self.model.device] if self.model.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), gathered_root(self.model):
                 torch.manual_seed(seed)
                 sequences = self.model.generate(
                     **inputs,
                     generation_config=self.generation_config(settings),
                     stopping_criteria=[TextBudget(self.tokenizer, prompt_length, settings)] if has_text_stop else [],
+                    synced_gpus=runs_in_lockstep(self.model),
                 )
         finally:
             self.model.train(was_training)
@@ -223,7 +350,8 @@ class TransformersGenerator:
 
     def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
         """The ``GenerationConfig`` of ``settings``; sampling knobs the settings do not name
-        (top-k, repetition penalty, beams) are switched off rather than taken from the model."""
+        (top-k, repetition penalty, beams) are switched off rather than taken from the model,
+        whose end-of-sequence ids are kept (:func:`eos_token_ids`)."""
         sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
@@ -233,6 +361,6 @@ class TransformersGenerator:
             num_return_sequences=settings.num_samples,
             use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=eos_token_ids(self.model, self.tokenizer),
             **(sampling if settings.do_sample else {}),
         )

@@ -36,6 +36,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from stepwise_lit.data.batch import PairBatch
 from stepwise_lit.data.records import SIDES
@@ -44,6 +45,7 @@ from stepwise_lit.distributed import (
     is_sharded,
     load_whole_state_dict,
     reshard_frozen,
+    shows_progress,
     whole_state_dict,
 )
 from stepwise_lit.forward import step_logps
@@ -382,7 +384,8 @@ def compute_table(
 
     Rank r takes rows r, r + R, ...; the shares are padded to equal length (FSDP2 forwards are
     collective) and run in batches through `stepwise_lit.forward.step_logps` (the function
-    training uses) under the trainer's precision, then all-gathered.
+    training uses) under the trainer's precision, then all-gathered. Rank zero shows a progress
+    bar over the batches while the trainer's progress bar is on.
     """
     device = trainer.strategy.root_device
     num_rows, world, rank = len(dataset), trainer.world_size, trainer.global_rank
@@ -390,7 +393,8 @@ def compute_table(
     share = math.ceil(num_rows / world)
     positions = [min(p, num_rows - 1) for p in range(rank, share * world, world)]
     values = torch.zeros(share, 2, max_steps)
-    for start in range(0, share, data.batch_size):
+    starts = range(0, share, data.batch_size)
+    for start in tqdm(starts, desc="reference log-probs", disable=not shows_progress(trainer)):
         chunk = positions[start : start + data.batch_size]
         batch = move_data_to_device(data.collate([dataset[p] for p in chunk]), device)
         num_steps = batch["step_mask"].shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,8 @@ from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
 from stepwise_lit.forward import step_token_counts
 from stepwise_lit.objective import per_token_step_rewards
-from stepwise_lit.evaluation import GenerationMetrics, Problem, held_out_problems, reference_answer
+from stepwise_lit.errors import SettingError
+from stepwise_lit.evaluation import GenerationMetrics, Problem, held_out_problems, reference_answer, refuse_fsdp1
 from stepwise_lit.generate import TransformersGenerator
 from stepwise_lit.tokenizer import load_tokenizer
 
@@ -262,3 +264,30 @@ def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
         assert report["metrics"]["solve_rate"] == pytest.approx(expected)
         assert report["generation"]["num_prompts"] == 5
     assert reports[1]["metrics"]["processbench_f1"] == reports[2]["metrics"]["processbench_f1"]
+
+
+@pytest.mark.parametrize("bar", [True, False], ids=["progress-bar", "no-progress-bar"])
+def test_generation_and_the_reference_pass_show_progress_only_with_the_trainers_bar(tmp_path, capsys, bar):
+    """`fit` with the solve-rate evaluation during fit and `reference: precomputed`: with
+    `trainer.enable_progress_bar` on, stderr shows the "generate" and "reference log-probs" bars;
+    with it off, neither."""
+    changes = {"trainer": {"enable_progress_bar": bar}, "model": {"reference": "precomputed"},
+               "evaluation": {**EVALUATION, "during_fit": True}}
+    config = write_config(tmp_path, changes, tmp_path / "own_cache")  # a fresh cache: the reference pass runs
+    outcome = run_entry(main, ["fit", "--config", str(config)], capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    for name in ("generate", "reference log-probs"):  # a tqdm bar: "generate: 100%|..."
+        assert bool(re.search(rf"{name}: +\d+%\|", outcome.err)) == bar, name
+
+
+def test_generation_under_fsdp1_is_refused_naming_the_setting():
+    """FSDP1's wrapped root is not gathered around `generate` (and cannot be run on the CPU to
+    test): refused at start; FSDP2 (`ModelParallelStrategy`) and DDP go through."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    with pytest.raises(SettingError, match="^online.enabled: generation does not run under FSDPStrategy"):
+        refuse_fsdp1(SimpleNamespace(strategy=FSDPStrategy()), "online.enabled")
+    for strategy in (ModelParallelStrategy(), DDPStrategy()):
+        refuse_fsdp1(SimpleNamespace(strategy=strategy), "evaluation.enabled")

@@ -1,13 +1,27 @@
-"""Decoding: the KV cache, left padding, seeded sampling and the budgets, on tiny local Llamas."""
+"""Decoding: the KV cache, left padding, seeded sampling, the budgets (the incremental text check
+against decoding everything after every token) and the end-of-sequence ids, on tiny local Llamas."""
 
 from __future__ import annotations
 
+import copy
+import random
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.generate import GenerationSettings, TransformersGenerator, cut_completion
+from stepwise_lit.generate import (
+    GenerationSettings,
+    TextBudget,
+    TextStops,
+    TransformersGenerator,
+    completion_end,
+    cut_completion,
+    decoded_increment,
+    eos_token_ids,
+)
 from stepwise_lit.tokenizer import BYTE_TOKEN_OFFSET, load_tokenizer
 
 PROMPT = "Ana has 12 coins. She finds 5 more. How many coins does Ana have?"
@@ -172,3 +186,138 @@ def test_cut_completion_keeps_the_earliest_stop():
 def test_bad_settings_name_the_setting(settings, message):
     with pytest.raises(SettingError, match=message):
         GenerationSettings(**settings)
+
+
+# ------------------------------------------------------------------ end-of-sequence ids
+
+
+def test_generation_stops_on_every_eos_id_of_the_models_generation_config(tokenizer, bigram_llama):
+    """The bigram model writes "tep\nStep..." from "S"; with the byte "p" listed as a second EOS
+    in its generation_config (as Llama-3.x lists <|eot_id|> beside <|end_of_text|>) it stops after
+    "tep" (the EOS token is kept: "p" is no special token), not at the token budget."""
+    model = copy.deepcopy(bigram_llama)
+    settings = GenerationSettings(max_new_tokens=10, batch_size=2)
+    assert TransformersGenerator(model, tokenizer, progress=False).generate(["S", "x"], settings) == [
+        ["tep\nStep\nS"], ["y"]]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, byte_id("p")]
+    assert TransformersGenerator(model, tokenizer, progress=False).generate(["S", "x"], settings) == [["tep"], ["y"]]
+
+
+@pytest.mark.parametrize(("listed", "expected"), [(None, [2]), (2, [2]), (7, [7, 2]), ([9, 2, 7], [9, 2, 7])])
+def test_eos_ids_are_the_models_list_and_the_tokenizers_id_once_each(tokenizer, bigram_llama, listed, expected):
+    model = copy.deepcopy(bigram_llama)
+    model.generation_config.eos_token_id = listed
+    assert tokenizer.eos_token_id == 2
+    assert eos_token_ids(model, tokenizer) == expected
+
+
+# ------------------------------------------------------ the incremental text budget
+
+
+BUDGETS = [
+    GenerationSettings(stop_strings=["ab", "Step 3"], max_steps=None),
+    GenerationSettings(max_steps=3),
+    GenerationSettings(max_steps=2, step_end="\n\n"),  # overlapping ends: "\n\n\n" holds two
+    GenerationSettings(stop_strings=["bab", "é!"], max_steps=4, step_end="ba"),
+    GenerationSettings(stop_strings=["b a", "1: a"]),  # spaces: the word tokenizer's leading "▁"
+]
+
+
+@pytest.mark.parametrize("settings", BUDGETS, ids=["stops", "steps", "double-newline", "both", "spaces"])
+def test_text_stops_fed_piece_by_piece_agree_with_completion_end_on_every_prefix(settings):
+    """200 random texts over a small alphabet (so stops and step ends occur, straddle pieces and
+    overlap), cut into random pieces (empty ones included): after every piece, `TextStops` says a
+    budget is reached exactly when `completion_end` of the whole text so far finds a stop."""
+    rng = random.Random(0)
+    reached_somewhere = 0
+    for _ in range(200):
+        text = "".join(rng.choice(["a", "b", "\n", "é", "!", "Step 3", " "]) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(0, 12)))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        stops, so_far = TextStops(settings), ""
+        for piece in pieces:
+            so_far += piece
+            assert stops.feed(piece) == (completion_end(so_far, settings) is not None), (so_far, pieces)
+        reached_somewhere += stops.reached
+    assert 10 < reached_somewhere < 190, "both outcomes occur"
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-like word tokenizer ("▁" marks a space; decoding drops the text's leading
+    space), for the decoding window's context."""
+    words = ["<pad>", "</s>", "\u2581Step", "\u25811:", "\u25812:", "\n", "\u2581a", "b", "\u2581", "\u2581The",
+             "\u2581answer", "\u2581is", "\u25817."]
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+
+
+def full_decode_done(tokenizer, generated: list[list[int]], settings: GenerationSettings) -> list[bool]:
+    """The simple check: decode every row's whole completion and look for a stop."""
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [completion_end(text, settings) is not None for text in texts]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "metaspace"])
+def test_text_budget_decoding_only_new_tokens_stops_where_the_full_decode_check_does(tokenizer, kind):
+    """Random token streams (byte-level: UTF-8 characters split over tokens and stray bytes that
+    decode to U+FFFD; word-level with SentencePiece spaces; both with special tokens), 8 rows
+    of up to 60 tokens after a 3-token prompt: at every step `TextBudget`'s done rows equal the
+    full-decode check's, and the increments join to the full decoding of each row."""
+    rng = random.Random(1)
+    if kind == "bytes":
+        vocab = tokenizer
+        pool = [byte_id(c) for c in "ab\n!S3 "] + [BYTE_TOKEN_OFFSET + b for b in "é".encode() + bytes([0x80])]
+        pool += [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    else:
+        vocab = metaspace_tokenizer()
+        pool = list(range(len(vocab)))
+    stops_seen = 0
+    for settings in BUDGETS:
+        for _ in range(5):
+            rows = [[rng.choice(pool) for _ in range(60)] for _ in range(8)]
+            budget = TextBudget(vocab, prompt_length=3, settings=settings)
+            prompt = torch.full((8, 3), 7)
+            stopped = [False] * 8  # a row once done stays done, as in generate's unfinished_sequences
+            for length in range(1, 61):
+                input_ids = torch.cat([prompt, torch.tensor([row[:length] for row in rows])], dim=1)
+                expected = full_decode_done(vocab, [row[:length] for row in rows], settings)
+                stopped = [before or now for before, now in zip(stopped, expected)]
+                assert budget(input_ids, None).tolist() == stopped, (settings, length)
+            stops_seen += sum(stopped)
+    assert 20 < stops_seen < 160, "rows stop and rows run on"
+    ids = rows[0]
+    pieces, prefix_offset, read_offset = [], 0, 0
+    for length in range(1, len(ids) + 1):
+        piece, prefix_offset, read_offset = decoded_increment(vocab, ids[:length], prefix_offset, read_offset)
+        pieces.append(piece)
+    full = vocab.decode(ids, skip_special_tokens=True)
+    assert "".join(pieces) == full[: len("".join(pieces))] and len(full) - len("".join(pieces)) <= 1
+
+
+class CountingTokenizer:
+    """A tokenizer proxy that counts the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kwargs) -> str:
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, rows, **kwargs) -> list[str]:
+        self.decoded += sum(len(row) for row in rows)
+        return self.tokenizer.batch_decode(rows, **kwargs)
+
+
+def test_text_budget_decodes_a_bounded_window_per_token(tokenizer):
+    """400 generated tokens, no stop: the budget decodes at most 4 token ids per row and step
+    (the window of the last increments), 3,200 for 2 rows, where decoding each row's whole
+    completion after every token decodes 2 x (1 + ... + 400) = 160,400."""
+    counting = CountingTokenizer(tokenizer)
+    budget = TextBudget(counting, prompt_length=2, settings=GenerationSettings(max_steps=3))
+    generated = torch.tensor([[byte_id("a")] * 400, [byte_id("b")] * 400])
+    for length in range(1, 401):
+        assert not budget(torch.cat([torch.ones(2, 2, dtype=torch.long), generated[:, :length]], dim=1), None).any()
+    assert counting.decoded <= 4 * 2 * 400

@@ -15,8 +15,10 @@ on them. The reference stays fixed, or is re-frozen from the policy at the start
 Resuming (``--ckpt_path last``): a round on disk is read back, never generated twice; a
 round killed between its solutions and its pairs gets its pairs built from the written
 solutions; the resumed epoch skips the batches already trained (``ResumableDataLoader``).
-Under DDP each rank samples its share of the round's prompts (every ``world_size``-th),
+Under DDP and FSDP2 each rank samples its share of the round's prompts (every ``world_size``-th),
 rank 0 writes the round, and every rank trains on all its pairs (each its share of batches).
+Under FSDP2 the shares are decoded at equal length (:class:`PaddedGenerator`), so the sharded
+policy's ``generate`` batches, collectives there, match across ranks (``stepwise_lit.generate``).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from stepwise_lit.answers import AnswerSourceName
+from stepwise_lit.data.sampling import PaddedShardSampler
+from stepwise_lit.distributed import shows_progress
 from stepwise_lit.errors import SettingError, UserError
-from stepwise_lit.evaluation import Problem, held_out_problems
-from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.evaluation import Problem, held_out_problems, refuse_fsdp1
+from stepwise_lit.generate import GenerationSettings, Generator, Prompt, runs_in_lockstep
 from stepwise_lit.imports import import_callable
 from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
@@ -60,9 +63,10 @@ class OnlineRounds(L.Callback):
     """Online rounds in ``fit`` (see the module docstring). Off unless ``enabled``.
 
     Needs the trainer's ``reload_dataloaders_every_n_epochs: 1`` (each round is a new
-    training set), a ``StepwiseDataModule``, and DDP or one process (generation needs the
-    whole policy on each rank). The number of rounds is ``trainer.max_epochs -
-    start_epoch``. Logged per round (epoch): ``online/pairs``, ``online/reference_pairs``
+    training set) and a ``StepwiseDataModule``; runs in one process, under DDP and under
+    FSDP2 (not FSDP1: ``stepwise_lit.evaluation.refuse_fsdp1``). The number of rounds is
+    ``trainer.max_epochs - start_epoch``. Logged per round (epoch): ``online/pairs``,
+    ``online/reference_pairs``
     (``pairs.reference_fallback``), ``online/skipped_prompts``,
     ``online/sample_accuracy`` (share of sampled solutions with the right answer),
     ``online/generation_s``, ``online/scoring_s``, ``online/training_s``; with the solve-rate
@@ -147,9 +151,7 @@ class OnlineRounds(L.Callback):
         if trainer.reload_dataloaders_every_n_epochs != 1:
             raise SettingError("online.enabled: every round is a new training set; set "
                                "trainer.reload_dataloaders_every_n_epochs: 1")
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            raise SettingError(f"online.enabled: generation needs the whole policy on every rank (DDP or one "
-                               f"process); it does not run under {type(trainer.strategy).__name__}")
+        refuse_fsdp1(trainer, "online.enabled")
         if not hasattr(trainer.datamodule, "train_on_round"):
             raise SettingError("online.enabled: needs the StepwiseDataModule (data.*), which trains on the rounds' files")
         if trainer.max_epochs is None or trainer.max_epochs <= self.start_epoch:
@@ -277,28 +279,32 @@ class OnlineRounds(L.Callback):
         references: Sequence[str],
         ids: Sequence[str],
     ) -> dict[str, float]:
-        """Each rank samples and scores every ``world_size``-th prompt; rank 0 writes all solutions
-        in prompt order. Returns the slowest rank's generation and scoring seconds."""
+        """Each rank samples and scores every ``world_size``-th prompt; a sharded policy decodes as
+        many prompts on every rank (:class:`PaddedGenerator`). Rank 0 writes all solutions in
+        prompt order. Returns the slowest rank's generation and scoring seconds."""
         rank, world = trainer.global_rank, trainer.world_size
         datamodule = trainer.datamodule
-        generator = self.generator(
+        backend = self.generator(
             pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
-            datamodule.hparams.max_prompt_length, progress=trainer.is_global_zero,
+            datamodule.hparams.max_prompt_length, progress=shows_progress(trainer),
         )
+        positions = list(PaddedShardSampler(range(len(prompts)), num_replicas=world, rank=rank))
+        mine = [position for position in positions if position < len(prompts)]
+        length = len(positions) if runs_in_lockstep(pl_module.policy) else len(mine)
+        generator = PaddedGenerator(backend, length, prompts[positions[-1] % len(prompts)])
         settings = dataclasses.replace(
             self.settings, generation=dataclasses.replace(
                 self.settings.generation, seed=round_seed(self.settings.generation.seed, round_index, rank)),
         )
-        mine = list(range(rank, len(prompts), world))
         record = generate_round(generator, self.verifier, [prompts[i] for i in mine], [references[i] for i in mine],
-                                settings, [ids[i] for i in mine], progress=trainer.is_global_zero)
+                                settings, [ids[i] for i in mine], progress=shows_progress(trainer))
         shard = (mine, solution_rows(record.prompts), record.seconds)
         shards = all_gather_objects(shard, world)
         if trainer.is_global_zero:
             by_position = {}
-            for positions, rows, _ in shards:
+            for shard_positions, rows, _ in shards:
                 samples = settings.generation.num_samples
-                for offset, position in enumerate(positions):
+                for offset, position in enumerate(shard_positions):
                     by_position[position] = rows[offset * samples : (offset + 1) * samples]
             ordered = [row for position in range(len(prompts)) for row in by_position[position]]
             write_jsonl_atomically(round_folder(trainer.default_root_dir, round_index) / SOLUTIONS_FILE, ordered)
@@ -317,6 +323,26 @@ class OnlineRounds(L.Callback):
         path = round_folder(trainer.default_root_dir, round_index) / SUMMARY_FILE
         if trainer.is_global_zero and not path.exists():
             write_jsonl_atomically(path, [summary])
+
+
+class PaddedGenerator:
+    """A ``Generator`` that always decodes ``length`` prompts: those it is given, then ``filler``
+    repeated; the filler's completions are dropped. Every rank of a round decodes its share
+    through one, all with the same ``length``, so they run the same ``generate`` batches.
+
+    Args:
+        generator: The backend.
+        length: Prompts per call (at least as many as any call gives).
+        filler: The prompt decoded as padding.
+    """
+
+    def __init__(self, generator: Generator, length: int, filler: Prompt) -> None:
+        self.generator, self.length, self.filler = generator, length, filler
+
+    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
+        """See ``stepwise_lit.generate.Generator.generate``."""
+        padded = [*prompts, *[self.filler] * (self.length - len(prompts))]
+        return self.generator.generate(padded, settings)[: len(prompts)]
 
 
 def latest_pairs(root: str | Path, round_index: int, record: RoundRecord) -> Path:
