@@ -53,12 +53,22 @@ def target_logps(
             `LEAN_CHUNK_ELEMENTS` outputs (`LeanLogps` says when it may); else the model's logits.
     """
     if lean:
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        hidden = decoder_of(model)(**inputs, use_cache=False).last_hidden_state
         weight = model.get_output_embeddings().weight
         chunk_size = max(1, LEAN_CHUNK_ELEMENTS // weight.shape[0])
         return target_step_logps(hidden, target_ids, target_step_ids, num_steps, weight, chunk_size)
     logits = model(**inputs, use_cache=False).logits
     return target_step_logps(logits, target_ids, target_step_ids, num_steps)
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack under `model`'s LM head (`get_decoder`; where transformers 4.x's finds
+    none, the causal LM's base model, under a PEFT wrapper too)."""
+    decoder = model.get_decoder()
+    if decoder is None:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = causal_lm.base_model
+    return decoder
 
 
 def lean_head_problem(model: torch.nn.Module, sharded: bool) -> str | None:

@@ -82,6 +82,7 @@ def build_byte_tokenizer(chat_template: str | None = None) -> PreTrainedTokenize
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         chat_template=chat_template or BYTE_CHAT_TEMPLATE,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids (transformers 4.x adds them)
     )
 
 

@@ -1,5 +1,7 @@
 """Token and per-step log-probabilities (stepwise_lit.logps)."""
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -197,6 +199,7 @@ def test_backward_keeps_no_fp32_vocabulary_tensor():
     logits = torch.randn(4, 50, vocab_size).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab_size, (4, 50))
     saved = _saved_for_backward(lambda: token_logps(logits, labels, chunk_size=16))
+    saved = [(dtype, shape) for dtype, shape in saved if math.prod(shape) > 0]  # torch 2.7's checkpoint saves an empty placeholder
     assert all(dtype != torch.float32 for dtype, _ in saved)
     assert max(shape[0] for dtype, shape in saved if dtype == torch.bfloat16) <= 16
 
