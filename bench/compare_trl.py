@@ -107,7 +107,7 @@ def load_pairs(path: Path, count: int, max_length: int, seed: int = 0) -> list[d
         Canonical rows, in file order.
     """
     from stepwise_lit.data.formats import read_records, to_canonical
-    from stepwise_lit.tokenizer import load_tokenizer
+    from stepwise_lit.data.tokenizer import load_tokenizer
 
     if path.exists():
         rows = to_canonical(read_records(path), "gsm8k", source=str(path), require_scores=False)
@@ -132,7 +132,7 @@ def load_pairs(path: Path, count: int, max_length: int, seed: int = 0) -> list[d
 def token_rows(pairs: list[dict], max_length: int) -> list[dict]:
     """The package's token rows (``stepwise_lit.data.tokenize.tokenize_row``) for the pairs."""
     from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
-    from stepwise_lit.tokenizer import load_tokenizer
+    from stepwise_lit.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     return [tokenize_row(pair, tokenizer, TokenizeSettings(max_length=max_length)) for pair in pairs]
@@ -141,8 +141,8 @@ def token_rows(pairs: list[dict], max_length: int) -> list[dict]:
 def build_model(vocab_size: int | None = None):
     """The bench model (fp32, dropout off) from the package's tiny-model builder, seed 0, its
     vocabulary padded to `vocab_size` rows (None: the byte tokenizer's 259)."""
-    from stepwise_lit.models import TinyModelConfig, build_tiny_model
-    from stepwise_lit.tokenizer import load_tokenizer
+    from stepwise_lit.models.loading import TinyModelConfig, build_tiny_model
+    from stepwise_lit.data.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     return pad_vocabulary(build_tiny_model(load_tokenizer(None), TinyModelConfig(**BENCH_MODEL)), vocab_size)
@@ -177,7 +177,7 @@ def trl_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from stepwise_lit.tokenizer import load_tokenizer
+    from stepwise_lit.data.tokenizer import load_tokenizer
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -242,7 +242,7 @@ def ours_worker(args: argparse.Namespace, gate: StepGate) -> dict:
     from torch.utils.data import DataLoader
 
     from stepwise_lit.data.collate import StepwiseCollator
-    from stepwise_lit.models import TinyModelConfig
+    from stepwise_lit.models.loading import TinyModelConfig
     from stepwise_lit.module import StepwiseDPOModule
 
     memory = {}
@@ -378,8 +378,8 @@ def padded(rows: list[list[int]]) -> torch.Tensor:
 
 
 def one_pass_step_logps(model, ids: list[list[int]], step_ids: list[list[int]], num_steps: int) -> torch.Tensor:
-    """All steps' log-probs from one forward: ``stepwise_lit.logps.step_logps``. ``[N, S]``"""
-    from stepwise_lit.logps import step_logps
+    """All steps' log-probs from one forward: ``stepwise_lit.logprobs.logps.step_logps``. ``[N, S]``"""
+    from stepwise_lit.logprobs.logps import step_logps
 
     input_ids = padded(ids)
     logits = model(input_ids=input_ids, attention_mask=padded([[1] * len(row) for row in ids]), use_cache=False).logits

@@ -6,9 +6,9 @@ and an LM head ``[V, H]``:
 - ``plain``: ``logits = hidden @ W.T`` (fp32 ``[N, L, V]``), then
   ``logits[:, :-1].log_softmax(-1).gather(...)`` (a second ``[N, L, V]`` tensor),
   summed per step: what most DPO code does.
-- ``chunked``: the same logits, then ``stepwise_lit.logps.step_logps`` (gathered
+- ``chunked``: the same logits, then ``stepwise_lit.logprobs.logps.step_logps`` (gathered
   logit minus a logsumexp over chunks of positions; no second full tensor).
-- ``lean``: ``stepwise_lit.logps.step_logps_from_hidden``: the LM head is applied
+- ``lean``: ``stepwise_lit.logprobs.logps.step_logps_from_hidden``: the LM head is applied
   to completion positions only, a chunk at a time; no ``[N, L, V]`` tensor exists.
 
 Each measurement is a fresh subprocess; its peak is ``VmHWM`` minus the resident
@@ -35,7 +35,7 @@ import time
 import torch
 
 from harness import TENSOR_RSS_ENV, alternate, median, peak_rss_mib, print_table, rss_mib
-from stepwise_lit.logps import step_logps, step_logps_from_hidden
+from stepwise_lit.logprobs.logps import step_logps, step_logps_from_hidden
 
 METHODS = ("plain", "chunked", "lean")
 NUM_STEPS = 8

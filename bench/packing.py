@@ -6,7 +6,7 @@ collated three ways: ``unpacked`` (``[chosen; rejected]`` rows, TRL's layout), `
 tokens, ``data.pack_budget``). The padding share is the padding's part of the token slots
 the model runs (rows x longest row), summed over the batches.
 
-Then ``stepwise_lit.forward.step_logps`` runs on every layout with every attention backend
+Then ``stepwise_lit.logprobs.forward.step_logps`` runs on every layout with every attention backend
 the device supports, in one process, round-robin over the layouts batch after batch (so load
 from other users of the machine falls on all alike): ``no_grad`` (the reference's pass) and
 ``train`` (forward and backward of the log-probs' sum, the policy's pass). Backends: ``sdpa``
@@ -53,7 +53,7 @@ BACKENDS = ("sdpa", "eager", "flex_attention")
 def timed(model, batch: dict, attention: str, train: bool) -> float | None:
     """Seconds for one `step_logps` pass (and backward when `train`); None where the device
     cannot run it (FlexAttention backward on the CPU). Raises what the backend raises."""
-    from stepwise_lit.forward import step_logps
+    from stepwise_lit.logprobs.forward import step_logps
 
     if train and attention == "flex_attention" and batch["input_ids"].device.type == "cpu":
         return None

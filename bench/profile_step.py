@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from compare_trl import BENCH_MODEL, GSM8K_PATH, LEARNING_RATE, load_pairs, token_rows
 from harness import median, print_table
 from stepwise_lit.data.collate import StepwiseCollator
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 PHASES = ("data", "policy forward", "reference forward", "losses and metrics", "backward", "optimizer")

@@ -4,7 +4,7 @@ Trains `configs/tiny.yaml`'s SFT warm-up only (or takes an exported folder), gre
 prompts of `generate_pairs(--num_problems, seed=--problem_seed, max_value=<the run's
 data.synthetic_max_value>)` (problems the training data, `data.seed` 0, does not hold) with the
 prompt template and prompt budget of training, reads each answer after "The answer is"
-(`stepwise_lit.answers`), and prints the solve rate next to the constant-answer baseline (the share
+(`stepwise_lit.grading.answers`), and prints the solve rate next to the constant-answer baseline (the share
 of the most common reference answer: what always answering one value scores).
 
     python bench/solve_probe.py --sft_steps 350 --root runs/solve_probe   # trains, then probes
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stepwise_lit.answers import answers_match, extract_embedded
+from stepwise_lit.grading.answers import answers_match, extract_embedded
 from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.generate import GenerationSettings, TransformersGenerator
+from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -146,7 +146,7 @@ class Task:
 
     Attributes:
         name: ``arithmetic`` or ``gsm8k``.
-        source: Answer extraction of the solve rate (`stepwise_lit.answers`).
+        source: Answer extraction of the solve rate (`stepwise_lit.grading.answers`).
         batch_size: Pairs per optimizer step of the SFT warm-up.
         sft_steps: Optimizer steps of the SFT warm-up.
         preference_steps: Optimizer steps of each method's stage.
@@ -306,7 +306,7 @@ def online_rounds(task: Task, seed: int, generator: str, pairs: dict):
     `task.online_rounds` of them, sampled from the policy by the backend at import path
     `generator`, scored by the rule verifier, paired at the first wrong step (`pairs`: the
     `PairSettings` arguments), `preference_steps / online_rounds` steps each."""
-    from stepwise_lit.generate import GenerationSettings
+    from stepwise_lit.models.generate import GenerationSettings
     from stepwise_lit.online.pairs import PairSettings
     from stepwise_lit.online.training import OnlineRounds
     from stepwise_lit.rewards.rules import ArithmeticStepVerifier
@@ -324,8 +324,8 @@ def online_rounds(task: Task, seed: int, generator: str, pairs: dict):
 
 
 def solve_rate_callback(task: Task):
-    from stepwise_lit.evaluation import SolveRateEvaluation
-    from stepwise_lit.generate import GenerationSettings
+    from stepwise_lit.evaluation.generation import SolveRateEvaluation
+    from stepwise_lit.models.generate import GenerationSettings
 
     return SolveRateEvaluation(
         enabled=True, source=task.source, max_prompts=task.max_prompts,
@@ -353,8 +353,8 @@ def run_sft(task: Task, seed: int, paths: dict[str, Path], out: Path) -> dict:
     tests the SFT policy's solve rate; also prepares the seed's preference data for the methods."""
     import lightning as L
 
-    from stepwise_lit.export import export_policy
-    from stepwise_lit.models import TinyModelConfig
+    from stepwise_lit.models.export import export_policy
+    from stepwise_lit.models.loading import TinyModelConfig
     from stepwise_lit.module import StepwiseDPOModule
 
     quiet()
@@ -380,7 +380,7 @@ def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Pa
     import lightning as L
 
     from stepwise_lit.module import StepwiseDPOModule
-    from stepwise_lit.reports import StepRewardReport
+    from stepwise_lit.evaluation.report import StepRewardReport
 
     quiet()
     start = time.perf_counter()
@@ -572,7 +572,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gsm8k-source", type=Path, default=GSM8K)
     parser.add_argument("--gsm8k-limit", type=int, default=None, help="first N GSM8K questions only")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (processes of one torch thread)")
-    parser.add_argument("--online-generator", default="stepwise_lit.generate.TransformersGenerator",
+    parser.add_argument("--online-generator", default="stepwise_lit.models.generate.TransformersGenerator",
                         help="the online method's decoding backend, an import path (online.generator)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every task's SFT and preference steps")
     parser.add_argument("--smoke", action="store_true",

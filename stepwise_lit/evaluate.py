@@ -1,466 +1,332 @@
-"""Evaluation metrics beyond fixed pairs: solve rates of generated solutions and step-error localisation.
+"""``python -m stepwise_lit.evaluate``: solve rates of a policy and error localisation of a step scorer.
 
-Solve rates (the policy's own solutions, graded by :func:`stepwise_lit.answers.answers_match`):
+Two evaluations, either or both in one run, into ``<output>/report.json``:
 
-- :class:`SolveRate`: share of prompts whose one (greedy) answer is right (pass@1);
-- :class:`PassAtK`: the unbiased pass@k of Chen et al. (2021) from n >= k samples;
-- :class:`MajorityAtK`: share of prompts whose most frequent sampled answer is right.
+- **Generation** (when a policy is named): greedy (or sampled) solutions to the prompts of
+  ``data.path``, graded by the final answer (``solve_rate``, ``pass_at_k``, ``maj_at_k``; with
+  ``evaluation.verifier`` the share of generated steps it flags). The policy is an exported or
+  Hugging Face folder (``model.model_name_or_path``), or the weights of a training checkpoint
+  (``ckpt_path``) in the model a train.py config describes (``model.*``).
+- **Error localisation** (when ``labelled.path`` is set): any ``scorer`` (a
+  :class:`~stepwise_lit.rewards.base.StepScorer`) scores labelled responses; ProcessBench
+  ``error_acc``, ``correct_acc``, ``processbench_f1`` and ``within_response_auroc`` at a threshold
+  given or chosen on a validation part (:mod:`stepwise_lit.evaluation.localisation`).
 
-Step-error localisation (ProcessBench, Zheng et al. 2024), from per-step rewards of any
-step scorer: :class:`ProcessBenchF1` with a threshold from :func:`choose_threshold`, and
-:class:`WithinResponseAUROC`. Which reward is scored is the caller's choice: the implicit
-step reward ``h_t = beta * (step log-ratio)`` sums over the step's tokens, so a long
-step's reward is larger in size; its per-token form ``h_t / n_t`` (``n_t`` the step's
-token count) removes that, and is passed the same way.
+Settings carry train.py's names (``model.*``, ``data.*``, ``evaluation.*``), so ``--config`` takes
+a train.py YAML as it is, or the config LightningCLI saved in a run (its ``trainer``, ``report``
+and ``export`` sections, ``model.reward_model``, ``evaluation.enabled`` and ``during_fit`` are not
+used), or a YAML of this command's own settings; flags after it override it. An export's
+``stepwise_config.json`` gives the ``data.*`` defaults (the run's data, prompt template and
+length). The prompts are every row of ``data.path`` (a file, data folder or hub id, read with
+``data.format``); ``data.path`` null or ``synthetic`` means the embedded task's held-out problems
+(the data module's validation split: the ``synthetic_val_size`` pairs after the training ones).
+Prompts are formatted and cut as training formats them (``data.use_step_wise_prompt``,
+``data.step_wise_prompt_template``, ``data.max_prompt_length`` from the left).
 
-Every metric takes a per-prompt (per-response) ``weights`` (0 for the duplicates a
-distributed sampler pads with) and keeps sums as states (``dist_reduce_fx="sum"``), so
-the value over ranks equals the value over all inputs on one rank;
-:class:`WithinResponseAUROC` and :class:`LabelledStepRewards` (the responses a threshold
-is chosen on) keep the values themselves (``"cat"``).
-
-``python -m stepwise_lit.evaluate`` is the evaluation command (solve rates of an exported model
-or a training checkpoint on a data file, ProcessBench localisation of any step scorer on
-labelled responses; writes ``report.json``); see :mod:`stepwise_lit.evaluate_command`.
+Bad options or data end with one paragraph naming the setting, file and line, exit code 2, before
+any model is loaded where that can be known by then.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import json
+import logging
+import pickle
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from stepwise_lit.answers import AnswerSourceName, answer_key, answers_match
-from stepwise_lit.metrics import WeightedMean
+from stepwise_lit.data.datamodule import SYNTHETIC, StepwiseDataModule, check_settings
+from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.evaluation.generation import (
+    GenerationMetrics,
+    SolveRateEvaluation,
+    evaluate_problems,
+    examples,
+    held_out_problems,
+)
+from stepwise_lit.models.export import MARKER
+from stepwise_lit.models.generate import TransformersGenerator
+from stepwise_lit.evaluation.localisation import (
+    LabelledSettings,
+    check_labelled_settings,
+    localise,
+    read_responses,
+)
+from stepwise_lit.models.loading import (
+    DTYPES,
+    TINY_MODEL_RNG_KEY,
+    TinyModelConfig,
+    apply_lora,
+    frozen_state_keys,
+    load_causal_lm,
+)
+from stepwise_lit.module import POLICY_PREFIX, StepwiseDPOModule
+from stepwise_lit.rewards.base import StepScorer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
+log = logging.getLogger("stepwise_lit")
 
-def ones_if_none(weights: torch.Tensor | None, count: int, device: torch.device) -> torch.Tensor:
-    """``weights`` as float on ``device``, or ``count`` ones."""
-    return torch.ones(count, device=device) if weights is None else weights.float().to(device)
-
-
-class AnswerMean(WeightedMean):
-    """Weighted mean over prompts of a grade of each prompt's answers (the base of the solve rates).
-
-    Args:
-        source: How answers are compared (``embedded``, ``gsm8k``, ``math``).
-    """
-
-    def __init__(self, source: AnswerSourceName, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.source = source
-
-    def add_grades(self, grades: list[float] | torch.Tensor, weights: torch.Tensor | None) -> None:
-        """Add one grade ``[N]`` per prompt with the prompts' weights ``[N]`` (None: all 1)."""
-        device = self.weighted_sum.device
-        grades = torch.as_tensor(grades, dtype=torch.float, device=device)
-        super().update(grades, ones_if_none(weights, grades.shape[0], device))
-
-
-class SolveRate(AnswerMean):
-    """Weighted share of prompts whose answer matches the reference (pass@1 when greedy)."""
-
-    def update(self, answers: list[str | None], references: list[str], weights: torch.Tensor | None = None) -> None:
-        """Add N prompts.
-
-        Args:
-            answers: N extracted answers (None: the solution states none, graded wrong).
-            references: N reference answers.
-            weights: ``[N]`` prompt weights; None: all 1.
-        """
-        self.add_grades([answers_match(answer, ref, self.source) for answer, ref in zip(answers, references)], weights)
+REPORT_FILE = "report.json"
+EXPORT_DATA_SKIPPED = ("tokenizer_name_or_path", "cache_dir")  # the exporting machine's, not this one's
+IGNORED_SECTIONS = ("trainer", "report", "export", "online")  # train.py config sections this command does not use
 
 
-def pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k: int) -> torch.Tensor:
-    """Unbiased pass@k per prompt (Chen et al. 2021): ``1 - C(n - c, k) / C(n, k)``.
-
-    The probability that k of the n samples, drawn without replacement, include a
-    correct one. Computed in float64 log-gamma: ``C(n-c, k) / C(n, k) =
-    (n-c)! (n-k)! / ((n-c-k)! n!)``, and 1 where ``n - c < k``.
-
-    Args:
-        num_samples: ``[N]`` samples n per prompt, each >= k.
-        num_correct: ``[N]`` correct samples c per prompt.
-        k: The k of pass@k, >= 1.
-
-    Returns:
-        ``[N]`` float64 pass@k per prompt.
-    """
-    n, c = num_samples.double(), num_correct.double()
-    log_numerator = torch.lgamma(n - c + 1) + torch.lgamma(n - k + 1)
-    log_ratio = log_numerator - torch.lgamma((n - c - k).clamp(min=0) + 1) - torch.lgamma(n + 1)
-    return torch.where(n - c < k, torch.ones_like(n), 1 - log_ratio.exp())
-
-
-class PassAtK(AnswerMean):
-    """Weighted mean over prompts of the unbiased pass@k (:func:`pass_at_k`).
-
-    Args:
-        k: The k; every prompt needs at least k samples.
-        source: How answers are compared.
-    """
-
-    def __init__(self, k: int, source: AnswerSourceName, **kwargs) -> None:
-        super().__init__(source, **kwargs)
-        if k < 1:
-            raise ValueError(f"pass@k needs k >= 1, got {k}")
-        self.k = k
-
-    def update(
-        self, sample_answers: list[list[str | None]], references: list[str], weights: torch.Tensor | None = None
-    ) -> None:
-        """Add N prompts.
-
-        Args:
-            sample_answers: Per prompt, the extracted answers of its n >= k samples.
-            references: N reference answers.
-            weights: ``[N]`` prompt weights; None: all 1.
-
-        Raises:
-            ValueError: If a prompt has fewer than k samples.
-        """
-        too_few = [index for index, answers in enumerate(sample_answers) if len(answers) < self.k]
-        if too_few:
-            raise ValueError(f"pass@{self.k} needs at least {self.k} samples per prompt; prompts {too_few} have fewer")
-        correct = [
-            sum(answers_match(answer, reference, self.source) for answer in answers)
-            for answers, reference in zip(sample_answers, references)
-        ]
-        num_samples = torch.tensor([len(answers) for answers in sample_answers])
-        self.add_grades(pass_at_k(num_samples, torch.tensor(correct), self.k), weights)
+def build_parser() -> ArgumentParser:
+    """The options of ``python -m stepwise_lit.evaluate``: train.py's ``model``, ``data`` and
+    ``evaluation`` settings, ``ckpt_path``, and the command's own (``scorer``, ``labelled``, ``output``)."""
+    parser = ArgumentParser(
+        prog="python -m stepwise_lit.evaluate",
+        description="Solve rate of a policy on a data file's prompts and/or ProcessBench error localisation of a "
+        "step scorer on labelled responses; writes <output>/report.json.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a train.py YAML config, or one of these options")
+    parser.add_class_arguments(StepwiseDPOModule, "model", instantiate=False, fail_untyped=False, sub_configs=True)
+    parser.add_class_arguments(StepwiseDataModule, "data", instantiate=False)
+    parser.set_defaults({"data.require_scores": False})
+    parser.add_class_arguments(SolveRateEvaluation, "evaluation", sub_configs=True)
+    parser.add_argument("--ckpt_path", type=str | None, default=None,
+                        help="a training checkpoint (.ckpt) whose policy weights go into the model that model.* describes")
+    parser.add_subclass_arguments(StepScorer, "scorer", required=False, help="step scorer for labelled.path")
+    parser.add_class_arguments(LabelledSettings, "labelled")
+    parser.add_argument("--output", type=str, required=True, help="folder for report.json (created; never overwritten)")
+    parser.add_argument("--device", type=str | None, default=None, help="torch device; null: cuda when available, else cpu")
+    parser.add_argument("--num_threads", type=int | None, default=None, help="torch.set_num_threads; null: torch's default")
+    parser.add_argument("--seed_everything", type=int | bool | None, default=None,
+                        help="ignored (train.py's); see evaluation.generation.seed")
+    parser.add_argument("--weights_only", type=bool | None, default=None,
+                        help="ignored: checkpoints are always read with weights_only")
+    for section in IGNORED_SECTIONS:
+        parser.add_argument(f"--{section}", type=dict | None, default=None, help=f"ignored (train.py's {section} section)")
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
+    return parser
 
 
-def majority_answer(answers: list[str | None], source: AnswerSourceName) -> str | None:
-    """The most frequent answer; None answers do not vote.
-
-    Answers are equal when their comparison keys are (:func:`stepwise_lit.answers.answer_key`:
-    the number, else the normalised string), so ``"18"`` and ``"18.0"`` vote together.
-    Ties go to the answer whose first occurrence comes first.
-
-    Args:
-        answers: The extracted answers of one prompt's samples.
-        source: How answers are compared.
-
-    Returns:
-        The first-written form of the winning answer, or None when no sample has one.
-    """
-    voted = [answer for answer in answers if answer is not None]
-    if not voted:
-        return None
-    keys = [answer_key(answer, source) for answer in voted]
-    votes = Counter(keys)  # insertion order is first occurrence; max keeps the first of equal counts
-    winner = max(votes, key=votes.__getitem__)
-    return voted[keys.index(winner)]
+def exported_data_settings(model: str | None) -> dict:
+    """The data settings of the run an export came from (its ``stepwise_config.json``), without the
+    machine-specific ones; {} for any other model source."""
+    marker = Path(model).expanduser() / MARKER if model else None
+    if marker is None or not marker.is_file():
+        return {}
+    data = json.loads(marker.read_text()).get("data") or {}
+    return {key: value for key, value in data.items() if key not in EXPORT_DATA_SKIPPED}
 
 
-class MajorityAtK(AnswerMean):
-    """Weighted share of prompts whose majority answer (:func:`majority_answer`) over its
-    samples matches the reference; k is the number of samples given."""
-
-    def update(
-        self, sample_answers: list[list[str | None]], references: list[str], weights: torch.Tensor | None = None
-    ) -> None:
-        """Add N prompts.
-
-        Args:
-            sample_answers: Per prompt, the extracted answers of its k samples.
-            references: N reference answers.
-            weights: ``[N]`` prompt weights; None: all 1.
-        """
-        correct = [
-            answers_match(majority_answer(answers, self.source), reference, self.source)
-            for answers, reference in zip(sample_answers, references)
-        ]
-        self.add_grades(correct, weights)
+def parse_options(parser: ArgumentParser, args: Sequence[str]) -> Namespace:
+    """Parses the options; an export named by ``model.model_name_or_path`` (without ``ckpt_path``)
+    gives the ``data.*`` defaults, which a config and flags override."""
+    config = parser.parse_args(args)
+    trained = {} if config.ckpt_path else exported_data_settings(config.model.model_name_or_path)
+    known = {key: value for key, value in trained.items() if key in config.data}
+    if not known:
+        return config
+    parser.set_defaults({f"data.{key}": value for key, value in known.items()})
+    return parser.parse_args(args)
 
 
-def first_true(flags: torch.Tensor) -> torch.Tensor:
-    """Index of the first True along the last dimension, or -1 where there is none: ``[N, S]`` -> ``[N]`` long."""
-    return torch.where(flags.any(-1), flags.long().argmax(-1), -1)
-
-
-def first_error_labels(step_scores: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
-    """ProcessBench labels from verifier step scores: the 0-based index of the first real
-    step with ``g_t < 0``, or -1 when every real step has ``g_t >= 0``.
-
-    Args:
-        step_scores: ``[N, S]`` step scores ``g_t``.
-        step_mask: ``[N, S]`` bool, real steps.
-
-    Returns:
-        ``[N]`` long labels.
-    """
-    return first_true(step_mask.bool() & (step_scores < 0))
-
-
-def first_error_prediction(step_rewards: torch.Tensor, step_mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The predicted earliest wrong step: the first real step whose reward is below ``threshold``, or -1.
-
-    Args:
-        step_rewards: ``[N, S]`` step rewards (compared in float64, as thresholds are chosen).
-        step_mask: ``[N, S]`` bool, real steps.
-        threshold: Rewards strictly below it mark a step wrong.
-
-    Returns:
-        ``[N]`` long, 0-based step index or -1.
-    """
-    return first_true(step_mask.bool() & (step_rewards.double() < threshold))
-
-
-def f1_of(error_acc: torch.Tensor, correct_acc: torch.Tensor) -> torch.Tensor:
-    """Harmonic mean ``2ab / (a + b)``, 0 where both are 0, NaN where either is NaN."""
-    total = error_acc + correct_acc
-    return torch.where(total > 0, 2 * error_acc * correct_acc / total.where(total > 0, 1.0), total)
-
-
-class ProcessBenchF1(Metric):
-    """ProcessBench error localisation at a fixed threshold.
-
-    Per response, the label is the 0-based index of its earliest wrong step or -1
-    (all right), the prediction :func:`first_error_prediction`. :meth:`compute` gives
-    ``error_acc`` (exact-index accuracy over responses with an error), ``correct_acc``
-    (share of all-right responses predicted -1) and ``f1``, their harmonic mean; an
-    accuracy with no response to count is NaN, and so is ``f1`` then.
-
-    Args:
-        threshold: Step rewards below it mark a step wrong (see :func:`choose_threshold`).
-    """
-
-    full_state_update = False
-
-    def __init__(self, threshold: float, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.threshold = threshold
-        for name in ("error_hits", "error_total", "correct_hits", "correct_total"):
-            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(
-        self,
-        step_rewards: torch.Tensor,
-        step_mask: torch.Tensor,
-        labels: torch.Tensor,
-        weights: torch.Tensor | None = None,
-    ) -> None:
-        """Add N labelled responses.
-
-        Args:
-            step_rewards: ``[N, S]`` step rewards.
-            step_mask: ``[N, S]`` bool, real steps.
-            labels: ``[N]`` earliest wrong step (0-based) or -1.
-            weights: ``[N]`` response weights; None: all 1.
-        """
-        weights = ones_if_none(weights, labels.shape[0], self.error_hits.device).double()
-        hits = (first_error_prediction(step_rewards, step_mask, self.threshold) == labels).double()
-        erroneous = (labels >= 0).double()
-        self.error_hits += (hits * erroneous * weights).sum()
-        self.error_total += (erroneous * weights).sum()
-        self.correct_hits += (hits * (1 - erroneous) * weights).sum()
-        self.correct_total += ((1 - erroneous) * weights).sum()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        error_acc = self.error_hits / self.error_total
-        correct_acc = self.correct_hits / self.correct_total
-        return {"error_acc": error_acc, "correct_acc": correct_acc, "f1": f1_of(error_acc, correct_acc)}
-
-
-def threshold_candidates(step_rewards: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
-    """Thresholds worth trying: the distinct real-step rewards, the midpoints between
-    neighbours, and the largest plus 1; ascending ``[C]`` float64.
-
-    Every split of the rewards into "below" and "not below" is made by one of them:
-    the smallest flags nothing, the largest plus 1 flags every step.
-    """
-    values = step_rewards[step_mask.bool()].double().unique()  # sorted
-    return torch.cat([values, (values[1:] + values[:-1]) / 2, values[-1:] + 1]).sort().values
-
-
-def choose_threshold(
-    step_rewards: torch.Tensor, step_mask: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
-) -> float:
-    """The threshold of :class:`ProcessBenchF1` that maximises F1 on labelled (validation) responses.
-
-    Tries :func:`threshold_candidates` and returns the smallest one reaching the best
-    F1 (on ties this is the midpoint rather than a reward value itself). Exact and
-    fast: a response's prediction equals its label on one interval of thresholds,
-    ``prefix_min[L] < t <= prefix_min[L-1]`` for label L (``prefix_min[-1] = inf``) and
-    ``t <= min`` for label -1, so hits per candidate are two sorted counts.
-
-    Args:
-        step_rewards: ``[N, S]`` step rewards.
-        step_mask: ``[N, S]`` bool, real steps, at least one per response.
-        labels: ``[N]`` earliest wrong step (0-based) or -1; both kinds must occur.
-        weights: ``[N]`` response weights; None: all 1.
-
-    Returns:
-        The threshold.
+def check_options(config: Namespace) -> None:
+    """Fails on options that cannot work, before anything is read or loaded.
 
     Raises:
-        ValueError: If the labels lack responses with an error or responses without one.
+        SettingError: Naming the option.
     """
-    step_mask = step_mask.bool()
-    labels = labels.long()
-    weights = ones_if_none(weights, labels.shape[0], step_rewards.device).double()
-    erroneous = labels >= 0
-    if not (weights[erroneous].sum() > 0 and weights[~erroneous].sum() > 0):
-        raise ValueError("choose_threshold needs responses with an error (label >= 0) and responses without (-1)")
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=step_rewards.device)
-    prefix_min = step_rewards.double().masked_fill(~step_mask, inf).cummin(-1).values  # [N, S]
-    padded = torch.cat([inf.expand(labels.shape[0], 1), prefix_min], dim=-1)  # padded[:, j + 1] = prefix_min[:, j]
-    label_at = labels.clamp(0, step_mask.shape[-1] - 1).unsqueeze(-1)
-    at_real_step = erroneous & (labels < step_mask.shape[-1]) & step_mask.gather(-1, label_at).squeeze(-1)
-    low = torch.where(erroneous, padded.gather(-1, label_at + 1).squeeze(-1), -inf)
-    high = torch.where(erroneous, padded.gather(-1, label_at).squeeze(-1), prefix_min[:, -1])
-    high = torch.where(erroneous & ~at_real_step, low, high)  # a label at no real step is never hit
-    candidates = threshold_candidates(step_rewards, step_mask)
+    generates, localises = names_policy(config), config.labelled.path is not None
+    if localises and config.scorer is None:
+        raise SettingError(
+            f"scorer: labelled.path {config.labelled.path} is set but no step scorer is (e.g. --scorer ArithmeticStepVerifier)"
+        )
+    if config.scorer is not None and not localises:
+        raise SettingError("labelled.path: a scorer is set but no labelled responses to score")
+    if not generates and not localises:
+        raise SettingError(
+            "model.model_name_or_path: nothing to evaluate; name a policy (model.model_name_or_path, or a train.py "
+            "config with ckpt_path) for solve rates, and/or labelled.path with a scorer for error localisation"
+        )
+    if localises:
+        check_labelled_settings(config.labelled)
+        if not Path(config.labelled.path).is_file():
+            raise SettingError(f"labelled.path: {config.labelled.path} is not a file")
+    if generates:
+        check_settings(config.data)
+    path = config.ckpt_path
+    if path is not None and not Path(path).is_file():
+        raise SettingError(f"ckpt_path: {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
+    report = Path(config.output) / REPORT_FILE
+    if report.exists():
+        raise SettingError(f"output: {report} exists; name a new folder (evaluate never overwrites a report)")
+    check_writable_folder(config.output, "output")
 
-    def hits(group: torch.Tensor) -> torch.Tensor:
-        """Weighted responses of ``group`` whose interval ``(low, high]`` holds each candidate: ``[C]``."""
-        below_low = weight_below(low[group], weights[group], candidates)
-        return below_low - weight_below(high[group], weights[group], candidates)
 
-    error_acc = hits(erroneous) / weights[erroneous].sum()
-    correct_acc = hits(~erroneous) / weights[~erroneous].sum()
-    return float(candidates[f1_of(error_acc, correct_acc).argmax()])
+def names_policy(config: Namespace) -> bool:
+    """Whether the options name a policy to generate with (a model source or a checkpoint)."""
+    return config.ckpt_path is not None or config.model.model_name_or_path is not None
 
 
-def weight_below(values: torch.Tensor, weights: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """For each point, the total weight of the values strictly below it.
+def problem_rows(data: Namespace) -> tuple[list[dict], str]:
+    """The canonical rows whose prompts are evaluated, and where they come from.
+
+    ``data.path`` a file, folder or hub id: every row (read as the data module reads it); null or
+    ``synthetic``: the embedded validation split (as ``StepwiseDataModule.canonical_splits``).
+    """
+    datamodule = StepwiseDataModule(**{**data.as_dict(), "require_scores": False, "tokenizer_name_or_path": None})
+    if data.path in (None, SYNTHETIC):
+        return datamodule.canonical_splits()[1], f"synthetic validation split (seed {data.seed})"
+    return datamodule.canonical_rows(data.path, data.split), data.path
+
+
+def checkpoint_policy_weights(path: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The policy's tensors of a StepwiseDPOModule checkpoint (``state_dict`` keys ``policy.*``, prefix
+    removed; a LoRA checkpoint's hold only the adapter) and the RNG state its embedded model was built
+    from (`TINY_MODEL_RNG_KEY`, or None), read with ``weights_only=True`` and memory-mapped, so only
+    these tensors are read.
+
+    Raises:
+        SettingError: Naming ``ckpt_path`` for a file that is not such a checkpoint.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
+        raise SettingError(f"ckpt_path: {path} cannot be read as a checkpoint (truncated or corrupt?): {error}") from error
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    weights = {key[len(POLICY_PREFIX):]: value for key, value in (state or {}).items() if key.startswith(POLICY_PREFIX)}
+    if not weights:
+        raise SettingError(
+            f"ckpt_path: {path} holds no policy weights (no 'policy.*' in its state_dict): not a checkpoint of train.py"
+        )
+    return weights, checkpoint.get(TINY_MODEL_RNG_KEY)
+
+
+def load_policy(model: Namespace, ckpt_path: str | None) -> tuple[torch.nn.Module, object]:
+    """The policy and its tokenizer: ``model.*`` builds the model (an export, a hub model, or the embedded
+    tiny model), then a checkpoint's policy weights replace its own (LoRA adapters merged after loading).
+    A LoRA checkpoint holds only the adapter: the base is the model ``model.*`` describes (the embedded
+    one built from the RNG state the checkpoint keeps, as in training).
+
+    Raises:
+        SettingError: Naming ``model.model_name_or_path`` for a source that cannot be loaded, or
+            ``ckpt_path`` for weights that do not fit the model ``model.*`` describes.
+    """
+    source = model.tokenizer_name_or_path or model.model_name_or_path
+    setting = "model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.model_name_or_path"
+    tokenizer = load_tokenizer(source, model.trust_remote_code, setting=setting)
+    dtype = DTYPES[model.dtype] if model.dtype else None
+    tiny = model.tiny_model or TinyModelConfig()
+    weights, rng_state = checkpoint_policy_weights(ckpt_path) if ckpt_path is not None else ({}, None)
+    policy = load_causal_lm(model.model_name_or_path, tokenizer, tiny, model.trust_remote_code, dtype, rng_state=rng_state)
+    if ckpt_path is None:
+        return policy.eval(), tokenizer
+    if model.lora is not None:
+        policy = apply_lora(policy, model.lora)
+    try:
+        missing, unexpected = policy.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        raise SettingError(f"ckpt_path: {ckpt_path} does not fit the model model.* describes: {error}") from error
+    missing = [key for key in missing if key not in frozen_state_keys(policy)] if model.lora is not None else missing
+    if missing or unexpected:
+        raise SettingError(
+            f"ckpt_path: {ckpt_path} does not fit the model model.* describes ({len(missing)} weights missing, "
+            f"e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); give the config it was trained with"
+        )
+    if model.lora is not None:
+        policy = policy.merge_and_unload()
+    return policy.eval(), tokenizer
+
+
+def generation_report(
+    settings: Namespace, rows: Sequence[dict], data_source: str, evaluation: SolveRateEvaluation
+) -> dict:
+    """Generates for the distinct prompts of `rows` and grades them (the report's top level).
 
     Args:
-        values: ``[N]`` values.
-        weights: ``[N]`` their weights.
-        points: ``[C]`` ascending query points.
-
-    Returns:
-        ``[C]`` sums of the weights of values ``< point``.
+        settings: The instantiated options (``model``, ``ckpt_path``, ``data``, ``device``).
+        rows: Canonical rows (:func:`problem_rows`).
+        data_source: Where they come from, for the report.
+        evaluation: Answer source, prompt cap, generation settings and verifier.
     """
-    order = values.argsort()
-    cumulative = torch.cat([weights.new_zeros(1), weights[order].cumsum(0)])
-    return cumulative[torch.searchsorted(values[order].contiguous(), points, right=False)]
+    problems, without_reference = held_out_problems(
+        [row["prompt"] for row in rows], [row["reference_solution"] for row in rows], [row["chosen_steps"] for row in rows],
+        evaluation.source, evaluation.max_prompts,
+    )
+    if not problems:
+        raise SettingError(f"data.path: none of the {len(rows)} rows of {data_source} has a reference solution or chosen steps")
+    data = settings.data
+    template = data.step_wise_prompt_template if data.use_step_wise_prompt else None
+    policy, tokenizer = load_policy(settings.model, settings.ckpt_path)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generator = TransformersGenerator(policy.to(device), tokenizer, template, data.max_prompt_length)
+    generation = evaluation.generation
+    metrics = GenerationMetrics(evaluation.source, generation.num_samples)
+    verifier = evaluation.verifier
+    completions = evaluate_problems(generator, problems, torch.ones(len(problems)), generation, metrics, verifier)
+    return {
+        "model": settings.model.model_name_or_path or "embedded",
+        "checkpoint": settings.ckpt_path,
+        "data": data_source,
+        "source": evaluation.source,
+        **metrics.compute(with_flags=verifier is not None),
+        "rows_without_reference": without_reference,
+        "generation": asdict(generation),
+        "prompt": {"template": template, "max_prompt_length": data.max_prompt_length},
+        "examples": examples(problems, completions, evaluation.source),
+    }
 
 
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Area under the ROC curve: the chance that a random positive scores above a random
-    negative, ties counting half (the Mann-Whitney U statistic over ``P * N``).
+def evaluate_command(parser: ArgumentParser, config: Namespace) -> dict:
+    """Runs the evaluations the options ask for and writes ``<output>/report.json``; returns the report.
 
-    Args:
-        scores: ``[M]`` scores (any real values; no sigmoid is applied).
-        labels: ``[M]`` bool, True for positives.
-
-    Returns:
-        Float64 scalar; NaN when either class is absent.
+    Settings and data are checked and read before any model (scorer, verifier, policy) is loaded.
     """
-    values, inverse, counts = scores.double().unique(return_inverse=True, return_counts=True)
-    # the 1-based rank of each distinct value, averaged over its ties
-    average_rank = counts.cumsum(0).double() - (counts - 1).double() / 2
-    positives, negatives = labels.sum().double(), (~labels).sum().double()
-    rank_sum = average_rank[inverse][labels].sum()
-    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    check_options(config)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    generates, localises = names_policy(config), config.labelled.path is not None
+    rows, data_source = problem_rows(config.data) if generates else ([], None)
+    responses = read_responses(config.labelled) if localises else []
+    config.model.reward_model = None  # train.py's online scorer: not used here, never loaded
+    settings = parser.instantiate(config)
+    report: dict = {}
+    if generates:
+        report.update(generation_report(settings, rows, data_source, settings.evaluation))
+    if localises:
+        report["processbench"] = localise(settings.scorer, responses, settings.labelled)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    print(summary(report, output / REPORT_FILE))
+    return report
 
 
-class WithinResponseAUROC(Metric):
-    """AUROC of step rewards for good (``g_t > 0``) vs bad (``g_t < 0``) steps, over the steps
-    of responses that have a bad step only.
-
-    The pooled step AUROC also ranks the steps of all-good (chosen) responses against
-    those of rejected ones, so it rewards telling which response is better; this one
-    asks only where inside a flawed response the error is. Steps with ``g_t = 0``, padding
-    and responses of weight 0 do not count; NaN when a class is absent. The counted
-    rewards and labels are kept (``"cat"`` states), so the AUROC is exact after a sync.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("rewards", [], dist_reduce_fx="cat")
-        self.add_state("good", [], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        step_rewards: torch.Tensor,
-        step_scores: torch.Tensor,
-        step_mask: torch.Tensor,
-        weights: torch.Tensor | None = None,
-    ) -> None:
-        """Add N responses.
-
-        Args:
-            step_rewards: ``[N, S]`` step rewards.
-            step_scores: ``[N, S]`` verifier step scores ``g_t`` (the labels).
-            step_mask: ``[N, S]`` bool, real steps.
-            weights: ``[N]`` response weights; only whether each is > 0 counts.
-        """
-        step_mask = step_mask.bool()
-        weights = ones_if_none(weights, step_rewards.shape[0], step_rewards.device)
-        flawed = (step_mask & (step_scores < 0)).any(-1) & (weights > 0)
-        counted = step_mask & (step_scores != 0) & flawed.unsqueeze(-1)
-        # float32 both, as the empty placeholder torchmetrics syncs for a rank that saw nothing
-        self.rewards.append(step_rewards[counted].float())
-        self.good.append((step_scores[counted] > 0).float())
-
-    def compute(self) -> torch.Tensor:
-        if isinstance(self.rewards, list) and not self.rewards:  # a list before a sync, one tensor after
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
-        return auroc(dim_zero_cat(self.rewards), dim_zero_cat(self.good) > 0)
+def summary(report: dict, path: Path) -> str:
+    """One line per evaluation for the terminal."""
+    lines = []
+    if "solve_rate" in report:
+        rates = ", ".join(
+            f"{name} {report[name]:.4f}" for name in ("solve_rate", "pass_at_k", "maj_at_k") if report[name] is not None
+        )
+        lines.append(f"evaluate: {report['num_prompts']:g} prompts, {rates}")
+    if "processbench" in report:
+        values = report["processbench"]
+        scores = ", ".join(
+            f"{name} {values[name]:.4f}" for name in ("processbench_f1", "error_acc", "correct_acc", "within_response_auroc")
+            if values[name] is not None
+        )
+        lines.append(f"evaluate: {values['num_responses']} labelled responses, threshold {values['threshold']:g} "
+                     f"({values['threshold_source']}): {scores}")
+    return "\n".join([*lines, f"written to {path}"])
 
 
-class LabelledStepRewards(Metric):
-    """Collects labelled responses' step rewards, to choose a threshold on (:func:`choose_threshold`).
-
-    States are ``"cat"``: the real steps' rewards flattened, each response's step count,
-    label and weight, so after a sync every rank holds every response. Responses of weight
-    0 (distributed padding) are not kept.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        for name in ("rewards", "lengths", "labels", "weights"):
-            self.add_state(name, [], dist_reduce_fx="cat")
-
-    def update(
-        self, step_rewards: torch.Tensor, step_mask: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
-    ) -> None:
-        """Add N responses.
-
-        Args:
-            step_rewards: ``[N, S]`` step rewards.
-            step_mask: ``[N, S]`` bool, real steps, a prefix of each row.
-            labels: ``[N]`` earliest wrong step (0-based) or -1.
-            weights: ``[N]`` response weights; None: all 1.
-        """
-        weights = ones_if_none(weights, labels.shape[0], step_rewards.device)
-        kept = weights > 0
-        step_mask = step_mask.bool()[kept]
-        self.rewards.append(step_rewards[kept][step_mask].double())
-        self.lengths.append(step_mask.sum(-1).double())
-        self.labels.append(labels[kept].double())
-        self.weights.append(weights[kept].double())
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        """``step_rewards`` ``[N, S]`` (0 past a response's steps), ``step_mask`` ``[N, S]``,
-        ``labels`` ``[N]`` long and ``weights`` ``[N]`` of every response kept."""
-        if isinstance(self.rewards, list) and not self.rewards:  # a list before a sync, one tensor after
-            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
-            return {"step_rewards": empty[:, None], "step_mask": empty[:, None].bool(), "labels": empty.long(), "weights": empty}
-        rewards, lengths = dim_zero_cat(self.rewards), dim_zero_cat(self.lengths).long()
-        num_steps = int(lengths.max()) if lengths.numel() else 0
-        step_mask = torch.arange(num_steps, device=lengths.device) < lengths[:, None]  # [N, S]
-        step_rewards = torch.zeros(step_mask.shape, dtype=torch.float64, device=rewards.device)
-        step_rewards[step_mask] = rewards
-        return {
-            "step_rewards": step_rewards,
-            "step_mask": step_mask,
-            "labels": dim_zero_cat(self.labels).long(),
-            "weights": dim_zero_cat(self.weights),
-        }
+def main(args: Sequence[str] | None = None) -> None:
+    """Runs ``python -m stepwise_lit.evaluate`` (`args`: without the program name; None reads
+    ``sys.argv``). Bad options or data end with a one-paragraph message and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if args is None else list(args)
+    parser = build_parser()
+    exit_on_user_error(lambda: evaluate_command(parser, parse_options(parser, argv)), argv)
 
 
 if __name__ == "__main__":
-    from stepwise_lit.evaluate_command import main
-
     main()

@@ -12,14 +12,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 
 from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rejected
-from stepwise_lit.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
+from stepwise_lit.models.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
 from stepwise_lit.errors import SettingError
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
-from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts
-from stepwise_lit.lean import LeanLogps, use_lean_logps
-from stepwise_lit.losses import OutcomeLossType, StepLossType, resolve_aggregation
-from stepwise_lit.metrics import PreferenceMetrics
-from stepwise_lit.models import (
+from stepwise_lit.logprobs.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts
+from stepwise_lit.logprobs.lean import LeanLogps, use_lean_logps
+from stepwise_lit.objective.losses import OutcomeLossType, StepLossType, resolve_aggregation
+from stepwise_lit.evaluation.preference import PreferenceMetrics
+from stepwise_lit.models.loading import (
     DTYPES,
     TINY_MODEL_RNG_KEY,
     DtypeName,
@@ -31,8 +31,14 @@ from stepwise_lit.models import (
     frozen_state_keys,
     load_causal_lm,
 )
-from stepwise_lit.objective import Objective, ObjectiveSettings, check_objective_settings, sft_loss, stepwise_objective
-from stepwise_lit.reference import (
+from stepwise_lit.objective.stepwise import (
+    Objective,
+    ObjectiveSettings,
+    check_objective_settings,
+    sft_loss,
+    stepwise_objective,
+)
+from stepwise_lit.logprobs.reference import (
     AdapterReference,
     FrozenCopyReference,
     NoReference,
@@ -41,7 +47,7 @@ from stepwise_lit.reference import (
     reference_data,
 )
 from stepwise_lit.rewards.base import MissingStepScores, StepScorer
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("stepwise_lit")
 
@@ -78,18 +84,18 @@ class StepwiseDPOModule(L.LightningModule):
         dtype: Weight dtype at load: "float32", "bfloat16" or "float16"; None keeps the
             checkpoint's. Mixed precision is the
             trainer's `precision` setting.
-        reference: Where reference log-probs come from (`stepwise_lit.reference`): "copy" (a
+        reference: Where reference log-probs come from (`stepwise_lit.logprobs.reference`): "copy" (a
             frozen model), "adapter" (the policy with LoRA adapters disabled, no second copy),
             "precomputed" (a reference pass inside the run, cached on disk), or "none"
             (reference-free: log-ratios are log-probs).
         ref_model_name_or_path: Reference weights for `reference: copy` or `precomputed`; None:
             the policy's initial weights.
-        lora: LoRA settings (checked at start, `stepwise_lit.models.check_lora_settings`); checkpoints then
+        lora: LoRA settings (checked at start, `stepwise_lit.models.loading.check_lora_settings`); checkpoints then
             hold only the adapter weights (see `on_save_checkpoint`). None trains every weight.
         step_beta: β_s, the scale of the implicit step reward h_t = β_s ρ_t. Must be > 0.
         outcome_beta: β_o, the scale of the outcome margin z = β_o (ρ(y_c) − ρ(y_r)). Must be > 0.
-        outcome_loss_type: The outcome loss (`stepwise_lit.losses.outcome_loss`).
-        step_loss_type: The step loss (`stepwise_lit.losses.step_loss`).
+        outcome_loss_type: The outcome loss (`stepwise_lit.objective.losses.outcome_loss`).
+        step_loss_type: The step loss (`stepwise_lit.objective.losses.step_loss`).
         aggregation_strategy: How step scores become an outcome reward: "sum", "mean",
             "weighted_sum" (needs `step_weights`), "min", "max", "last", "product", "discounted",
             or the import path of your own function (`mypackage.rewards.fraction_good`), called as
@@ -128,10 +134,10 @@ class StepwiseDPOModule(L.LightningModule):
             `torch.compile(dynamic=True)` (one graph for every batch length; the first steps
             pay the compilation). Not with FSDP1 (`FSDPStrategy`), which wraps the layers later.
         lean_logps: Log-probs from the final hidden states, the LM head applied to completion
-            positions a chunk at a time (`stepwise_lit.lean`): no `[2B, L, V]` logits tensor
+            positions a chunk at a time (`stepwise_lit.logprobs.lean`): no `[2B, L, V]` logits tensor
             exists, which matters for large vocabularies (at 128k, under a third of the plain
             way's peak; see BENCHMARKS.md). Only for the architectures of
-            `stepwise_lit.lean.LEAN_ARCHITECTURES` (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
+            `stepwise_lit.logprobs.lean.LEAN_ARCHITECTURES` (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
             GPT-2...), not under FSDP, and checked against each model's own logits on its first
             batch. "auto" (the default): on for LM heads of at least 32,000 rows where it
             applies, off otherwise (the embedded tiny model's 259 rows: off), falling back to
@@ -320,7 +326,7 @@ class StepwiseDPOModule(L.LightningModule):
         """Places the frozen models, and puts the policy in train mode: `from_pretrained` returns
         a model in eval mode and Lightning keeps each module's mode (its evaluation loops switch
         to eval and back), so a loaded policy would otherwise train as at inference, where Hugging
-        Face layers skip gradient checkpointing. Dropout stays off (`stepwise_lit.models.disable_dropout`);
+        Face layers skip gradient checkpointing. Dropout stays off (`stepwise_lit.models.loading.disable_dropout`);
         the frozen models are not the module's children and stay in eval mode."""
         self._place_frozen_models()
         self.policy.train()
@@ -402,7 +408,7 @@ class StepwiseDPOModule(L.LightningModule):
 
     def _eval_step(self, batch: PairBatch, stage: str) -> dict:
         """Logs the losses and updates the metrics; returns the metric inputs (callbacks such
-        as `stepwise_lit.reports.StepRewardReport` get them as `outputs`)."""
+        as `stepwise_lit.evaluation.report.StepRewardReport` get them as `outputs`)."""
         step_scores = self.missing_scores(batch)
         out = self.objective(batch, step_scores)
         # Lightning sums value x batch_size and batch_size over the epoch and across ranks. The

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.models import LoraSettings, TinyModelConfig
+from stepwise_lit.models.loading import LoraSettings, TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

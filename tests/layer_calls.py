@@ -10,7 +10,7 @@ import json
 
 import lightning as L
 
-from stepwise_lit.distributed import decoder_layers
+from stepwise_lit.models.distributed import decoder_layers
 
 
 class LayerCallCounter(L.Callback):

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.models.generate import GenerationSettings
 
 PROBLEM = re.compile(r"has (\d+) [^.]+\. Then ([-+*])(\d+), (\d+) times\.")
 

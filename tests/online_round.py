@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.models.generate import GenerationSettings
 
 GOATS = ("A farm has 26 goats. The herd grows 2 times. The farmer buys 28. 4 wander off. The farmer sells 9. "
          "How many goats are on the farm?")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stepwise_lit.answers import (
+from stepwise_lit.grading.answers import (
     answers_match,
     extract_answer,
     extract_embedded,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stepwise_lit.arithmetic import MAX_EXPONENT, NUMBER, evaluate_arithmetic
+from stepwise_lit.grading.arithmetic import MAX_EXPONENT, NUMBER, evaluate_arithmetic
 from stepwise_lit.data.gsm8k import CALCULATOR_ANNOTATION, corrupt_solution
 from stepwise_lit.rewards.rules import ArithmeticStepVerifier
 

@@ -10,8 +10,8 @@ import torch
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import SettingError
-from stepwise_lit.lean import LEAN_AUTO_MIN_ROWS, LeanLogps, use_lean_logps
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.logprobs.lean import LEAN_AUTO_MIN_ROWS, LeanLogps, use_lean_logps
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -10,7 +10,7 @@ import torch
 
 from stepwise_lit.data.formats import DataFormatError, read_records
 from stepwise_lit.data.labelled import LABELLED_KEYS, LABELLED_READERS, LabelledFormat, labelled_responses, read_labelled
-from stepwise_lit.evaluate import first_error_labels
+from stepwise_lit.evaluation.processbench import first_error_labels
 from stepwise_lit.errors import UserError
 
 PROCESSBENCH_ROW = {

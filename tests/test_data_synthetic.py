@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stepwise_lit.answers import extract_embedded
+from stepwise_lit.grading.answers import extract_embedded
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.labelled import labelled_responses
 from stepwise_lit.data.synthetic import NAMES, TEMPLATES, Operation, generate_labelled, generate_pairs, problem_statement
 from stepwise_lit.data.tokenize import first_divergence, prompt_token_ids
-from stepwise_lit.tokenizer import build_byte_tokenizer
+from stepwise_lit.data.tokenizer import build_byte_tokenizer
 
 EQUATION = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
 TINY_DATA = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["data"]

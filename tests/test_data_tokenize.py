@@ -20,7 +20,7 @@ from stepwise_lit.data.tokenize import (
     tokenize_dataset,
     tokenize_row,
 )
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K data not found at {GSM8K}")

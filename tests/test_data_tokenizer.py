@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 
 def test_byte_tokenizer_ids_are_bytes_plus_three():

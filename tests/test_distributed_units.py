@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from stepwise_lit.data.sampling import MarkedRows, PaddedShardSampler, PairWeightCollator
-from stepwise_lit.distributed import CausalLMWrapPolicy, decoder_layers
-from stepwise_lit.export import gathered_policy_state_dict, whole_policy
-from stepwise_lit.metrics import PreferenceMetrics
-from stepwise_lit.models import LoraSettings, TinyModelConfig, apply_lora
+from stepwise_lit.models.distributed import CausalLMWrapPolicy, decoder_layers
+from stepwise_lit.models.export import gathered_policy_state_dict, whole_policy
+from stepwise_lit.evaluation.preference import PreferenceMetrics
+from stepwise_lit.models.loading import LoraSettings, TinyModelConfig, apply_lora
 from stepwise_lit.module import StepwiseDPOModule
 
 REPO = Path(__file__).resolve().parents[1]

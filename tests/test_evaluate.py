@@ -11,17 +11,13 @@ import torch
 import torch.multiprocessing
 from torch.testing import assert_close
 
-from stepwise_lit.evaluate import (
-    MajorityAtK,
-    PassAtK,
+from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate, majority_answer, pass_at_k
+from stepwise_lit.evaluation.processbench import (
     ProcessBenchF1,
-    SolveRate,
     WithinResponseAUROC,
     auroc,
     choose_threshold,
     first_error_labels,
-    majority_answer,
-    pass_at_k,
     threshold_candidates,
 )
 

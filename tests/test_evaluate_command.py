@@ -1,4 +1,4 @@
-"""`python -m stepwise_lit.evaluate` (`stepwise_lit.evaluate_command`): ProcessBench localisation of a step
+"""`python -m stepwise_lit.evaluate` : ProcessBench localisation of a step
 scorer on labelled responses, and solve rates of an exported model or of a checkpoint with its training config."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from entry import run_entry, write_config
 from stepwise_lit import evaluate_command
 from stepwise_lit.cli import main as train
 from stepwise_lit.data.labelled import read_labelled
-from stepwise_lit.localisation import split_by_problem
+from stepwise_lit.evaluation.localisation import split_by_problem
 from stepwise_lit.rewards import ArithmeticStepVerifier
 
 REPO = Path(__file__).parents[1]

@@ -1,4 +1,4 @@
-"""Generation-based evaluation (`stepwise_lit.evaluation`): the `--evaluation.*` callback in
+"""Generation-based evaluation (`stepwise_lit.evaluation.generation`): the `--evaluation.*` callback in
 `validate`/`test` and the ProcessBench part of the report (the command: tests/test_evaluate_command.py)."""
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ from stepwise_lit.cli import main
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
-from stepwise_lit.forward import step_token_counts
-from stepwise_lit.objective import per_token_step_rewards
+from stepwise_lit.logprobs.forward import step_token_counts
+from stepwise_lit.objective.stepwise import per_token_step_rewards
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluation import GenerationMetrics, Problem, held_out_problems, reference_answer, refuse_fsdp1
-from stepwise_lit.generate import TransformersGenerator
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.evaluation.generation import (
+    GenerationMetrics,
+    Problem,
+    held_out_problems,
+    reference_answer,
+    refuse_fsdp1,
+)
+from stepwise_lit.models.generate import TransformersGenerator
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 # tests/entry.py's BASE: synthetic pairs, seed 0, 8 training then 4 validation pairs, numbers up to 10
 # (a fifth validation pair, for the distributed test, is the next one the generator draws)

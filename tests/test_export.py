@@ -1,4 +1,4 @@
-"""`stepwise_lit.export`: the Hugging Face export callback replaces an earlier export of ours and
+"""`stepwise_lit.models.export`: the Hugging Face export callback replaces an earlier export of ours and
 nothing else, refuses a folder before training starts, and writes files the umask allows."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import SettingError
-from stepwise_lit.export import MARKER, HuggingFaceExport, export_policy
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.models.export import MARKER, HuggingFaceExport, export_policy
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -14,9 +14,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.export import export_policy
+from stepwise_lit.models.export import export_policy
 from stepwise_lit.faults import SignalStop
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

@@ -1,4 +1,4 @@
-"""`stepwise_lit.forward`: the chosen side of a batch and its token counts, by hand, packed and not."""
+"""`stepwise_lit.logprobs.forward`: the chosen side of a batch and its token counts, by hand, packed and not."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from stepwise_lit.data.collate import right_pad
 from stepwise_lit.data.packing import pack_pair
-from stepwise_lit.forward import chosen_side, chosen_token_counts
+from stepwise_lit.logprobs.forward import chosen_side, chosen_token_counts
 
 # One pair: chosen = prompt [5, 6] + step 1 [10, 11] + step 2 [12, 9]; rejected = [5, 6] + step 1 [10, 13, 9].
 CHOSEN = ([5, 6, 10, 11, 12, 9], [0, 0, 1, 1, 2, 2])

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from entry import run_entry, write_pairs
 from stepwise_lit.cli import main
-from stepwise_lit.tokenizer import BYTE_TOKEN_OFFSET, load_tokenizer
+from stepwise_lit.data.tokenizer import BYTE_TOKEN_OFFSET, load_tokenizer
 from test_distributed import REPO, Run, environment
 
 DIGITS = [3, 6, 1, 7, 4, 2, 5]  # the last character of the 7 held-out prompts

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.generate import (
+from stepwise_lit.models.generate import (
     GenerationSettings,
     TextBudget,
     TextStops,
@@ -22,7 +22,7 @@ from stepwise_lit.generate import (
     decoded_increment,
     eos_token_ids,
 )
-from stepwise_lit.tokenizer import BYTE_TOKEN_OFFSET, load_tokenizer
+from stepwise_lit.data.tokenizer import BYTE_TOKEN_OFFSET, load_tokenizer
 
 PROMPT = "Ana has 12 coins. She finds 5 more. How many coins does Ana have?"
 

@@ -15,10 +15,10 @@ from stepwise_lit.cli import main
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import SettingError
-from stepwise_lit.forward import step_logps
-from stepwise_lit.lean import LEAN_ARCHITECTURES, LeanLogps, lean_logps_gap, use_lean_logps
+from stepwise_lit.logprobs.forward import step_logps
+from stepwise_lit.logprobs.lean import LEAN_ARCHITECTURES, LeanLogps, lean_logps_gap, use_lean_logps
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 SIZES = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}

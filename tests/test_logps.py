@@ -1,4 +1,4 @@
-"""Token and per-step log-probabilities (stepwise_lit.logps)."""
+"""Token and per-step log-probabilities (stepwise_lit.logprobs.logps)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stepwise_lit.logps import step_logps, step_logps_from_hidden, token_logps
+from stepwise_lit.logprobs.logps import step_logps, step_logps_from_hidden, token_logps
 
 VOCAB_SIZE = 300
 

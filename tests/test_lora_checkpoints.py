@@ -89,7 +89,7 @@ def test_a_model_folder_base_is_reloaded_from_the_folder(tmp_path, capsys):
     base from `model.model_name_or_path`, gives fit's last validation loss."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from stepwise_lit.tokenizer import load_tokenizer
+    from stepwise_lit.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Reward aggregation and DPO losses (stepwise_lit.losses) against hand computations."""
+"""Reward aggregation and DPO losses (stepwise_lit.objective.losses) against hand computations."""
 
 import math
 from typing import get_args
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.losses import (
+from stepwise_lit.objective.losses import (
     AGGREGATION_STRATEGIES,
     OUTCOME_LOSS_TYPES,
     STEP_LOSS_TYPES,

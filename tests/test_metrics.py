@@ -1,4 +1,4 @@
-"""Preference metrics (stepwise_lit.metrics) against hand computations."""
+"""Preference metrics (stepwise_lit.evaluation.preference) against hand computations."""
 
 import math
 
@@ -7,7 +7,13 @@ import torch
 from torch.testing import assert_close
 from torchmetrics import Metric
 
-from stepwise_lit.metrics import PAIR_METRICS, PreferenceMetrics, StepAUROC, StepIndexAccuracy, WeightedMean
+from stepwise_lit.evaluation.preference import (
+    PAIR_METRICS,
+    PreferenceMetrics,
+    StepAUROC,
+    StepIndexAccuracy,
+    WeightedMean,
+)
 
 NAN = float("nan")
 

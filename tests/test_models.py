@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.models import TinyModelConfig, check_source, load_causal_lm
+from stepwise_lit.models.loading import TinyModelConfig, check_source, load_causal_lm
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 

@@ -10,12 +10,12 @@ import torch
 from stepwise_lit.data.batch import chosen, rejected
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import SettingError
-from stepwise_lit.export import export_policy
-from stepwise_lit.forward import step_logps, step_token_counts
-from stepwise_lit.losses import step_loss
-from stepwise_lit.models import LoraSettings, TinyModelConfig
+from stepwise_lit.models.export import export_policy
+from stepwise_lit.logprobs.forward import step_logps, step_token_counts
+from stepwise_lit.objective.losses import step_loss
+from stepwise_lit.models.loading import LoraSettings, TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.objective import Objective
+from stepwise_lit.objective.stepwise import Objective
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 

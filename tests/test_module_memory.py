@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.models import LoraSettings, TinyModelConfig
+from stepwise_lit.models.loading import LoraSettings, TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

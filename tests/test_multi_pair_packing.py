@@ -12,8 +12,8 @@ from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.packing import balanced_rows, packed_attention_mask
 from stepwise_lit.errors import SettingError
-from stepwise_lit.forward import chosen_side, chosen_token_counts, step_logps
-from stepwise_lit.objective import sft_loss
+from stepwise_lit.logprobs.forward import chosen_side, chosen_token_counts, step_logps
+from stepwise_lit.objective.stepwise import sft_loss
 
 from test_data_collate import token_row
 from test_packing import (

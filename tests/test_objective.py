@@ -1,4 +1,4 @@
-"""`stepwise_lit.objective`: the loss assembly of one batch, checked against hand computations."""
+"""`stepwise_lit.objective.stepwise`: the loss assembly of one batch, checked against hand computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 import pytest
 
-from stepwise_lit.objective import ObjectiveSettings, sft_loss, stepwise_objective, verifier_rewards
+from stepwise_lit.objective.stepwise import ObjectiveSettings, sft_loss, stepwise_objective, verifier_rewards
 
 
 def logsigmoid(x: float) -> float:

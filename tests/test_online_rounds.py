@@ -12,7 +12,7 @@ import pytest
 from online_round import PROMPTS, REFERENCES, scripted_generator
 from stepwise_lit.data.formats import read_records, to_canonical
 from stepwise_lit.errors import UserError
-from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.models.generate import GenerationSettings
 from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
     PAIRS_FILE,
@@ -24,7 +24,7 @@ from stepwise_lit.online.rounds import (
     run_round,
     write_jsonl_atomically,
 )
-from stepwise_lit.online.sampling import RoundSettings
+from stepwise_lit.online.solutions import RoundSettings
 from stepwise_lit.rewards import ArithmeticStepVerifier
 
 SETTINGS = RoundSettings(generation=GenerationSettings(do_sample=True, num_samples=4))

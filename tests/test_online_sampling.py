@@ -1,4 +1,4 @@
-"""One online round in memory (stepwise_lit.online.sampling.generate_round): sample, score, grade, pair."""
+"""One online round in memory (stepwise_lit.online.solutions.generate_round): sample, score, grade, pair."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from online_round import GOATS, GOATS_LAST_SLIP, GOATS_REFERENCE, PROMPTS, REFERENCES, scripted_generator
 from stepwise_lit.errors import SettingError
-from stepwise_lit.generate import GenerationSettings, TransformersGenerator
+from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
 from stepwise_lit.online.pairs import PairSettings
-from stepwise_lit.online.sampling import RoundSettings, generate_round
-from stepwise_lit.rerank import split_solution
+from stepwise_lit.online.solutions import RoundSettings, generate_round
+from stepwise_lit.evaluation.rerank import split_solution
 from stepwise_lit.rewards import ArithmeticStepVerifier
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 SAMPLING = GenerationSettings(do_sample=True, num_samples=4, max_new_tokens=8)
 

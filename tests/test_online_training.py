@@ -25,7 +25,7 @@ from stepwise_lit.cli import main
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.sampling import RoundSampler
 from stepwise_lit.errors import DataFormatError, SettingError
-from stepwise_lit.generate import GenerationSettings
+from stepwise_lit.models.generate import GenerationSettings
 from stepwise_lit.online.training import OnlineRounds
 from stepwise_lit.rewards import ArithmeticStepVerifier
 

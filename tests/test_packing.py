@@ -12,11 +12,11 @@ import torch
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.packing import pack_pair, packed_attention_mask
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.errors import SettingError
-from stepwise_lit.forward import chosen_side, chosen_token_counts, packed_mask_for, step_logps
+from stepwise_lit.logprobs.forward import chosen_side, chosen_token_counts, packed_mask_for, step_logps
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.objective import sft_loss
+from stepwise_lit.objective.stepwise import sft_loss
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"

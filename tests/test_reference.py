@@ -1,4 +1,4 @@
-"""`stepwise_lit.reference`, `reference: precomputed`: the reference pass inside the run, its cache,
+"""`stepwise_lit.logprobs.reference`, `reference: precomputed`: the reference pass inside the run, its cache,
 and the same losses as a live frozen copy; under DDP and FSDP2 (2 CPU processes) as in one process."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.reference import PrecomputedReference
+from stepwise_lit.logprobs.reference import PrecomputedReference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}

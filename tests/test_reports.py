@@ -1,4 +1,4 @@
-"""The evaluation report (stepwise_lit.reports) of `validate` and `test` on a tiny run."""
+"""The evaluation report (stepwise_lit.evaluation.report) of `validate` and `test` on a tiny run."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stepwise_lit.cli import main
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.metrics import PreferenceMetrics
-from stepwise_lit.models import TinyModelConfig
+from stepwise_lit.evaluation.preference import PreferenceMetrics
+from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.evaluate import LabelledStepRewards
-from stepwise_lit.reports import StepRewardReport, build_report, processbench_values, report_figures
+from stepwise_lit.evaluation.processbench import LabelledStepRewards
+from stepwise_lit.evaluation.report import StepRewardReport, build_report, processbench_values, report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}

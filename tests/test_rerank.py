@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stepwise_lit.answers import extract_answer
+from stepwise_lit.grading.answers import extract_answer
 from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.rerank import choose, pick_by_majority, rerank, rerank_report, split_solution
+from stepwise_lit.evaluation.rerank import choose, pick_by_majority, rerank, rerank_report, split_solution
 from stepwise_lit.rewards import ImplicitStepScorer
 from test_rewards_implicit import logp_of, prompt_ids, save_tiny
 

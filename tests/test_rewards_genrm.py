@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stepwise_lit.rewards.genrm import GenerativeStepScorer
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 ANSWER_TOKENS = ["Yes", " Yes", "No", " No"]
 HIDDEN = 8

@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_response, tokenize_row
-from stepwise_lit.export import MARKER, export_policy
-from stepwise_lit.models import LoraSettings, TinyModelConfig, build_tiny_model
+from stepwise_lit.models.export import MARKER, export_policy
+from stepwise_lit.models.loading import LoraSettings, TinyModelConfig, build_tiny_model
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.rewards import ImplicitStepScorer
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 SHAPE = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 ROWS = generate_pairs(3, seed=7, max_value=10)

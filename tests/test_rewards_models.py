@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
 
 from stepwise_lit.rewards import ArithmeticStepVerifier, ClassifierStepScorer, CombinedRewardModel, OutcomeRewardModel
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 PROMPTS = ["What is 2 + 3?", [{"role": "user", "content": "What is 4 * 5, then minus 1?"}]]
 STEPS = [["2 + 3 = 5\n", "A: 5"], ["4 * 5 = 21\n", "21 - 1 = 20\n", "A: 20"]]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stepwise_lit.answers import extract_answer
+from stepwise_lit.grading.answers import extract_answer
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.rewards.rules import ArithmeticStepVerifier, check_step, evaluate, final_answer, matches
 

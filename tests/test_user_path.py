@@ -20,8 +20,8 @@ import torch
 from entry import run_entry, write_config, write_pairs
 from stepwise_lit import prepare, score
 from stepwise_lit.cli import main
-from stepwise_lit.models import TinyModelConfig, build_tiny_model
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.models.loading import TinyModelConfig, build_tiny_model
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 GSM8K_TRAIN = SHARED / "gsm8k" / "train.jsonl"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from entry import run_entry, write_config
 from stepwise_lit.cli import main
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
          "num_key_value_heads": 2, "max_position_embeddings": 512}

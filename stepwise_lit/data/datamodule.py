@@ -35,7 +35,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, SequentialSampler
 
-from stepwise_lit import arithmetic
+from stepwise_lit.grading import arithmetic
 from stepwise_lit.data import formats, gsm8k, prm800k, records, stepdpo, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
@@ -51,7 +51,7 @@ from stepwise_lit.data.sampling import (
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, Truncation, canonical_dataset, tokenize_dataset
 from stepwise_lit.errors import DataFormatError, SettingError
-from stepwise_lit.tokenizer import load_tokenizer
+from stepwise_lit.data.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class StepwiseDataModule(L.LightningDataModule):
 
         Each epoch's order is fixed by ``seed`` and the epoch, and the loader records how far
         an epoch got, so ``--ckpt_path last`` resumes with the batches an uninterrupted run
-        would see (see ``stepwise_lit.distributed``). Under DDP, Lightning's distributed sampler
+        would see (see ``stepwise_lit.models.distributed``). Under DDP, Lightning's distributed sampler
         (seeded by ``seed_everything``) gives each rank its rows. After `train_on_round`, the
         round's pairs in a `RoundSampler` order.
         """

@@ -4,7 +4,7 @@
 ``train.jsonl`` / ``test.jsonl`` give the answer vs a seeded corruption of it: one
 calculator result changed and the change carried through every later step
 (:func:`corrupt_solution`). Calculations are redone with the shared safe evaluator of
-``stepwise_lit.arithmetic``.
+``stepwise_lit.grading.arithmetic``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from stepwise_lit.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
+from stepwise_lit.grading.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
 from stepwise_lit.data.records import (
     RecordContext,
     RecordSkipped,

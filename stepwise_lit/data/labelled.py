@@ -14,10 +14,10 @@ A canonical labelled response is a plain dict:
 ``first_error`` is the label the evaluation side scores against: ProcessBench
 (Zheng et al. 2024, arXiv:2412.06559) counts a prediction right when the first step a
 scorer flags (reward below a threshold) is exactly ``first_error``, or when it flags
-none and ``first_error`` is -1 (``stepwise_lit.evaluate.ProcessBenchF1``, whose
+none and ``first_error`` is -1 (``stepwise_lit.evaluation.processbench.ProcessBenchF1``, whose
 ``labels`` are these values). The step scores agree with it by validation: every score
 before ``first_error`` is >= 0 and the score at it is < 0 (so
-``stepwise_lit.evaluate.first_error_labels`` on the scores gives ``first_error`` back).
+``stepwise_lit.evaluation.processbench.first_error_labels`` on the scores gives ``first_error`` back).
 
 Sources (:data:`LabelledFormat`), read with :func:`read_labelled`:
 

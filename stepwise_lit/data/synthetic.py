@@ -9,7 +9,7 @@ budget, a start value and one operation applied to it a number of times::
 times, and a question; four story kinds). Every solution step applies the operation
 once to the running value, ``"Step 2: 10 + 3 = 13\n"``; the last step ends with the
 answer sentence ``"... = 19. The answer is 19.\n"`` that
-:func:`stepwise_lit.answers.extract_embedded` reads. Every fact a step needs is at one
+:func:`stepwise_lit.grading.answers.extract_embedded` reads. Every fact a step needs is at one
 place in the prompt, so a tiny model learns to read it within minutes; what it must
 still learn is the arithmetic and when to stop. The chosen solution is correct. The
 rejected one makes an arithmetic slip at a random step (``"10 + 3 = 14"``), carries
@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from stepwise_lit.answers import extract_embedded
+from stepwise_lit.grading.answers import extract_embedded
 
 MAX_VALUE = 99
 NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Juno")

@@ -2,5 +2,5 @@
 
 - :mod:`stepwise_lit.online.pairs`: scored solutions -> canonical training pairs by a named strategy;
 - :mod:`stepwise_lit.online.rounds`: one round's solutions and pairs as JSON Lines in the run folder, and resuming;
-- :mod:`stepwise_lit.online.sampling`: one round's generation, step scoring and pairing (``generate_round``).
+- :mod:`stepwise_lit.online.solutions`: one round's generation, step scoring and pairing (``generate_round``).
 """

@@ -7,7 +7,7 @@ score per step, its final answer and whether that answer is right) become canoni
 :data:`PAIR_STRATEGIES`:
 
 - ``best_vs_worst``: the solution with the highest aggregated step score (``aggregation``,
-  as ``stepwise_lit.losses.aggregate_rewards`` computes it) against the one with the
+  as ``stepwise_lit.objective.losses.aggregate_rewards`` computes it) against the one with the
   lowest. Ties: the lowest sample index among the best, and among the worst. Correctness
   is not used.
 - ``first_error_branch`` (Step-DPO / SCDPO): a correct solution against an incorrect one
@@ -18,7 +18,7 @@ score per step, its final answer and whether that answer is right) become canoni
   incorrect index) order.
 
 Which solutions are correct is the ``correctness`` setting: ``answer`` (the final answer
-matches the reference, ``stepwise_lit.answers.answers_match``), ``steps`` (no step scored
+matches the reference, ``stepwise_lit.grading.answers.answers_match``), ``steps`` (no step scored
 below 0, the verifier's flag) or ``answer_and_steps`` (both). A solution whose correctness
 cannot be told (no reference answer under ``answer``) is neither side.
 
@@ -45,9 +45,9 @@ import torch
 
 from stepwise_lit.data.tokenize import first_divergence
 from stepwise_lit.errors import SettingError
-from stepwise_lit.generate import Prompt
-from stepwise_lit.losses import AGGREGATION_STRATEGIES, AggregationName, aggregate_rewards
-from stepwise_lit.rerank import split_solution
+from stepwise_lit.models.generate import Prompt
+from stepwise_lit.objective.losses import AGGREGATION_STRATEGIES, AggregationName, aggregate_rewards
+from stepwise_lit.evaluation.rerank import split_solution
 
 PairStrategy = Literal["best_vs_worst", "first_error_branch", "all_pairs"]
 Correctness = Literal["answer", "steps", "answer_and_steps"]

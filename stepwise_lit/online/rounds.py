@@ -29,9 +29,9 @@ from typing import Literal
 
 from stepwise_lit.data.formats import read_records, to_canonical
 from stepwise_lit.errors import DataFormatError, UserError
-from stepwise_lit.generate import Generator, Prompt
+from stepwise_lit.models.generate import Generator, Prompt
 from stepwise_lit.online.pairs import PairSettings, ScoredPrompt, ScoredSolution, build_pairs
-from stepwise_lit.online.sampling import RoundRecord, RoundSettings, checked_prompt_ids, generate_round
+from stepwise_lit.online.solutions import RoundRecord, RoundSettings, checked_prompt_ids, generate_round
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")
@@ -159,7 +159,7 @@ def run_round(
       builds from the solutions;
     - generated (killed after writing solutions): pairs are built from the written solutions
       and written;
-    - missing: :func:`~stepwise_lit.online.sampling.generate_round`, then solutions, then pairs are written.
+    - missing: :func:`~stepwise_lit.online.solutions.generate_round`, then solutions, then pairs are written.
 
     Args:
         root: The run folder.

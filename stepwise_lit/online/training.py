@@ -18,7 +18,7 @@ solutions; the resumed epoch skips the batches already trained (``ResumableDataL
 Under DDP and FSDP2 each rank samples its share of the round's prompts (every ``world_size``-th),
 rank 0 writes the round, and every rank trains on all its pairs (each its share of batches).
 Under FSDP2 the shares are decoded at equal length (:class:`PaddedGenerator`), so the sharded
-policy's ``generate`` batches, collectives there, match across ranks (``stepwise_lit.generate``).
+policy's ``generate`` batches, collectives there, match across ranks (``stepwise_lit.models.generate``).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from stepwise_lit.answers import AnswerSourceName
+from stepwise_lit.grading.answers import AnswerSourceName
 from stepwise_lit.data.sampling import PaddedShardSampler
-from stepwise_lit.distributed import shows_progress
+from stepwise_lit.models.distributed import shows_progress
 from stepwise_lit.errors import SettingError, UserError
-from stepwise_lit.evaluation import Problem, held_out_problems, refuse_fsdp1
-from stepwise_lit.generate import GenerationSettings, Generator, Prompt, runs_in_lockstep
+from stepwise_lit.evaluation.generation import Problem, held_out_problems, refuse_fsdp1
+from stepwise_lit.models.generate import GenerationSettings, Generator, Prompt, runs_in_lockstep
 from stepwise_lit.imports import import_callable
 from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
@@ -51,7 +51,7 @@ from stepwise_lit.online.rounds import (
     solution_rows,
     write_jsonl_atomically,
 )
-from stepwise_lit.online.sampling import RoundRecord, RoundSettings, default_generation, generate_round
+from stepwise_lit.online.solutions import RoundRecord, RoundSettings, default_generation, generate_round
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")
@@ -64,7 +64,7 @@ class OnlineRounds(L.Callback):
 
     Needs the trainer's ``reload_dataloaders_every_n_epochs: 1`` (each round is a new
     training set) and a ``StepwiseDataModule``; runs in one process, under DDP and under
-    FSDP2 (not FSDP1: ``stepwise_lit.evaluation.refuse_fsdp1``). The number of rounds is
+    FSDP2 (not FSDP1: ``stepwise_lit.evaluation.generation.refuse_fsdp1``). The number of rounds is
     ``trainer.max_epochs - start_epoch``. Logged per round (epoch): ``online/pairs``,
     ``online/reference_pairs``
     (``pairs.reference_fallback``), ``online/skipped_prompts``,
@@ -94,7 +94,7 @@ class OnlineRounds(L.Callback):
             None keeps it fixed.
         generator: Import path of the decoding backend, built each round as
             ``Backend(policy, tokenizer, prompt_template, max_prompt_length, progress=bool)``
-            and called as a ``stepwise_lit.generate.Generator`` (``generate(prompts, settings)
+            and called as a ``stepwise_lit.models.generate.Generator`` (``generate(prompts, settings)
             -> K completions per prompt``). Default: ``transformers``' ``generate`` with the
             KV cache. A vLLM backend for GPU machines is a class with that constructor that
             loads the policy's current weights into a ``vllm.LLM`` (its model runner's
@@ -114,7 +114,7 @@ class OnlineRounds(L.Callback):
         pairs: PairSettings = PairSettings(),
         answer_source: AnswerSourceName = "embedded",
         reference_refresh_rounds: int | None = None,
-        generator: str = "stepwise_lit.generate.TransformersGenerator",
+        generator: str = "stepwise_lit.models.generate.TransformersGenerator",
     ) -> None:
         for name, value, least in (("start_epoch", start_epoch, 0), ("prompts_per_round", prompts_per_round, 1),
                                    ("steps_per_round", steps_per_round, 1),
@@ -340,7 +340,7 @@ class PaddedGenerator:
         self.generator, self.length, self.filler = generator, length, filler
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
-        """See ``stepwise_lit.generate.Generator.generate``."""
+        """See ``stepwise_lit.models.generate.Generator.generate``."""
         padded = [*prompts, *[self.filler] * (self.length - len(prompts))]
         return self.generator.generate(padded, settings)[: len(prompts)]
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stepwise_lit.data.batch import PairBatch
-from stepwise_lit.models import DTYPES
+from stepwise_lit.models.loading import DTYPES
 
 logger = logging.getLogger("stepwise_lit")
 

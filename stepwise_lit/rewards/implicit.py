@@ -3,7 +3,7 @@
 A DPO-trained policy π and its reference π_ref define the implicit step reward of step t
 of a response: ``h_t = β (log π(step_t | prompt, steps_<t) − log π_ref(step_t | prompt, steps_<t))``,
 the reward the stepwise loss trained (DESIGN section 5). Both log-probs come from one forward
-pass per model per batch (`stepwise_lit.forward.step_logps`) over the response tokenized as
+pass per model per batch (`stepwise_lit.logprobs.forward.step_logps`) over the response tokenized as
 the data side tokenizes a training side (`stepwise_lit.data.tokenize.tokenize_response`).
 """
 
@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stepwise_lit.data.collate import right_pad
 from stepwise_lit.data.tokenize import tokenize_response
-from stepwise_lit.export import MARKER
-from stepwise_lit.forward import step_logps
-from stepwise_lit.objective import per_token_step_rewards
+from stepwise_lit.models.export import MARKER
+from stepwise_lit.logprobs.forward import step_logps
+from stepwise_lit.objective.stepwise import per_token_step_rewards
 from stepwise_lit.rewards.base import (
     Prompt,
     StepScorer,
@@ -36,7 +36,7 @@ from stepwise_lit.rewards.base import (
 logger = logging.getLogger("stepwise_lit")
 
 ADAPTER_FOLDER = "adapter"
-"""Where an export with LoRA keeps the adapter (`stepwise_lit.export.write_export`)."""
+"""Where an export with LoRA keeps the adapter (`stepwise_lit.models.export.write_export`)."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,7 @@ class ImplicitStepScorer(StepScorer):
 
     def side_batch(self, encoded: list[tuple[list[int], list[int], bool]]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask``, ``step_ids`` ``[b, L]`` on the policy's device:
-        the layout of `stepwise_lit.forward.chosen_side`, which `step_logps` takes."""
+        the layout of `stepwise_lit.logprobs.forward.chosen_side`, which `step_logps` takes."""
         device = model_device(self.policy)
         return {
             "input_ids": right_pad([ids for ids, _, _ in encoded], self.tokenizer.pad_token_id).to(device),

@@ -6,8 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from stepwise_lit.answers import ANSWER_PHRASE
-from stepwise_lit.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
+from stepwise_lit.grading.answers import ANSWER_PHRASE
+from stepwise_lit.grading.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
 from stepwise_lit.rewards.base import Prompt, StepScorer, prompt_text
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
@@ -170,7 +170,7 @@ def normalise(text: str) -> str:
 
 def evaluate(expression: str) -> float | None:
     """Value of an arithmetic expression after :func:`normalise` (``$``, thousands commas,
-    ``x`` as times), by the shared safe evaluator (``stepwise_lit.arithmetic``); None when it
+    ``x`` as times), by the shared safe evaluator (``stepwise_lit.grading.arithmetic``); None when it
     is not arithmetic, divides by zero or overflows."""
     return evaluate_arithmetic(normalise(expression))
 

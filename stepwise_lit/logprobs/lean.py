@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.logps import next_token_targets, target_step_logps
+from stepwise_lit.logprobs.logps import next_token_targets, target_step_logps
 
 log = logging.getLogger("stepwise_lit")
 
@@ -46,7 +46,7 @@ def target_logps(
     num_steps: int, lean: bool,
 ) -> torch.Tensor:
     """Per-step log-probs of one forward pass of `model` on `inputs`, float ``[R, K, S]``
-    (`stepwise_lit.logps.target_step_logps` of ``[R, L, K]`` targets).
+    (`stepwise_lit.logprobs.logps.target_step_logps` of ``[R, L, K]`` targets).
 
     Args:
         lean: The decoder's hidden states, then the LM-head weight in chunks of

@@ -7,7 +7,7 @@ Rules, each giving the chosen candidate's index per prompt:
   the scorer's ``per_token`` is set): min asks that no step looks wrong, sum adds evidence up;
 - ``log_prob``: the highest policy log-prob of the whole solution (sum of its steps' log-probs);
 - ``majority``: the first candidate whose answer is the majority answer
-  (`stepwise_lit.evaluate.majority_answer`).
+  (`stepwise_lit.evaluation.solve_rate.majority_answer`).
 
 Ties go to the lowest index (the first sample) in every rule; a prompt where no candidate
 states an answer picks index 0 under ``majority``. `rerank_report` grades the picks against
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stepwise_lit.answers import AnswerSourceName, answers_match, extract_answer
-from stepwise_lit.evaluate import majority_answer
+from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
+from stepwise_lit.evaluation.solve_rate import majority_answer
 from stepwise_lit.rewards.implicit import ImplicitStepScorer
 
 def split_solution(text: str, step_end: str = "\n") -> list[str]:

@@ -1,8 +1,8 @@
 """One online round in memory: sample K solutions per prompt, score every step, build pairs.
 
-:func:`generate_round` decodes with any ``stepwise_lit.generate.Generator`` (the policy through
+:func:`generate_round` decodes with any ``stepwise_lit.models.generate.Generator`` (the policy through
 ``TransformersGenerator``, or another backend), splits each completion into steps at
-``generation.step_end`` (``stepwise_lit.rerank.split_solution``, so the steps join back to the
+``generation.step_end`` (``stepwise_lit.evaluation.rerank.split_solution``, so the steps join back to the
 completion), scores all steps with a ``StepScorer`` in one call, grades each final answer
 against the prompt's reference answer, and builds pairs (``stepwise_lit.online.pairs``).
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from stepwise_lit.answers import AnswerSourceName, answers_match, extract_answer
+from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluation import reference_answer
-from stepwise_lit.generate import GenerationSettings, Generator, Prompt
+from stepwise_lit.evaluation.generation import reference_answer
+from stepwise_lit.models.generate import GenerationSettings, Generator, Prompt
 from stepwise_lit.online.pairs import Pairs, PairSettings, ScoredPrompt, ScoredSolution, build_pairs
-from stepwise_lit.rerank import split_solution
+from stepwise_lit.evaluation.rerank import split_solution
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from stepwise_lit.data.tokenize import prompt_token_ids
-from stepwise_lit.distributed import is_sharded
+from stepwise_lit.models.distributed import is_sharded
 from stepwise_lit.errors import SettingError
 
 Prompt = str | list[dict]

@@ -3,11 +3,11 @@
 Labelled responses (:mod:`stepwise_lit.data.labelled`: ProcessBench, TRL stepwise supervision,
 PRM800K, or canonical ``labelled`` rows) are scored step by step by a
 :class:`~stepwise_lit.rewards.base.StepScorer`. A response's prediction is its first step whose
-score is below a threshold, or -1 (:func:`stepwise_lit.evaluate.first_error_prediction`); its
+score is below a threshold, or -1 (:func:`stepwise_lit.evaluation.processbench.first_error_prediction`); its
 label is ``first_error``. The threshold is given (``labelled.threshold``; every response is then
 evaluated) or chosen on a validation part of the data (:func:`split_by_problem`: a seeded share
 of the distinct problems, with all their responses) to maximise F1
-(:func:`stepwise_lit.evaluate.choose_threshold`) and applied to the rest. The report gives
+(:func:`stepwise_lit.evaluation.processbench.choose_threshold`) and applied to the rest. The report gives
 ``error_acc``, ``correct_acc``, ``processbench_f1`` and ``within_response_auroc`` of the
 evaluated part, the threshold and where it came from.
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from stepwise_lit.data.labelled import LabelledFormat, read_labelled
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluate import ProcessBenchF1, WithinResponseAUROC, choose_threshold
+from stepwise_lit.evaluation.processbench import ProcessBenchF1, WithinResponseAUROC, choose_threshold
 from stepwise_lit.rewards.base import StepScorer
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from stepwise_lit.data.batch import PairBatch
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.distributed import (
+from stepwise_lit.models.distributed import (
     broadcast_module,
     is_sharded,
     load_whole_state_dict,
@@ -48,8 +48,8 @@ from stepwise_lit.distributed import (
     shows_progress,
     whole_state_dict,
 )
-from stepwise_lit.forward import step_logps
-from stepwise_lit.lean import LeanLogps
+from stepwise_lit.logprobs.forward import step_logps
+from stepwise_lit.logprobs.lean import LeanLogps
 
 log = logging.getLogger("stepwise_lit")
 
@@ -96,7 +96,7 @@ class AdapterReference(Reference):
 
     Args:
         policy: The PEFT policy.
-        lean: The run's lean path (`stepwise_lit.forward.step_logps`).
+        lean: The run's lean path (`stepwise_lit.logprobs.forward.step_logps`).
     """
 
     def __init__(self, policy: torch.nn.Module, lean: LeanLogps | None = None) -> None:
@@ -113,8 +113,8 @@ class FrozenCopyReference(Reference):
     """``reference: copy``: a frozen model (eval mode, no gradients).
 
     Args:
-        model: The frozen model (see `stepwise_lit.models.frozen_copy`).
-        lean: The run's lean path (`stepwise_lit.forward.step_logps`).
+        model: The frozen model (see `stepwise_lit.models.loading.frozen_copy`).
+        lean: The run's lean path (`stepwise_lit.logprobs.forward.step_logps`).
     """
 
     def __init__(self, model: torch.nn.Module, lean: LeanLogps | None = None) -> None:
@@ -232,7 +232,7 @@ class PrecomputedReference(Reference):
         load_model: Builds the reference model, or None: the reference is the policy's start.
         source: ``ref_model_name_or_path``, or None.
         dtype: The ``dtype`` setting (part of the key).
-        lean: The run's lean path (`stepwise_lit.forward.step_logps`).
+        lean: The run's lean path (`stepwise_lit.logprobs.forward.step_logps`).
 
     Attributes:
         tables: Split -> float ``[N, 2, S_max]``: row, side (chosen, rejected), step.
@@ -383,7 +383,7 @@ def compute_table(
     """Per-step reference log-probs of every row, float ``[N, 2, S_max]`` on the CPU, on every rank.
 
     Rank r takes rows r, r + R, ...; the shares are padded to equal length (FSDP2 forwards are
-    collective) and run in batches through `stepwise_lit.forward.step_logps` (the function
+    collective) and run in batches through `stepwise_lit.logprobs.forward.step_logps` (the function
     training uses) under the trainer's precision, then all-gathered. Rank zero shows a progress
     bar over the batches while the trainer's progress bar is on.
     """

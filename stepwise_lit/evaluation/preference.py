@@ -29,6 +29,11 @@ PAIR_METRICS = (
 _NOT_COUNTED = -1  # AUROC target of a step that does not count (masked, g = 0 or weight 0)
 
 
+def ones_if_none(weights: torch.Tensor | None, count: int, device: torch.device) -> torch.Tensor:
+    """``weights`` as float on ``device``, or ``count`` ones."""
+    return torch.ones(count, device=device) if weights is None else weights.float().to(device)
+
+
 class WeightedMean(Metric):
     """Exact weighted mean ``sum(w * x) / sum(w)``; NaN before any weight is seen."""
 

@@ -2,20 +2,20 @@
 
 :class:`SolveRateEvaluation` (a callback, settings under ``evaluation``) decodes the
 policy on the validation split's distinct prompts once per ``validate``/``test`` run,
-extracts each completion's final answer (:mod:`stepwise_lit.answers`) and grades it
+extracts each completion's final answer (:mod:`stepwise_lit.grading.answers`) and grades it
 against the problem's reference answer (:func:`reference_answer`): ``solve_rate`` (greedy
 pass@1), and with ``generation.num_samples`` k > 1 (sampling) ``pass_at_k`` and
 ``maj_at_k``. With a ``verifier`` (any ``StepScorer``, e.g. the rule verifier for
 arithmetic) it also scores the generated steps: the share it flags (score < 0), the
 share of solutions with a flagged step, and the mean 1-based position of the first
 flagged step. Values are logged as ``val/solve_rate`` ... (``test/...``), so they land in
-``metrics.csv``, and :class:`~stepwise_lit.reports.StepRewardReport` puts them in
+``metrics.csv``, and :class:`~stepwise_lit.evaluation.report.StepRewardReport` puts them in
 ``report.json`` with a plot.
 
-``python -m stepwise_lit.evaluate`` (:mod:`stepwise_lit.evaluate_command`) does the same for an
+``python -m stepwise_lit.evaluate`` does the same for an
 exported model or a training checkpoint and a data file, and writes ``<output>/report.json``.
 
-Generated solutions are split into steps by :func:`stepwise_lit.rerank.split_solution` (at
+Generated solutions are split into steps by :func:`stepwise_lit.evaluation.rerank.split_solution` (at
 ``generation.step_end``, blank pieces joined to a neighbour so the steps give the text back),
 as rerank and the online rounds split them.
 """
@@ -35,14 +35,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
-from stepwise_lit.answers import AnswerSourceName, extract_answer
+from stepwise_lit.grading.answers import AnswerSourceName, extract_answer
 from stepwise_lit.data.sampling import PaddedShardSampler
-from stepwise_lit.distributed import shows_progress
+from stepwise_lit.models.distributed import shows_progress
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluate import MajorityAtK, PassAtK, SolveRate
-from stepwise_lit.generate import GenerationSettings, Prompt, TransformersGenerator
-from stepwise_lit.metrics import WeightedMean
-from stepwise_lit.rerank import split_solution
+from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate
+from stepwise_lit.models.generate import GenerationSettings, Prompt, TransformersGenerator
+from stepwise_lit.evaluation.preference import WeightedMean
+from stepwise_lit.evaluation.rerank import split_solution
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")
@@ -270,7 +270,7 @@ class SolveRateEvaluation(L.Callback):
     in-order share once; the shares are padded to equal length with repeats of weight 0
     (``data.sampling.PaddedShardSampler``), so the values equal one process's, and every rank
     runs as many ``generate`` batches, which a sharded policy decodes in lockstep
-    (``stepwise_lit.generate``). Rank zero shows a progress bar over the batches while the
+    (``stepwise_lit.models.generate``). Rank zero shows a progress bar over the batches while the
     trainer's progress bar is on. The results
     (:attr:`results`) go to the logger as ``<stage>/solve_rate``, ``<stage>/pass_at_k``,
     ``<stage>/maj_at_k`` and ``<stage>/flagged_step_share``, and into ``report.json``.
@@ -284,7 +284,7 @@ class SolveRateEvaluation(L.Callback):
             The reference answer is read the same way from the row's ``reference_solution``,
             else from its chosen solution (see `reference_answer`).
         max_prompts: Most distinct prompts evaluated (the first ones of the split); None: all.
-        generation: How to decode (`stepwise_lit.generate.GenerationSettings`, set as
+        generation: How to decode (`stepwise_lit.models.generate.GenerationSettings`, set as
             ``evaluation.generation.max_new_tokens`` ...): greedy by default; ``do_sample: true``
             with ``num_samples: k`` adds pass@k and maj@k. Not changed by the callback.
         verifier: A step scorer (e.g. ``stepwise_lit.rewards.ArithmeticStepVerifier``) that

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.models import check_source
+from stepwise_lit.models.loading import check_source
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"

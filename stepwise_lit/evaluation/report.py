@@ -4,12 +4,12 @@
 rewards per pair and per step, verifier step scores, masks, pair weights) and,
 at the end of the run, writes to ``<default_root_dir>/report/<stage>/``:
 
-- ``report.json``: the metrics of :class:`~stepwise_lit.metrics.PreferenceMetrics`
+- ``report.json``: the metrics of :class:`~stepwise_lit.evaluation.preference.PreferenceMetrics`
   (reward accuracy and margin, step accuracy and AUROC, first-error
   localisation, ...), ProcessBench localisation of the implicit step rewards
   (``processbench_f1``, ``error_acc``, ``correct_acc`` at a threshold chosen on
   validation, ``within_response_auroc``; see `processbench_values`), the solve
-  rates of :class:`~stepwise_lit.evaluation.SolveRateEvaluation` when it ran
+  rates of :class:`~stepwise_lit.evaluation.generation.SolveRateEvaluation` when it ran
   (``solve_rate``, ``pass_at_k``, ``maj_at_k``), step accuracy by step index, a
   summary of the implicit step rewards of steps the verifier marks good
   (``g_t > 0``) and bad (``g_t < 0``), and the training curves read from the
@@ -39,17 +39,17 @@ from matplotlib.figure import Figure
 from torchmetrics.aggregation import CatMetric, SumMetric
 
 from stepwise_lit.data.batch import PairBatch, num_steps
-from stepwise_lit.evaluate import (
+from stepwise_lit.evaluation.processbench import (
     LabelledStepRewards,
     ProcessBenchF1,
     WithinResponseAUROC,
     choose_threshold,
     first_error_labels,
 )
-from stepwise_lit.evaluation import SolveRateEvaluation
-from stepwise_lit.forward import step_token_counts
-from stepwise_lit.metrics import PreferenceMetrics
-from stepwise_lit.objective import per_token_step_rewards
+from stepwise_lit.evaluation.generation import SolveRateEvaluation
+from stepwise_lit.logprobs.forward import step_token_counts
+from stepwise_lit.evaluation.preference import PreferenceMetrics
+from stepwise_lit.objective.stepwise import per_token_step_rewards
 
 REPORT_FILE = "report.json"
 HISTORY_METRICS = ("reward_accuracy", "reward_margin", "solve_rate")

@@ -1,4 +1,4 @@
-"""One model's per-step log-probs of a pair batch, packed or not, from logits or lean (`stepwise_lit.lean`).
+"""One model's per-step log-probs of a pair batch, packed or not, from logits or lean (`stepwise_lit.logprobs.lean`).
 
 The policy and every reference mode go through `step_logps`, so the label shift and the
 step sums can never differ between them.
@@ -11,8 +11,8 @@ import torch
 from stepwise_lit.data.batch import PairBatch, chosen, is_packed, num_pairs
 from stepwise_lit.data.packing import CHOSEN_REST, packed_attention_mask, packed_mask_mod
 from stepwise_lit.errors import SettingError
-from stepwise_lit.lean import LeanLogps, target_logps
-from stepwise_lit.logps import next_token_targets
+from stepwise_lit.logprobs.lean import LeanLogps, target_logps
+from stepwise_lit.logprobs.logps import next_token_targets
 
 
 def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: LeanLogps | None = None) -> torch.Tensor:
@@ -23,7 +23,7 @@ def step_logps(model: torch.nn.Module, batch: PairBatch, num_steps: int, lean: L
         batch: Unpacked (``2B`` rows) or packed (rows of ``[prefix | chosen rest | rejected rest]``
             pair blocks); `chosen_side` gives a batch of the chosen responses alone, which this takes too.
         num_steps: S, the step columns of the result (the batch's most steps).
-        lean: The run's lean path (`stepwise_lit.lean.use_lean_logps`): where it serves `model`,
+        lean: The run's lean path (`stepwise_lit.logprobs.lean.use_lean_logps`): where it serves `model`,
             the LM head is applied to the final hidden states a chunk at a time, never building
             ``[rows, L, V]`` logits; None: the model's own logits.
 
@@ -75,7 +75,7 @@ def chosen_token_counts(batch: PairBatch) -> torch.Tensor:
 def step_token_counts(batch: PairBatch, num_steps: int) -> torch.Tensor:
     """Tokens each step's log-prob sums over, long ``[2B, S]`` (chosen rows, then rejected), packed or not.
 
-    Counted from the targets the log-probs use (``stepwise_lit.forward.step_logps``), so a
+    Counted from the targets the log-probs use (``stepwise_lit.logprobs.forward.step_logps``), so a
     response's last step counts its EOS token as its log-prob does; 0 past a response's steps.
 
     Args:

@@ -14,7 +14,7 @@ import torch
 
 from stepwise_lit.data.batch import chosen, rejected
 from stepwise_lit.errors import SettingError
-from stepwise_lit.losses import AggregationFunction, aggregate_rewards, outcome_loss, step_loss
+from stepwise_lit.objective.losses import AggregationFunction, aggregate_rewards, outcome_loss, step_loss
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,10 @@ class ObjectiveSettings:
     Attributes:
         step_beta: β_s, h_t = β_s ρ_t.
         outcome_beta: β_o, z = β_o (ρ(y_c) − ρ(y_r)).
-        outcome_loss_type: `stepwise_lit.losses.outcome_loss`'s `loss_type`.
-        step_loss_type: `stepwise_lit.losses.step_loss`'s `loss_type`.
+        outcome_loss_type: `stepwise_lit.objective.losses.outcome_loss`'s `loss_type`.
+        step_loss_type: `stepwise_lit.objective.losses.step_loss`'s `loss_type`.
         aggregation_strategy: How step scores become an outcome reward (`aggregate_rewards`): a
-            built-in name or a function (`stepwise_lit.losses.resolve_aggregation` turns an
+            built-in name or a function (`stepwise_lit.objective.losses.resolve_aggregation` turns an
             import path into one).
         step_weights: Per-step weights of "weighted_sum".
         discount_gamma: γ of "discounted".
@@ -155,7 +155,7 @@ def per_token_step_rewards(step_rewards: torch.Tensor, token_counts: torch.Tenso
 
     Args:
         step_rewards: ``[N, S]`` step rewards ``h_t``.
-        token_counts: ``[N, S]`` tokens per step ``n_t`` (`stepwise_lit.forward.step_token_counts`).
+        token_counts: ``[N, S]`` tokens per step ``n_t`` (`stepwise_lit.logprobs.forward.step_token_counts`).
     """
     return torch.where(token_counts > 0, step_rewards / token_counts.clamp(min=1), torch.zeros_like(step_rewards))
 

@@ -1,0 +1,1 @@
+"""Grading answers: extraction and comparison, and the safe arithmetic of calculator annotations."""

@@ -1,0 +1,1 @@
+"""Per-step log-probabilities of the policy and the reference, in one forward pass per model."""

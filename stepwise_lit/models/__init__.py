@@ -1,0 +1,1 @@
+"""Models: loading (with LoRA), the distributed wrapping, generation and export."""

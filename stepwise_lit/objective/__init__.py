@@ -1,0 +1,1 @@
+"""The stepwise DPO objective: log-ratios, rewards, aggregation and the losses."""
