@@ -106,7 +106,8 @@ def load_pairs(path: Path, count: int, max_length: int, seed: int = 0) -> list[d
     Returns:
         Canonical rows, in file order.
     """
-    from stepwise_lit.data.formats import read_records, to_canonical
+    from stepwise_lit.data.readers import read_records
+    from stepwise_lit.data.formats import to_canonical
     from stepwise_lit.data.tokenizer import load_tokenizer
 
     if path.exists():

@@ -205,7 +205,7 @@ def held_out(key: str, low: float, high: float) -> bool:
 
 
 def write(rows: list[dict], path: Path) -> Path:
-    from stepwise_lit.prepare import write_rows
+    from stepwise_lit.data.writers import write_rows
 
     write_rows(rows, path)
     return path
@@ -247,7 +247,8 @@ def prepare_gsm8k(folder: Path, source: Path, limit: int | None) -> dict[str, Pa
     Returns:
         Paths of ``sft``, ``preference`` (the same file), ``val`` and ``test``.
     """
-    from stepwise_lit.data.formats import read_records, to_canonical
+    from stepwise_lit.data.readers import read_records
+    from stepwise_lit.data.formats import to_canonical
     from stepwise_lit.rewards.rules import ArithmeticStepVerifier
     from stepwise_lit.score import score_rows
 

@@ -18,13 +18,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.evaluation.generation import SolveRateEvaluation
 from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
-from stepwise_lit.models.export import HuggingFaceExport
+from stepwise_lit.evaluation.generation import SolveRateEvaluation
+from stepwise_lit.evaluation.report import StepRewardReport
 from stepwise_lit.imports import import_callable
+from stepwise_lit.models.export import HuggingFaceExport
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.online.training import OnlineRounds
-from stepwise_lit.evaluation.report import StepRewardReport
 
 logger = logging.getLogger("stepwise_lit")
 

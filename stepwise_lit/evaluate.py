@@ -40,23 +40,26 @@ from pathlib import Path
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from stepwise_lit.data.datamodule import SYNTHETIC, StepwiseDataModule, check_settings
+from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
+from stepwise_lit.data.heldout import held_out_problems
+from stepwise_lit.data.sources import SYNTHETIC
+from stepwise_lit.data.tokenizer import load_tokenizer
 from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.evaluation.generation import (
     GenerationMetrics,
     SolveRateEvaluation,
     evaluate_problems,
     examples,
-    held_out_problems,
 )
-from stepwise_lit.models.export import MARKER
-from stepwise_lit.models.generate import TransformersGenerator
 from stepwise_lit.evaluation.localisation import (
     LabelledSettings,
     check_labelled_settings,
     localise,
     read_responses,
 )
+from stepwise_lit.evaluation.report import REPORT_FILE
+from stepwise_lit.models.export import MARKER
+from stepwise_lit.models.generate import TransformersGenerator
 from stepwise_lit.models.loading import (
     DTYPES,
     TINY_MODEL_RNG_KEY,
@@ -67,11 +70,9 @@ from stepwise_lit.models.loading import (
 )
 from stepwise_lit.module import POLICY_PREFIX, StepwiseDPOModule
 from stepwise_lit.rewards.base import StepScorer
-from stepwise_lit.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("stepwise_lit")
 
-REPORT_FILE = "report.json"
 EXPORT_DATA_SKIPPED = ("tokenizer_name_or_path", "cache_dir")  # the exporting machine's, not this one's
 IGNORED_SECTIONS = ("trainer", "report", "export", "online")  # train.py config sections this command does not use
 
@@ -151,7 +152,7 @@ def check_options(config: Namespace) -> None:
         if not Path(config.labelled.path).is_file():
             raise SettingError(f"labelled.path: {config.labelled.path} is not a file")
     if generates:
-        check_settings(config.data)
+        check_data_settings(config.data)
     path = config.ckpt_path
     if path is not None and not Path(path).is_file():
         raise SettingError(f"ckpt_path: {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
@@ -275,7 +276,7 @@ def generation_report(
     }
 
 
-def evaluate_command(parser: ArgumentParser, config: Namespace) -> dict:
+def run(parser: ArgumentParser, config: Namespace) -> dict:
     """Runs the evaluations the options ask for and writes ``<output>/report.json``; returns the report.
 
     Settings and data are checked and read before any model (scorer, verifier, policy) is loaded.
@@ -325,7 +326,7 @@ def main(args: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if args is None else list(args)
     parser = build_parser()
-    exit_on_user_error(lambda: evaluate_command(parser, parse_options(parser, argv)), argv)
+    exit_on_user_error(lambda: run(parser, parse_options(parser, argv)), argv)
 
 
 if __name__ == "__main__":

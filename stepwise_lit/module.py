@@ -12,13 +12,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 
 from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rejected
-from stepwise_lit.models.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
+from stepwise_lit.data.tokenizer import load_tokenizer
 from stepwise_lit.errors import SettingError
+from stepwise_lit.evaluation.preference import PreferenceMetrics
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
 from stepwise_lit.logprobs.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts
 from stepwise_lit.logprobs.lean import LeanLogps, use_lean_logps
-from stepwise_lit.objective.losses import OutcomeLossType, StepLossType, resolve_aggregation
-from stepwise_lit.evaluation.preference import PreferenceMetrics
+from stepwise_lit.logprobs.precomputed import PrecomputedReference, reference_data
+from stepwise_lit.logprobs.reference import AdapterReference, FrozenCopyReference, NoReference, Reference
+from stepwise_lit.models.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
 from stepwise_lit.models.loading import (
     DTYPES,
     TINY_MODEL_RNG_KEY,
@@ -31,6 +33,7 @@ from stepwise_lit.models.loading import (
     frozen_state_keys,
     load_causal_lm,
 )
+from stepwise_lit.objective.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.objective.stepwise import (
     Objective,
     ObjectiveSettings,
@@ -38,16 +41,7 @@ from stepwise_lit.objective.stepwise import (
     sft_loss,
     stepwise_objective,
 )
-from stepwise_lit.logprobs.reference import (
-    AdapterReference,
-    FrozenCopyReference,
-    NoReference,
-    PrecomputedReference,
-    Reference,
-    reference_data,
-)
 from stepwise_lit.rewards.base import MissingStepScores, StepScorer
-from stepwise_lit.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("stepwise_lit")
 
@@ -199,7 +193,7 @@ class StepwiseDPOModule(L.LightningModule):
         # where dataclasses are plain dicts.
         self.tiny_model = tiny_model or TinyModelConfig()
         self.lora = lora
-        check_settings(self.hparams)
+        check_module_settings(self.hparams)
         if lora is not None:
             check_lora_settings(lora)
         self.objective_settings = ObjectiveSettings(**{
@@ -585,7 +579,7 @@ def _losses(out: Objective, stage: str) -> dict[str, torch.Tensor]:
             f"{stage}/sft_loss": out.sft_loss}
 
 
-def check_settings(hp) -> None:
+def check_module_settings(hp) -> None:
     """Fails at start-up, naming the setting, on a choice outside its values (when built from
     Python; the CLI's parser checks them first) or a combination the module cannot run.
 

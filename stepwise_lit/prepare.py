@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,66 +32,22 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 
-from stepwise_lit.data.datamodule import SYNTHETIC, StepwiseDataModule, check_settings, read_source
+from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.records import SIDES
+from stepwise_lit.data.sources import SYNTHETIC, read_source
 from stepwise_lit.data.synthetic import MAX_VALUE, generate_pairs
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_not_input, check_writable_folder, exit_on_user_error
+from stepwise_lit.data.writers import check_output, write_rows
+from stepwise_lit.errors import (
+    TRACEBACK_FLAG,
+    TRACEBACK_HELP,
+    SettingError,
+    check_not_input,
+    check_writable_folder,
+    exit_on_user_error,
+)
 
 logger = logging.getLogger("stepwise_lit")
-
-OUTPUT_SUFFIXES = (".jsonl", ".parquet")
-
-
-def write_rows(rows: Sequence[dict], path: str | Path) -> None:
-    """Writes rows to a ``.jsonl`` or ``.parquet`` file atomically (a temporary file
-    next to it, fsynced, then renamed), so a reader never sees half a file.
-
-    Raises:
-        SettingError: Naming ``output`` for another extension, or rows parquet cannot hold
-            in one schema (e.g. string prompts mixed with chat-message prompts).
-    """
-    path = Path(path)
-    check_output(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".jsonl":
-        with temporary.open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-    else:
-        write_parquet(rows, temporary)
-    os.replace(temporary, path)
-
-
-def check_output(path: Path) -> None:
-    """Raise :class:`SettingError` naming ``output`` unless it ends in ``.jsonl`` or ``.parquet``."""
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise SettingError(f"output: {path} must end in {' or '.join(OUTPUT_SUFFIXES)}")
-
-
-def write_parquet(rows: Sequence[dict], path: Path) -> None:
-    """Writes rows as one parquet table (schema inferred from the rows)."""
-    import pyarrow.parquet
-
-    pyarrow.parquet.write_table(parquet_table(rows), path)
-
-
-def parquet_table(rows: Sequence[dict]):
-    """The rows as a ``pyarrow.Table``, its schema inferred from them.
-
-    Raises:
-        SettingError: If the rows do not fit one schema (e.g. string prompts mixed
-            with chat-message prompts).
-    """
-    import pyarrow
-
-    try:
-        return pyarrow.Table.from_pylist(list(rows))
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
-        raise SettingError(f"output: these rows do not fit one parquet schema ({error}); write .jsonl instead") from None
-
 
 def prepare(
     format: str,
@@ -200,7 +155,7 @@ def main(args: Sequence[str] | None = None) -> None:
 def run(options: Namespace) -> None:
     """Checks the settings and the output folder, then writes the pairs `options` ask for."""
     data = options.data
-    check_settings(data)
+    check_data_settings(data)
     check_output(Path(options.output))
     check_writable_folder(str(Path(options.output).parent), "output")
     prepare(

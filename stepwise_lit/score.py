@@ -41,10 +41,18 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
+from stepwise_lit.data.formats import DataFormatError, to_canonical
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_not_input, check_writable_folder, exit_on_user_error
-from stepwise_lit.prepare import OUTPUT_SUFFIXES, parquet_table, write_rows
+from stepwise_lit.data.writers import OUTPUT_SUFFIXES, parquet_table, write_rows
+from stepwise_lit.errors import (
+    TRACEBACK_FLAG,
+    TRACEBACK_HELP,
+    SettingError,
+    check_not_input,
+    check_writable_folder,
+    exit_on_user_error,
+)
 from stepwise_lit.rewards.base import StepScorer
 
 logger = logging.getLogger("stepwise_lit")

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.prepare import write_rows
+from stepwise_lit.data.writers import write_rows
 
 # The tiny run of the user-path layer: the model sizes of tests/test_cli.py's TINY_ARGS, two
 # optimizer steps, one validation batch after step 2, checkpoints in <root>/checkpoints (the CLI's

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.data.formats import read_records, to_canonical
+from stepwise_lit.data.readers import read_records
+from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.errors import DataFormatError, SettingError
 
 ROW = {"prompt": "What is 2 + 3?", "chosen": "Step 1: 2 + 3 = 5", "rejected": "Step 1: 2 + 3 = 6",

@@ -14,10 +14,10 @@ from stepwise_lit.data.formats import (
     DataFormatError,
     Format,
     extract_steps,
-    read_records,
     to_canonical,
     validate_row,
 )
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.gsm8k import corrupt_solution
 from stepwise_lit.data.records import RecordContext, split_lines
 from stepwise_lit.data.synthetic import generate_pairs

@@ -8,7 +8,8 @@ from typing import get_args
 import pytest
 import torch
 
-from stepwise_lit.data.formats import DataFormatError, read_records
+from stepwise_lit.data.formats import DataFormatError
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.labelled import LABELLED_KEYS, LABELLED_READERS, LabelledFormat, labelled_responses, read_labelled
 from stepwise_lit.evaluation.processbench import first_error_labels
 from stepwise_lit.errors import UserError

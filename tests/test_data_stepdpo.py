@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
+from stepwise_lit.data.formats import DataFormatError, to_canonical
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.tokenize import first_divergence
 from stepwise_lit.prepare import main
 

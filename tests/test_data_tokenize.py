@@ -9,7 +9,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
-from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical
+from stepwise_lit.data.formats import DataFormatError, to_canonical
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import (
     RowDoesNotFit,

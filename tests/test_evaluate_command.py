@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from entry import run_entry, write_config
-from stepwise_lit import evaluate_command
+from stepwise_lit import evaluate
 from stepwise_lit.cli import main as train
 from stepwise_lit.data.labelled import read_labelled
 from stepwise_lit.evaluation.localisation import split_by_problem
@@ -106,7 +106,7 @@ def test_the_threshold_is_chosen_on_the_validation_problems_and_applied_to_the_r
         "scorer": {"class_path": "stub_scorers.BracketScorer"},
         "labelled": {"path": str(data), "format": "processbench", "validation_fraction": 0.5, "seed": 3},
     }))
-    outcome = run_entry(evaluate_command.main, ["--config", str(config), "--output", str(tmp_path / "eval")], capsys)
+    outcome = run_entry(evaluate.main, ["--config", str(config), "--output", str(tmp_path / "eval")], capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     values = read_report(tmp_path / "eval")["processbench"]
     assert values["threshold"] == pytest.approx(0.4) and values["threshold_source"] == "validation part"
@@ -129,7 +129,7 @@ def test_prm800k_records_scored_by_the_rule_verifier_match_a_response_by_respons
     each scored alone, predicting its first step scored below 0."""
     argv = ["--scorer", "ArithmeticStepVerifier", "--labelled.path", str(PRM800K), "--labelled.format", "prm800k",
             "--labelled.threshold", "0", "--labelled.batch_size", "5", "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     values = read_report(tmp_path / "eval")["processbench"]
     verifier = ArithmeticStepVerifier()
@@ -181,7 +181,7 @@ def test_localisation_errors_exit_2_naming_the_setting_or_line(tmp_path, capsys,
         changes["labelled"]["path"] = str({"HAND": hand, "BAD": bad}[changes["labelled"]["path"]])
     config = tmp_path / "pb.yaml"
     config.write_text(yaml.safe_dump(changes))
-    outcome = run_entry(evaluate_command.main, ["--config", str(config), "--output", str(tmp_path / "eval")], capsys)
+    outcome = run_entry(evaluate.main, ["--config", str(config), "--output", str(tmp_path / "eval")], capsys)
     assert outcome.code == 2 and message in outcome.err, outcome.err[-2000:]
     assert not (tmp_path / "eval" / "report.json").exists()
 
@@ -209,11 +209,11 @@ def test_evaluate_a_checkpoint_with_its_training_config(tmp_path, trained, capsy
     checkpoint = root / "checkpoints" / "last.ckpt"
     short = ["--evaluation.generation.max_new_tokens", "8"]
     argv = ["--config", str(config), "--ckpt_path", str(checkpoint), *short, "--output", str(tmp_path / "ckpt")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     from_checkpoint = read_report(tmp_path / "ckpt")
     argv = ["--model.model_name_or_path", str(root / "export"), *short, "--output", str(tmp_path / "export")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     from_export = read_report(tmp_path / "export")
     assert from_checkpoint["checkpoint"] == str(checkpoint) and from_checkpoint["model"] == "embedded"
@@ -223,13 +223,13 @@ def test_evaluate_a_checkpoint_with_its_training_config(tmp_path, trained, capsy
     assert from_checkpoint["solve_rate"] == from_export["solve_rate"]
     saved = root / "csv" / "version_0" / "config.yaml"  # the config LightningCLI saved (ckpt_path, weights_only, ...)
     argv = ["--config", str(saved), "--ckpt_path", str(checkpoint), *short, "--output", str(tmp_path / "saved")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     assert read_report(tmp_path / "saved")["examples"] == from_export["examples"]
 
-    parser = evaluate_command.build_parser()
-    settings = parser.instantiate(evaluate_command.parse_options(parser, ["--config", str(config), "--output", "x"]))
-    policy, _ = evaluate_command.load_policy(settings.model, str(checkpoint))
+    parser = evaluate.build_parser()
+    settings = parser.instantiate(evaluate.parse_options(parser, ["--config", str(config), "--output", "x"]))
+    policy, _ = evaluate.load_policy(settings.model, str(checkpoint))
     exported = AutoModelForCausalLM.from_pretrained(root / "export").state_dict()
     loaded = policy.state_dict()
     assert loaded.keys() == exported.keys()
@@ -241,12 +241,12 @@ def test_a_checkpoint_that_does_not_fit_the_config_exits_2(tmp_path, trained, ca
     config, root = trained
     argv = ["--config", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt"),
             "--model.tiny_model.hidden_size", "64", "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 2 and "ckpt_path: " in outcome.err and "does not fit the model" in outcome.err
     not_a_checkpoint = tmp_path / "x.ckpt"
     torch.save({"weights": torch.zeros(1)}, not_a_checkpoint)
     argv = ["--config", str(config), "--ckpt_path", str(not_a_checkpoint), "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 2 and "holds no policy weights" in outcome.err
 
 
@@ -264,7 +264,7 @@ def test_evaluate_an_exported_model_on_a_data_file(tmp_path, trained, gsm8k_subs
     _, root = trained
     argv = ["--model.model_name_or_path", str(root / "export"), "--data.path", str(gsm8k_subset), "--data.format", "gsm8k",
             "--evaluation.source", "gsm8k", "--evaluation.generation.max_new_tokens", "6", "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     report = read_report(tmp_path / "eval")
     assert report["num_prompts"] == 3 and report["k"] == 1 and 0 <= report["solve_rate"] <= 1
@@ -279,11 +279,11 @@ def test_evaluate_bad_data_exits_2_naming_file_line_and_field(tmp_path, trained,
     bad.write_text('{"question": "How many?", "answer": "#### 3"}\n{"question": "And now?"}\n')
     argv = ["--model.model_name_or_path", str(root / "export"), "--data.path", str(bad), "--data.format", "gsm8k",
             "--evaluation.source", "gsm8k", "--output", str(tmp_path / "eval")]
-    outcome = run_entry(evaluate_command.main, argv, capsys)
+    outcome = run_entry(evaluate.main, argv, capsys)
     assert outcome.code == 2
     assert "bad.jsonl" in outcome.err and "line 2" in outcome.err and "answer" in outcome.err
     missing = [*argv[:3], str(tmp_path / "none.jsonl"), *argv[4:]]
-    outcome = run_entry(evaluate_command.main, missing, capsys)
+    outcome = run_entry(evaluate.main, missing, capsys)
     assert outcome.code == 2 and "data.path: no such file or folder" in outcome.err
 
 
@@ -296,7 +296,7 @@ def test_a_lora_checkpoint_is_loaded_into_the_adapters_and_merged(tmp_path, caps
     root = tmp_path / "lora" / "run"
     short = ["--evaluation.generation.max_new_tokens", "8"]
     argv = ["--config", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), *short, "--output", str(tmp_path / "a")]
-    assert run_entry(evaluate_command.main, argv, capsys).code == 0
+    assert run_entry(evaluate.main, argv, capsys).code == 0
     argv = ["--model.model_name_or_path", str(root / "export"), *short, "--output", str(tmp_path / "b")]
-    assert run_entry(evaluate_command.main, argv, capsys).code == 0
+    assert run_entry(evaluate.main, argv, capsys).code == 0
     assert read_report(tmp_path / "a")["examples"] == read_report(tmp_path / "b")["examples"]

@@ -21,13 +21,8 @@ from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
 from stepwise_lit.logprobs.forward import step_token_counts
 from stepwise_lit.objective.stepwise import per_token_step_rewards
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluation.generation import (
-    GenerationMetrics,
-    Problem,
-    held_out_problems,
-    reference_answer,
-    refuse_fsdp1,
-)
+from stepwise_lit.evaluation.generation import GenerationMetrics, refuse_fsdp1
+from stepwise_lit.data.heldout import Problem, held_out_problems, reference_answer
 from stepwise_lit.models.generate import TransformersGenerator
 from stepwise_lit.data.tokenizer import load_tokenizer
 

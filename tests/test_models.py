@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stepwise_lit.errors import SettingError
-from stepwise_lit.models.loading import TinyModelConfig, check_source, load_causal_lm
+from stepwise_lit.data.sources import check_pretrained_source
+from stepwise_lit.models.loading import TinyModelConfig, load_causal_lm
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.data.tokenizer import load_tokenizer
 
@@ -18,7 +19,7 @@ TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_s
 @pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "~/no-such-model"])
 def test_a_path_that_does_not_exist_is_refused_without_the_hub(name):
     with pytest.raises(SettingError, match=r"^model\.model_name_or_path: no folder"):
-        check_source("model.model_name_or_path", name, "config.json")
+        check_pretrained_source("model.model_name_or_path", name, "config.json")
 
 
 def test_a_name_under_an_existing_folder_is_a_path(tmp_path, monkeypatch):
@@ -26,18 +27,18 @@ def test_a_name_under_an_existing_folder_is_a_path(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SettingError, match="no folder 'models/tiny'"):
-        check_source("model.ref_model_name_or_path", "models/tiny", "config.json")
+        check_pretrained_source("model.ref_model_name_or_path", "models/tiny", "config.json")
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
 def test_offline_a_hub_id_outside_the_cache_is_refused(monkeypatch, variable):
     monkeypatch.setenv(variable, "1")
     with pytest.raises(SettingError, match=r"^data\.tokenizer_name_or_path: .*neither a local folder nor in the"):
-        check_source("data.tokenizer_name_or_path", "no-such-org/no-such-model", "tokenizer_config.json")
+        check_pretrained_source("data.tokenizer_name_or_path", "no-such-org/no-such-model", "tokenizer_config.json")
 
 
 def test_an_existing_folder_passes(tmp_path):
-    check_source("model.model_name_or_path", str(tmp_path), "config.json")
+    check_pretrained_source("model.model_name_or_path", str(tmp_path), "config.json")
 
 
 def test_the_module_names_the_setting_of_each_source(tmp_path):

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from online_round import PROMPTS, REFERENCES, scripted_generator
-from stepwise_lit.data.formats import read_records, to_canonical
+from stepwise_lit.data.readers import read_records
+from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.errors import UserError
 from stepwise_lit.models.generate import GenerationSettings
 from stepwise_lit.online.pairs import PairSettings
@@ -22,8 +23,8 @@ from stepwise_lit.online.rounds import (
     round_folder,
     round_state,
     run_round,
-    write_jsonl_atomically,
 )
+from stepwise_lit.data.writers import write_rows
 from stepwise_lit.online.solutions import RoundSettings
 from stepwise_lit.rewards import ArithmeticStepVerifier
 
@@ -116,7 +117,7 @@ def test_round_files_are_never_overwritten(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("theirs\n")
     with pytest.raises(FileExistsError):
-        write_jsonl_atomically(path, [{"a": 1}])
+        write_rows([{"a": 1}], path, overwrite=False)
     assert path.read_text() == "theirs\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
 

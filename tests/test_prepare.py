@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from stepwise_lit.data.formats import read_records, validate_row
+from stepwise_lit.data.readers import read_records
+from stepwise_lit.data.formats import validate_row
 from stepwise_lit.data.records import RecordContext
-from stepwise_lit.prepare import main, prepare, write_rows
+from stepwise_lit.prepare import main, prepare
+from stepwise_lit.data.writers import write_rows
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 GSM8K_SOLUTIONS = DATA / "gsm8k" / "example_model_solutions.jsonl"

@@ -17,7 +17,7 @@ import yaml
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
-from stepwise_lit.logprobs.reference import PrecomputedReference
+from stepwise_lit.logprobs.precomputed import PrecomputedReference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}

@@ -20,7 +20,8 @@ from stepwise_lit.evaluation.preference import PreferenceMetrics
 from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.evaluation.processbench import LabelledStepRewards
-from stepwise_lit.evaluation.report import StepRewardReport, build_report, processbench_values, report_figures
+from stepwise_lit.evaluation.report import StepRewardReport, build_report, processbench_values
+from stepwise_lit.evaluation.figures import report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}

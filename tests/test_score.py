@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stepwise_lit.data.formats import read_records
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.prepare import prepare, write_rows
+from stepwise_lit.prepare import prepare
+from stepwise_lit.data.writers import write_rows
 from stepwise_lit.rewards import ArithmeticStepVerifier
 from stepwise_lit.score import ScoreStore, load_rows, main, run
 

@@ -1,10 +1,10 @@
 """Data pipeline: input formats, labelled responses, synthetic data, step-aware tokenization, collation, DataModule."""
 
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
-from stepwise_lit.data.formats import DataFormatError, read_records, to_canonical, validate_row
-from stepwise_lit.data.records import extract_steps
+from stepwise_lit.data.formats import DataFormatError, to_canonical, validate_row
 from stepwise_lit.data.labelled import labelled_responses, read_labelled
-from stepwise_lit.data.records import RecordContext
+from stepwise_lit.data.readers import read_records
+from stepwise_lit.data.records import RecordContext, extract_steps
 from stepwise_lit.data.synthetic import generate_labelled, generate_pairs
 from stepwise_lit.data.tokenize import (
     TokenizeSettings,

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import BatchSampler, Sampler
 
 from stepwise_lit.data.batch import PairBatch
-from stepwise_lit.data.records import SIDES
 from stepwise_lit.data.packing import PADDING, PADDING_SLOT, balanced_rows, pack_pair
+from stepwise_lit.data.records import SIDES
 
 
 class StepwiseCollator:

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -31,15 +30,15 @@ import lightning as L
 import numpy as np
 import pyarrow.compute
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, SequentialSampler
 
-from stepwise_lit.grading import arithmetic
 from stepwise_lit.data import formats, gsm8k, prm800k, records, stepdpo, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
-from stepwise_lit.data.formats import DATA_FILE_SUFFIXES, Format, read_records, to_canonical
+from stepwise_lit.data.formats import Format, to_canonical
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.sampling import (
     EpochRandomSampler,
     MarkedRows,
@@ -48,14 +47,15 @@ from stepwise_lit.data.sampling import (
     ResumableDataLoader,
     RoundSampler,
 )
+from stepwise_lit.data.sources import SYNTHETIC, check_data_source, read_source, source_fingerprint
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, Truncation, canonical_dataset, tokenize_dataset
-from stepwise_lit.errors import DataFormatError, SettingError
 from stepwise_lit.data.tokenizer import load_tokenizer
+from stepwise_lit.errors import DataFormatError, SettingError
+from stepwise_lit.grading import arithmetic
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
 DEFAULT_STEP_WISE_PROMPT_TEMPLATE = (
     "{prompt}\n\nSolve this step by step. Start each step on a new paragraph with \"Step k:\"."
 )
@@ -66,8 +66,6 @@ POSITIVE_SETTINGS = (
     "pack_budget",
 )
 DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
-# A hub dataset id: "owner/name" (letters, digits, "-", "_", "."), nothing that looks like a local path.
-HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class StepwiseDataModule(L.LightningDataModule):
@@ -175,7 +173,7 @@ class StepwiseDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_settings(self.hparams)
+        check_data_settings(self.hparams)
         self.settings = TokenizeSettings(
             max_length=max_length,
             max_prompt_length=max_prompt_length,
@@ -474,19 +472,6 @@ def with_row_index(dataset: Dataset) -> Dataset:
     return dataset.add_column("row_index", list(range(len(dataset))))
 
 
-def source_fingerprint(path: str | None, split: str) -> str | None:
-    """The contents hash of a local file; the id and split of a hub dataset; None for synthetic data."""
-    if path is None:
-        return None
-    if Path(path).is_file():
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    return f"{path}:{split}"
-
-
 def pair_lengths(dataset: Dataset) -> list[int]:
     """Per pair, the longer side's token count (what padding a batch grows to)."""
     table = dataset.with_format("arrow")[:]
@@ -495,28 +480,7 @@ def pair_lengths(dataset: Dataset) -> list[int]:
     return np.maximum(chosen, rejected).tolist()
 
 
-def read_source(path: str, split: str) -> list[dict]:
-    """The records of a local file (our readers, with line numbers) or of a data folder / hub dataset."""
-    local = Path(path).expanduser()
-    return read_records(local) if local.is_file() else read_hub_dataset(path, split)
-
-
-def read_hub_dataset(path: str, split: str) -> list[dict]:
-    """The records of a data folder or hub dataset ``owner/name`` (``datasets.load_dataset``).
-
-    Raises:
-        SettingError: Naming ``data.path`` when ``datasets`` cannot load it (not found, offline).
-    """
-    try:
-        return load_dataset(path, split=split).to_list()
-    except (FileNotFoundError, ConnectionError, ValueError, OSError) as error:
-        raise SettingError(
-            f"data.path: cannot load {path!r} (split {split!r}) as a data folder or hub dataset: "
-            f"{type(error).__name__}: {error}"
-        ) from None
-
-
-def check_settings(hparams: Mapping[str, Any]) -> None:
+def check_data_settings(hparams: Mapping[str, Any]) -> None:
     """Raise :class:`SettingError` for the first unusable data setting, named as in YAML (``data.batch_size: ...``)."""
     for name in ("format", "truncation"):
         choices = get_args(Format if name == "format" else Truncation)
@@ -555,31 +519,6 @@ def check_settings(hparams: Mapping[str, Any]) -> None:
             "(null or 'synthetic' means the embedded pairs)"
         )
     for name in ("path", "val_path"):
-        check_source(name, hparams[name])
+        check_data_source(name, hparams[name])
 
-
-def check_source(name: str, path: str | None) -> None:
-    """A data source exists: a file with a known extension, a folder, or a hub id ``owner/name``.
-
-    Raises:
-        SettingError: Naming ``data.<name>`` for a file or folder that does not exist (one
-            that is not an ``owner/name`` hub id is never looked up on the hub).
-    """
-    if path is None or path == SYNTHETIC:
-        return
-    local = Path(path).expanduser()
-    if local.is_file():
-        if local.suffix.lower() not in DATA_FILE_SUFFIXES:
-            raise SettingError(
-                f"data.{name}: {path!r} is a {local.suffix or 'extension-less'} file; "
-                f"expected {', '.join(DATA_FILE_SUFFIXES)} (or a data folder)"
-            )
-        return
-    if local.is_dir():
-        return
-    if local.suffix.lower() in DATA_FILE_SUFFIXES or not HUB_DATASET_ID.fullmatch(path):
-        raise SettingError(
-            f"data.{name}: no such file or folder: {path!r} (looked at {local.resolve()}); "
-            "give a local .json/.jsonl/.parquet/.csv file, a data folder, or a hub dataset id owner/name"
-        )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import re
 
-from stepwise_lit.grading.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
 from stepwise_lit.data.records import (
     RecordContext,
     RecordSkipped,
@@ -21,6 +20,7 @@ from stepwise_lit.data.records import (
     required_text,
     split_lines,
 )
+from stepwise_lit.grading.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
 
 # Strongest model first: its incorrect solutions are the hardest negatives.
 GSM8K_MODEL_FIELDS = ("175b_verification", "175b_finetuning", "6b_verification", "6b_finetuning")

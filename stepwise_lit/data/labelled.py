@@ -56,10 +56,10 @@ from stepwise_lit.data.formats import (
     checked_optional_text,
     checked_prompt,
     checked_steps,
-    read_records,
     registered,
 )
 from stepwise_lit.data.prm800k import checked_prm800k_step, first_rated, labelled_trajectory
+from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.records import RecordContext, RecordSkipped, checked_id, join_as_lines, required_object
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def labelled_responses(records: Sequence[dict], format: str, source: str) -> lis
     """Convert records (e.g. rows of a hub dataset) with the reader for ``format`` and validate them.
 
     Args:
-        records: Input records; :class:`~stepwise_lit.data.formats.Records` give their line
+        records: Input records; :class:`~stepwise_lit.data.readers.Records` give their line
             numbers to messages, other sequences are counted as rows (1-based).
         format: One of :data:`LabelledFormat`.
         source: File or dataset name for messages.

@@ -9,6 +9,7 @@ from typing import Any
 
 from stepwise_lit.data.records import RecordContext, RecordSkipped, checked_id, join_as_lines, required_object
 
+
 def prm800k(record: dict, context: RecordContext) -> list[dict]:
     """PRM800K label records: one pair per step rated both +1 and -1.
 

@@ -19,6 +19,9 @@ from stepwise_lit.errors import DataFormatError
 
 SIDES = ("chosen", "rejected")
 
+Prompt = str | list[dict]
+"""A prompt as the data has it: text, or chat messages ``[{"role": ..., "content": ...}]``."""
+
 
 class RecordSkipped(Exception):
     """Raised by an adapter for a record that gives no pair; ``to_canonical`` counts it.

@@ -10,8 +10,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from stepwise_lit.data.sources import check_pretrained_source
 from stepwise_lit.errors import SettingError
-from stepwise_lit.models.loading import check_source
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -111,7 +111,7 @@ def load_tokenizer(
     """
     if name_or_path is None:
         return build_byte_tokenizer(chat_template)
-    check_source(setting, name_or_path, "tokenizer_config.json")
+    check_pretrained_source(setting, name_or_path, "tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # missing files; a folder without a tokenizer

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import get_args
 
 import lightning as L
@@ -35,83 +34,21 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import SumMetric
 
-from stepwise_lit.grading.answers import AnswerSourceName, extract_answer
+from stepwise_lit.data.heldout import Problem, held_out_problems
 from stepwise_lit.data.sampling import PaddedShardSampler
-from stepwise_lit.models.distributed import shows_progress
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate
-from stepwise_lit.models.generate import GenerationSettings, Prompt, TransformersGenerator
 from stepwise_lit.evaluation.preference import WeightedMean
 from stepwise_lit.evaluation.rerank import split_solution
+from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate
+from stepwise_lit.evaluation.values import json_count, json_number
+from stepwise_lit.grading.answers import AnswerSourceName, extract_answer
+from stepwise_lit.models.distributed import shows_progress
+from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")
 
 NUM_EXAMPLES = 3  # completions shown in the report
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A held-out problem to solve.
-
-    Attributes:
-        prompt: The prompt as the data has it (text or chat messages).
-        answer: Its reference final answer (:func:`reference_answer`).
-        solution: The reference solution text, passed to a verifier.
-    """
-
-    prompt: Prompt
-    answer: str
-    solution: str
-
-
-def reference_answer(reference_solution: str | None, chosen_steps: Sequence[str], source: AnswerSourceName) -> str | None:
-    """A problem's reference final answer: extracted from the row's ``reference_solution``
-    when it has one, else from its chosen solution (``"".join(chosen_steps)``).
-
-    For the embedded task the reference solution is the correct solution (``... The answer
-    is 14.``); for GSM8K it is the data set's answer (``... #### 72``). A reference that
-    states no answer by the source's rule (a MATH ``answer`` field is the bare answer, not a
-    ``\\boxed{}``) is the answer itself, stripped.
-
-    Returns:
-        The answer, or None when the row has neither a reference solution nor a chosen one.
-    """
-    text = reference_solution if reference_solution else "".join(chosen_steps)
-    if not text.strip():
-        return None
-    answer = extract_answer(text, source)
-    return answer if answer is not None else text.strip()
-
-
-def held_out_problems(
-    prompts: Sequence[Prompt],
-    reference_solutions: Sequence[str | None],
-    chosen_steps: Sequence[Sequence[str]],
-    source: AnswerSourceName,
-    max_prompts: int | None,
-) -> tuple[list[Problem], int]:
-    """The distinct prompts of some rows with their reference answers, in first-seen order.
-
-    A prompt's first row gives its reference; rows without one are left out.
-
-    Returns:
-        The problems (at most ``max_prompts``), and the rows left out for having no reference.
-    """
-    problems: dict[str, Problem] = {}
-    without_reference = 0
-    for prompt, solution, steps in zip(prompts, reference_solutions, chosen_steps):
-        key = json.dumps(prompt)
-        if key in problems:
-            continue
-        answer = reference_answer(solution, steps, source)
-        if answer is None:
-            without_reference += 1
-            continue
-        problems[key] = Problem(prompt, answer, solution or "".join(steps))
-        if max_prompts is not None and len(problems) == max_prompts:
-            break
-    return list(problems.values()), without_reference
 
 
 class GenerationMetrics(torch.nn.Module):
@@ -193,32 +130,20 @@ class GenerationMetrics(torch.nn.Module):
         ``flagged_solution_share`` and ``first_flagged_step`` (None where nothing was counted)."""
         sampled = self.num_samples > 1
         values = {
-            "num_prompts": count(self.num_prompts.compute()),
+            "num_prompts": json_count(self.num_prompts.compute()),
             "k": self.num_samples,
-            "solve_rate": number(self.solve_rate.compute()),
-            "pass_at_k": number(self.pass_at_k.compute()) if sampled else None,
-            "maj_at_k": number(self.maj_at_k.compute()) if sampled else None,
+            "solve_rate": json_number(self.solve_rate.compute()),
+            "pass_at_k": json_number(self.pass_at_k.compute()) if sampled else None,
+            "maj_at_k": json_number(self.maj_at_k.compute()) if sampled else None,
         }
         if with_flags:
             for name in ("flagged_step_share", "flagged_solution_share", "first_flagged_step"):
-                values[name] = number(getattr(self, name).compute())
+                values[name] = json_number(getattr(self, name).compute())
         return values
 
     def reset(self) -> None:
         for metric in self.children():
             metric.reset()
-
-
-def count(value: torch.Tensor) -> int | float:
-    """A weighted count for JSON: an int when whole (0/1 prompt weights), else a float."""
-    value = float(value)
-    return int(value) if value.is_integer() else value
-
-
-def number(value: torch.Tensor) -> float | None:
-    """A JSON number: float, or None for NaN (nothing counted)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def evaluate_problems(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Collection
 from pathlib import Path
 
@@ -39,6 +38,9 @@ from matplotlib.figure import Figure
 from torchmetrics.aggregation import CatMetric, SumMetric
 
 from stepwise_lit.data.batch import PairBatch, num_steps
+from stepwise_lit.evaluation.figures import HISTORY_METRICS, HISTORY_STAGES, report_figures
+from stepwise_lit.evaluation.generation import SolveRateEvaluation
+from stepwise_lit.evaluation.preference import PreferenceMetrics
 from stepwise_lit.evaluation.processbench import (
     LabelledStepRewards,
     ProcessBenchF1,
@@ -46,19 +48,11 @@ from stepwise_lit.evaluation.processbench import (
     choose_threshold,
     first_error_labels,
 )
-from stepwise_lit.evaluation.generation import SolveRateEvaluation
+from stepwise_lit.evaluation.values import json_count, json_number
 from stepwise_lit.logprobs.forward import step_token_counts
-from stepwise_lit.evaluation.preference import PreferenceMetrics
 from stepwise_lit.objective.stepwise import per_token_step_rewards
 
 REPORT_FILE = "report.json"
-HISTORY_METRICS = ("reward_accuracy", "reward_margin", "solve_rate")
-HISTORY_STAGES = ("train", "val")
-_HISTORY_LABELS = {
-    "reward_accuracy": "reward accuracy (chosen > rejected)",
-    "reward_margin": "reward margin (chosen − rejected)",
-    "solve_rate": "solve rate (evaluation.during_fit)",
-}
 _REPORTED_STAGES = (TrainerFn.VALIDATING, TrainerFn.TESTING)
 PROCESSBENCH_METRICS = ("processbench_f1", "error_acc", "correct_acc", "within_response_auroc")
 GENERATION_METRICS = ("solve_rate", "pass_at_k", "maj_at_k", "flagged_step_share", "flagged_solution_share", "first_flagged_step")
@@ -275,8 +269,8 @@ def processbench_values(
     labels, weights = labelled["labels"], labelled["weights"]
     erroneous = float(weights[labels >= 0].sum())
     correct = float(weights[labels < 0].sum())
-    values = {"threshold": threshold, "threshold_source": threshold_source, "num_erroneous": _count(erroneous),
-              "num_correct": _count(correct), "within_response_auroc": _number(within_response_auroc)}
+    values = {"threshold": threshold, "threshold_source": threshold_source, "num_erroneous": json_count(erroneous),
+              "num_correct": json_count(correct), "within_response_auroc": json_number(within_response_auroc)}
     if threshold is None and threshold_source == "validation data" and erroneous > 0 and correct > 0:
         values["threshold"] = threshold = choose_threshold(labelled["step_rewards"], labelled["step_mask"], labels, weights)
     if threshold is None:
@@ -284,8 +278,8 @@ def processbench_values(
     metric = ProcessBenchF1(threshold, sync_on_compute=False)
     metric.update(labelled["step_rewards"], labelled["step_mask"], labels, weights)
     scores = metric.compute()
-    return {**values, "processbench_f1": _number(scores["f1"]), "error_acc": _number(scores["error_acc"]),
-            "correct_acc": _number(scores["correct_acc"])}
+    return {**values, "processbench_f1": json_number(scores["f1"]), "error_acc": json_number(scores["error_acc"]),
+            "correct_acc": json_number(scores["correct_acc"])}
 
 
 def _has_training_metrics(path: Path) -> bool:
@@ -308,19 +302,6 @@ def _concatenated(metric: CatMetric) -> torch.Tensor:
     return values.cpu() if isinstance(values, torch.Tensor) else torch.empty(0)
 
 
-def _count(value: float | torch.Tensor) -> int | float:
-    """A weighted count for JSON: an int when whole, as it is with the 0/1 pair weights of the
-    evaluation padding; a float otherwise (fractional pair weights give fractional counts)."""
-    value = float(value)
-    return int(value) if value.is_integer() else value
-
-
-def _number(value: float | torch.Tensor) -> float | None:
-    """A JSON number: float, or None for NaN / inf."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def summarize(values: torch.Tensor) -> dict[str, float | int | None]:
     """Count, mean, standard deviation, min, median and max of a 1-D tensor (None when empty)."""
     values = values.double()
@@ -328,11 +309,11 @@ def summarize(values: torch.Tensor) -> dict[str, float | int | None]:
         return {"count": 0, "mean": None, "std": None, "min": None, "median": None, "max": None}
     return {
         "count": values.numel(),
-        "mean": _number(values.mean()),
-        "std": _number(values.std(correction=0)),
-        "min": _number(values.min()),
-        "median": _number(values.median()),
-        "max": _number(values.max()),
+        "mean": json_number(values.mean()),
+        "std": json_number(values.std(correction=0)),
+        "min": json_number(values.min()),
+        "median": json_number(values.median()),
+        "max": json_number(values.max()),
     }
 
 
@@ -379,9 +360,9 @@ def build_report(
     num_indices = int(seen.max()) + 1 if seen.numel() else 0
     by_index = {"step": list(range(1, num_indices + 1))}
     for side, count in zip(("chosen", "rejected"), counts):
-        by_index[side] = [_number(v) for v in values[f"{side}_step_accuracy_by_index"][:num_indices]]
-        by_index[f"{side}_count"] = [_count(c) for c in count[:num_indices].tolist()]
-    metrics = {name: _number(value) for name, value in values.items() if value.numel() == 1}
+        by_index[side] = [json_number(v) for v in values[f"{side}_step_accuracy_by_index"][:num_indices]]
+        by_index[f"{side}_count"] = [json_count(c) for c in count[:num_indices].tolist()]
+    metrics = {name: json_number(value) for name, value in values.items() if value.numel() == 1}
     sections = {}
     for section, found, names in (
         ("processbench", processbench, PROCESSBENCH_METRICS), ("generation", generation, GENERATION_METRICS)
@@ -391,7 +372,7 @@ def build_report(
             sections[section] = {key: value for key, value in found.items() if key not in names}
     return {
         "stage": stage,
-        "num_pairs": _count(num_pairs),
+        "num_pairs": json_count(num_pairs),
         "checkpoint": checkpoint,
         "global_step": global_step,
         "metrics": metrics,
@@ -420,101 +401,6 @@ def read_history(path: str | Path) -> dict[str, dict[str, list[float]]]:
             if points:
                 series[column] = {"step": [step for step, _ in points], "value": [value for _, value in points]}
     return series
-
-
-def report_figures(report: dict, good: torch.Tensor, bad: torch.Tensor, bins: int) -> dict[str, Figure]:
-    """The report's plots by file stem; ``training_curves`` only when there is a history."""
-    figures = {
-        "step_accuracy_by_index": step_accuracy_figure(report),
-        "step_reward_distribution": step_reward_figure(report["stage"], good, bad, bins),
-    }
-    if report["history"] and report["history"]["series"]:
-        figures["training_curves"] = history_figure(report["history"])
-    if report["generation"] is not None:
-        figures["solve_rate"] = solve_rate_figure(report)
-    return figures
-
-
-def solve_rate_figure(report: dict) -> Figure:
-    """Bars of the solve rate and, when sampled, pass@k and maj@k."""
-    k = report["generation"]["k"]
-    names = {"solve_rate": "solve rate (first completion)", "pass_at_k": f"pass@{k}", "maj_at_k": f"maj@{k}"}
-    shown = {label: report["metrics"][name] for name, label in names.items() if report["metrics"].get(name) is not None}
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axes = figure.add_subplot()
-    bars = axes.bar(list(shown), list(shown.values()), color="tab:blue")
-    axes.bar_label(bars, fmt="%.3f")
-    axes.set_ylim(0, 1.05)
-    axes.set_ylabel("share of prompts solved")
-    axes.set_title(f"Generated solutions ({report['stage']}, {report['generation']['num_prompts']:g} prompts, "
-                   f"{report['generation']['source']} answers)")
-    axes.grid(alpha=0.3, axis="y")
-    return figure
-
-
-def step_accuracy_figure(report: dict) -> Figure:
-    """Step accuracy by step index, chosen and rejected, over grey bars of the steps counted."""
-    by_index = report["step_accuracy_by_index"]
-    figure = Figure(figsize=(7, 4.2), layout="constrained")
-    axes = figure.add_subplot()
-    counts_axes = axes.twinx()
-    totals = [c + r for c, r in zip(by_index["chosen_count"], by_index["rejected_count"])]
-    counts_axes.bar(by_index["step"], totals, color="grey", alpha=0.2, label="steps counted (right axis)")
-    counts_axes.set_ylabel("steps counted (chosen + rejected)")
-    axes.set_zorder(counts_axes.get_zorder() + 1)
-    axes.patch.set_visible(False)
-    for side, marker in (("chosen", "o"), ("rejected", "s")):
-        values = [math.nan if v is None else v for v in by_index[side]]
-        axes.plot(by_index["step"], values, marker=marker, label=f"{side} steps")
-    axes.set_xlabel("step index (1 = first step of the response)")
-    axes.set_ylabel("step accuracy: sign(h_t) = sign(verifier g_t)")
-    axes.set_ylim(-0.03, 1.03)
-    if by_index["step"]:
-        axes.set_xticks(by_index["step"])
-    axes.set_title(f"Step accuracy by step index ({report['stage']}, {report['num_pairs']:g} pairs)")
-    axes.grid(alpha=0.3)
-    lines, labels = axes.get_legend_handles_labels()
-    bars, bar_labels = counts_axes.get_legend_handles_labels()
-    axes.legend(lines + bars, labels + bar_labels)
-    return figure
-
-
-def step_reward_figure(stage: str, good: torch.Tensor, bad: torch.Tensor, bins: int) -> Figure:
-    """Histograms (densities) of the implicit step rewards of good and bad steps."""
-    figure = Figure(figsize=(7, 4.2), layout="constrained")
-    axes = figure.add_subplot()
-    both = torch.cat([good, bad]).double()
-    if both.numel():
-        low, high = float(both.min()), float(both.max())
-        edges = torch.linspace(low, high if high > low else low + 1e-6, bins + 1).tolist()
-        for values, label, color in ((good, "verifier: good step (g > 0)", "tab:green"), (bad, "verifier: bad step (g < 0)", "tab:red")):
-            if values.numel():
-                axes.hist(values.tolist(), bins=edges, density=True, alpha=0.55, color=color, label=f"{label}, n={values.numel()}")
-    axes.axvline(0.0, color="black", linewidth=1, label="h = 0")
-    axes.set_xlabel("implicit step reward h_t = β_s · (log π_θ − log π_ref) of the step")
-    axes.set_ylabel("density")
-    axes.set_title(f"Implicit step rewards of good vs bad steps ({stage})")
-    axes.legend()
-    return figure
-
-
-def history_figure(history: dict) -> Figure:
-    """Reward accuracy, reward margin and (when logged) the solve rate against the training
-    step, train and val; one panel per metric found."""
-    shown = [metric for metric in HISTORY_METRICS if any(f"{stage}/{metric}" in history["series"] for stage in HISTORY_STAGES)]
-    figure = Figure(figsize=(5.5 * len(shown), 4.2), layout="constrained")
-    for position, metric in enumerate(shown, start=1):
-        axes = figure.add_subplot(1, len(shown), position)
-        for stage, marker in zip(HISTORY_STAGES, ("o", "s")):
-            series = history["series"].get(f"{stage}/{metric}")
-            if series:
-                axes.plot(series["step"], series["value"], marker=marker, markersize=3, label=stage)
-        axes.set_xlabel("training step")
-        axes.set_ylabel(_HISTORY_LABELS[metric])
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.suptitle(f"Over training (from {Path(history['source']).name})")
-    return figure
 
 
 def format_table(report: dict, folder: Path) -> str:

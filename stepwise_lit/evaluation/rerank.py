@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
 from stepwise_lit.evaluation.solve_rate import majority_answer
+from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
 from stepwise_lit.rewards.implicit import ImplicitStepScorer
+
 
 def split_solution(text: str, step_end: str = "\n") -> list[str]:
     """The steps of a generated solution: pieces of `text` each ending with `step_end` (the last may

@@ -24,7 +24,7 @@ from typing import Literal
 
 AnswerSourceName = Literal["embedded", "gsm8k", "math"]
 
-NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+ANSWER_NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 ANSWER_PHRASE = r"\bthe answer is:?\s*"
 """How a solution states its final answer in words, anywhere in a line (any case): the embedded
 task's last step ``"Step 4: 76 - 9 = 67. The answer is 67."``. The rule verifier
@@ -89,7 +89,7 @@ def extract_gsm8k(text: str) -> str | None:
     marked = GSM8K_ANSWER.findall(text)
     if marked and PLAIN_NUMBER.fullmatch(normalize_number(marked[-1])):
         return normalize_number(marked[-1])
-    numbers = NUMBER.findall(text)
+    numbers = ANSWER_NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from stepwise_lit.models.distributed import full_state_dict, is_sharded
 from stepwise_lit.errors import SettingError
+from stepwise_lit.models.distributed import full_state_dict, is_sharded
 from stepwise_lit.models.loading import apply_lora
 
 log = logging.getLogger("stepwise_lit")

@@ -41,11 +41,11 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenize import prompt_token_ids
-from stepwise_lit.models.distributed import is_sharded
 from stepwise_lit.errors import SettingError
+from stepwise_lit.models.distributed import is_sharded
 
-Prompt = str | list[dict]
 log = logging.getLogger("stepwise_lit")
 
 

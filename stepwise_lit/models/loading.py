@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from stepwise_lit.data.sources import check_pretrained_source
 from stepwise_lit.errors import SettingError
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Weight dtype names the settings take."""
@@ -114,7 +111,7 @@ def load_causal_lm(
             from, leaving the global RNG as it was; None initialises it from the global RNG.
 
     Raises:
-        SettingError: naming `setting`, when the model cannot be found or loaded (`check_source`).
+        SettingError: naming `setting`, when the model cannot be found or loaded (`check_pretrained_source`).
     """
     if model_name_or_path is None:
         with torch.random.fork_rng(devices=[], enabled=rng_state is not None):
@@ -122,7 +119,7 @@ def load_causal_lm(
                 torch.set_rng_state(rng_state)
             model = build_tiny_model(tokenizer, tiny)
     else:
-        check_source(setting, model_name_or_path, "config.json")
+        check_pretrained_source(setting, model_name_or_path, "config.json")
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 model_name_or_path, trust_remote_code=trust_remote_code, dtype="auto" if dtype is None else dtype
@@ -133,31 +130,6 @@ def load_causal_lm(
             model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model
-
-
-def check_source(setting: str, name_or_path: str, filename: str) -> None:
-    """Fails at once, naming `setting`, on a model or tokenizer source that cannot be found without
-    the hub: with ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set, or when the name looks like
-    a path (starts with ``/``, ``.`` or ``~``, or its parent folder exists), it must be a local
-    folder (or, offline, a hub id in the local cache with its `filename`). Other names are left
-    to `from_pretrained`, which tries the hub.
-
-    Raises:
-        SettingError: naming `setting`.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return
-    offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-                  for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    looks_like_path = name_or_path.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
-    if looks_like_path:
-        raise SettingError(f"{setting}: no folder {name_or_path!r} (a local path that does not exist)")
-    if offline and not isinstance(try_to_load_from_cache(name_or_path, filename), str):
-        raise SettingError(
-            f"{setting}: {name_or_path!r} is neither a local folder nor in the Hugging Face cache, and the hub "
-            "is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
-        )
 
 
 DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,

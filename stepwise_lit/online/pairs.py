@@ -43,11 +43,11 @@ from typing import Literal, get_args
 
 import torch
 
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenize import first_divergence
 from stepwise_lit.errors import SettingError
-from stepwise_lit.models.generate import Prompt
-from stepwise_lit.objective.losses import AGGREGATION_STRATEGIES, AggregationName, aggregate_rewards
 from stepwise_lit.evaluation.rerank import split_solution
+from stepwise_lit.objective.losses import AGGREGATION_STRATEGIES, AggregationName, aggregate_rewards
 
 PairStrategy = Literal["best_vs_worst", "first_error_branch", "all_pairs"]
 Correctness = Literal["answer", "steps", "answer_and_steps"]

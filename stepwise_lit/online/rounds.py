@@ -19,17 +19,17 @@ kept.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from stepwise_lit.data.formats import read_records, to_canonical
+from stepwise_lit.data.formats import to_canonical
+from stepwise_lit.data.readers import read_records
+from stepwise_lit.data.records import Prompt
+from stepwise_lit.data.writers import write_rows
 from stepwise_lit.errors import DataFormatError, UserError
-from stepwise_lit.models.generate import Generator, Prompt
+from stepwise_lit.models.generate import Generator
 from stepwise_lit.online.pairs import PairSettings, ScoredPrompt, ScoredSolution, build_pairs
 from stepwise_lit.online.solutions import RoundRecord, RoundSettings, checked_prompt_ids, generate_round
 from stepwise_lit.rewards.base import StepScorer
@@ -46,27 +46,6 @@ RoundState = Literal["missing", "generated", "complete"]
 def round_folder(root: str | Path, index: int) -> Path:
     """``<root>/online/round-<index>``."""
     return Path(root) / "online" / f"round-{index}"
-
-
-def write_jsonl_atomically(path: Path, rows: Sequence[dict]) -> None:
-    """Write ``rows`` as JSON Lines to ``path`` through a temporary file renamed over it.
-
-    Raises:
-        FileExistsError: If ``path`` exists (a round file is never overwritten).
-    """
-    if path.exists():
-        raise FileExistsError(f"{path} exists; a round file is never overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)  # written by this call
-        raise
 
 
 def solution_rows(prompts: Sequence[ScoredPrompt]) -> list[dict]:
@@ -177,7 +156,7 @@ def run_round(
     if round_state(root, index) != "missing":
         return finish_round(root, index, ids, settings.pairs)
     record = generate_round(generator, scorer, prompts, references, settings, ids)
-    write_jsonl_atomically(round_folder(root, index) / SOLUTIONS_FILE, solution_rows(record.prompts))
+    write_rows(solution_rows(record.prompts), round_folder(root, index) / SOLUTIONS_FILE, overwrite=False)
     return finish_round(root, index, ids, settings.pairs, generated=record)
 
 
@@ -215,7 +194,7 @@ def finish_round(
             raise UserError(f"{folder / PAIRS_FILE}: differs from the pairs the online.pairs settings build from "
                             f"{SOLUTIONS_FILE}; the settings changed since the round was written: use a new run folder")
     else:
-        write_jsonl_atomically(folder / PAIRS_FILE, record.pairs.rows)
+        write_rows(record.pairs.rows, folder / PAIRS_FILE, overwrite=False)
     how = "generated" if generated is not None else "read back" if state == "complete" else (
         "pairs built from the written solutions")
     num_solutions = sum(len(prompt.solutions) for prompt in record.prompts)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
+from stepwise_lit.data.heldout import reference_answer
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.errors import SettingError
-from stepwise_lit.evaluation.generation import reference_answer
-from stepwise_lit.models.generate import GenerationSettings, Generator, Prompt
-from stepwise_lit.online.pairs import Pairs, PairSettings, ScoredPrompt, ScoredSolution, build_pairs
 from stepwise_lit.evaluation.rerank import split_solution
+from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
+from stepwise_lit.models.generate import GenerationSettings, Generator
+from stepwise_lit.online.pairs import Pairs, PairSettings, ScoredPrompt, ScoredSolution, build_pairs
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")

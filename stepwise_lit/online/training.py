@@ -34,13 +34,16 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from stepwise_lit.grading.answers import AnswerSourceName
+from stepwise_lit.data.heldout import Problem, held_out_problems
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.sampling import PaddedShardSampler
-from stepwise_lit.models.distributed import shows_progress
+from stepwise_lit.data.writers import write_rows
 from stepwise_lit.errors import SettingError, UserError
-from stepwise_lit.evaluation.generation import Problem, held_out_problems, refuse_fsdp1
-from stepwise_lit.models.generate import GenerationSettings, Generator, Prompt, runs_in_lockstep
+from stepwise_lit.evaluation.generation import refuse_fsdp1
+from stepwise_lit.grading.answers import AnswerSourceName
 from stepwise_lit.imports import import_callable
+from stepwise_lit.models.distributed import shows_progress
+from stepwise_lit.models.generate import GenerationSettings, Generator, runs_in_lockstep
 from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
     PAIRS_FILE,
@@ -49,7 +52,6 @@ from stepwise_lit.online.rounds import (
     round_folder,
     round_state,
     solution_rows,
-    write_jsonl_atomically,
 )
 from stepwise_lit.online.solutions import RoundRecord, RoundSettings, default_generation, generate_round
 from stepwise_lit.rewards.base import StepScorer
@@ -307,7 +309,7 @@ class OnlineRounds(L.Callback):
                 for offset, position in enumerate(shard_positions):
                     by_position[position] = rows[offset * samples : (offset + 1) * samples]
             ordered = [row for position in range(len(prompts)) for row in by_position[position]]
-            write_jsonl_atomically(round_folder(trainer.default_root_dir, round_index) / SOLUTIONS_FILE, ordered)
+            write_rows(ordered, round_folder(trainer.default_root_dir, round_index) / SOLUTIONS_FILE, overwrite=False)
         return {name: max(seconds[name] for _, _, seconds in shards) for name in ("generation", "scoring")}
 
     def close_round(self, trainer: L.Trainer, pl_module: L.LightningModule, round_index: int) -> None:
@@ -322,7 +324,7 @@ class OnlineRounds(L.Callback):
                  summary.get("scoring_s") or 0.0, training)
         path = round_folder(trainer.default_root_dir, round_index) / SUMMARY_FILE
         if trainer.is_global_zero and not path.exists():
-            write_jsonl_atomically(path, [summary])
+            write_rows([summary], path, overwrite=False)
 
 
 class PaddedGenerator:

@@ -15,11 +15,10 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stepwise_lit.data.batch import PairBatch
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.models.loading import DTYPES
 
 logger = logging.getLogger("stepwise_lit")
-
-Prompt = str | list[dict]
 
 SCORER_DTYPES = {"auto": "auto", **DTYPES}
 """`dtype` names a scorer takes: the model dtypes, and "auto" (the checkpoint's own)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForTokenClassification
 
-from stepwise_lit.rewards.base import Prompt, StepScorer, load_pretrained, prompt_text
+from stepwise_lit.data.records import Prompt
+from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text
 from stepwise_lit.rewards.batching import padded_batches
 
 

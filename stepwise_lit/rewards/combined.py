@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from stepwise_lit.rewards.base import Prompt, StepScorer
+from stepwise_lit.data.records import Prompt
+from stepwise_lit.rewards.base import StepScorer
 from stepwise_lit.rewards.outcome import OutcomeRewardModel
 
 

@@ -8,10 +8,11 @@ import string
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from stepwise_lit.models.loading import TinyModelConfig, build_tiny_model
-from stepwise_lit.rewards.base import Prompt, StepScorer, load_pretrained, logger, prompt_text
-from stepwise_lit.rewards.batching import padded_batches
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenizer import load_tokenizer
+from stepwise_lit.models.loading import TinyModelConfig, build_tiny_model
+from stepwise_lit.rewards.base import StepScorer, load_pretrained, logger, prompt_text
+from stepwise_lit.rewards.batching import padded_batches
 
 DEFAULT_TEMPLATE = (
     "Below are a math problem, the steps of a solution so far, and the solution's next step.\n\n"

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stepwise_lit.data.collate import right_pad
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenize import tokenize_response
-from stepwise_lit.models.export import MARKER
 from stepwise_lit.logprobs.forward import step_logps
+from stepwise_lit.models.export import MARKER
 from stepwise_lit.objective.stepwise import per_token_step_rewards
 from stepwise_lit.rewards.base import (
-    Prompt,
     StepScorer,
     length_sorted_batches,
     load_pretrained,

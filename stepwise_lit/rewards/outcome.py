@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from stepwise_lit.rewards.base import Prompt, StepScorer, load_pretrained, prompt_text
+from stepwise_lit.data.records import Prompt
+from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text
 from stepwise_lit.rewards.batching import padded_batches
 
 SQUASHES = {"tanh": torch.tanh, "sigmoid": lambda reward: 2.0 * torch.sigmoid(reward) - 1.0}

@@ -6,9 +6,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from stepwise_lit.data.records import Prompt
 from stepwise_lit.grading.answers import ANSWER_PHRASE
 from stepwise_lit.grading.arithmetic import NUMBER, NUMBER_PATTERN, evaluate_arithmetic
-from stepwise_lit.rewards.base import Prompt, StepScorer, prompt_text
+from stepwise_lit.rewards.base import StepScorer, prompt_text
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
 # A stated final answer: "####" or "A:" at a line start (GSM8K), or "the answer is" anywhere (answers.ANSWER_PHRASE,
