@@ -16,7 +16,7 @@ to false here (rows may lack step scores, e.g. GSM8K model solutions; ``stepwise
 fills them).
 
 The output is ``.jsonl`` or ``.parquet`` (by extension), one canonical row
-(docs/contract.md) per pair. Records that give no pair are counted by reason in
+(docs/data.md) per pair. Records that give no pair are counted by reason in
 the log; bad input or a bad setting stops the run with one paragraph naming the file, line
 or row, field or setting, and exit code 2.
 """

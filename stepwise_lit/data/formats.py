@@ -1,6 +1,6 @@
 """Input formats: read records, convert them to canonical rows, validate them.
 
-A canonical row (docs/contract.md) is a plain dict with ``prompt``,
+A canonical row (docs/data.md, "The canonical row") is a plain dict with ``prompt``,
 ``chosen_steps``, ``rejected_steps``, ``chosen_step_scores``,
 ``rejected_step_scores``, ``chosen_score``, ``rejected_score``, ``id`` and
 ``reference_solution``. Every adapter maps one input record to zero or more

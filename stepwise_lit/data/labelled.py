@@ -29,7 +29,7 @@ Sources (:data:`LabelledFormat`), read with :func:`read_labelled`:
 - ``trl_stepwise``: TRL's stepwise-supervision rows ``{prompt, completions, labels}``
   (``labels`` one bool per step): scores +1 / -1, first error the first False. Steps end
   with ``"\\n"`` but the last (TRL's default step separator).
-- ``prm800k``: PRM800K label records (``../shared/data/prm800k/README.md``): the labeller's
+- ``prm800k``: PRM800K label records (docs/data.md, "Labelled responses"): the labeller's
   rated trajectory (as the ``prm800k`` pair format follows it: chosen completions, human
   completions scored +1) with its ratings -1 / 0 / +1 as scores; where it stops without an
   error at a step with a completion rated -1 (``finish_reason`` ``found_error``), that

@@ -1,6 +1,6 @@
 """The PRM800K adapter: label records -> pairs at each step rated both +1 and -1.
 
-See ``../shared/data/prm800k/README.md`` for the record layout.
+The record layout is PRM800K's own (docs/data.md, "Formats").
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def generate_pairs(
             arithmetic easier to learn, and leaves fewer distinct problems. At least 10.
 
     Returns:
-        Canonical rows (docs/contract.md) with step scores, outcome scores
+        Canonical rows (docs/data.md) with step scores, outcome scores
         (+1 chosen, -1 rejected), an ``id`` and the correct solution as
         ``reference_solution``.
 

@@ -2,7 +2,7 @@
 
 For each side (chosen, rejected): ``input_ids`` = prompt tokens + response
 tokens + EOS, and ``step_ids[j]`` = 0 on the prompt, ``t`` (1-based) on the
-tokens of step ``t``; EOS belongs to the last step (DESIGN section 2).
+tokens of step ``t``; EOS belongs to the last step (docs/loss.md, "Tokenization with step ids").
 
 A fast tokenizer tokenizes the whole response once and maps tokens to steps by
 their character offsets: a token belongs to the step its first character is in,
@@ -223,7 +223,7 @@ def first_divergence(chosen_steps: list[str], rejected_steps: list[str]) -> int 
 
 
 def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> dict:
-    """Turn a canonical row into a token row (docs/contract.md).
+    """Turn a canonical row into a token row (docs/data.md, "The canonical row").
 
     Besides the contract's keys, the token row carries what the collator passes on
     for online scoring: ``prompt_json`` (the prompt, JSON-encoded so string and

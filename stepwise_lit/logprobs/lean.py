@@ -4,9 +4,8 @@ when the lean path may serve a model (the ``model.lean_logps`` setting).
 
 The lean path applies nothing but the LM-head weight, so it engages only on the architectures
 of `LEAN_ARCHITECTURES` (each shown equal to the model's own logits by
-``tests/test_lean_architectures.py``), and `LeanLogps` checks it against the model's own
-logits on the first batch each model serves (docs/contract.md, "Log-probs"; README, "The lean
-log-probs").
+the lean-architecture tests), and `LeanLogps` checks it against the model's own
+logits on the first batch each model serves (docs/loss.md, "Lean log-probs").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reward aggregation and the outcome and step DPO losses (DESIGN.md sections 4, 5).
+"""Reward aggregation and the outcome and step DPO losses (docs/loss.md, "Rewards and aggregation" and "Losses").
 
 Pure functions of tensors. Every loss is computed in fp32 and returned per pair,
 unreduced (``[N]``); the caller takes the mean. Verifier scores and rewards

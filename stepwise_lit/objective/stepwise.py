@@ -1,4 +1,4 @@
-"""The stepwise DPO objective of one batch: log-ratios, rewards and losses (DESIGN.md 4, 5).
+"""The stepwise DPO objective of one batch: log-ratios, rewards and losses (docs/loss.md).
 
 Pure functions of tensors: no model, tokenizer or trainer state. Rows of every ``[2B, ...]``
 tensor are ``[chosen; rejected]``. Training, validation, test and predict all call

@@ -2,7 +2,7 @@
 
 A DPO-trained policy π and its reference π_ref define the implicit step reward of step t
 of a response: ``h_t = β (log π(step_t | prompt, steps_<t) − log π_ref(step_t | prompt, steps_<t))``,
-the reward the stepwise loss trained (DESIGN section 5). Both log-probs come from one forward
+the reward the stepwise loss trained (docs/loss.md, "Rewards and aggregation"). Both log-probs come from one forward
 pass per model per batch (`stepwise_lit.logprobs.forward.step_logps`) over the response tokenized as
 the data side tokenizes a training side (`stepwise_lit.data.tokenize.tokenize_response`).
 """
