@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, capture_parser, namespace_to_dict
+from jsonargparse import ActionConfigFile, ActionSubCommands, ArgumentParser, Namespace, capture_parser, namespace_to_dict
 
 import stepwise_lit.rewards
 from stepwise_lit import evaluate, prepare, score
@@ -204,7 +204,7 @@ def by_section(found: list[Row]) -> dict[str, list[Row]]:
     sections: dict[str, list[Row]] = {"": []}
     sections_keys = {section_of(row.key) for row in found}
     for row in found:
-        # a top-level key that also names a section (`model.lora`'s parent `model`) stays in it
+        # an option that takes a whole section at once (`--data '{...}'`) goes with the section
         section = row.key if row.key in sections_keys else section_of(row.key)
         sections.setdefault(section, []).append(row)
     return sections
@@ -240,7 +240,7 @@ def train_parsers() -> dict[str, ArgumentParser]:
         root = capture_parser(lambda: run_cli([], []))
     finally:
         sys.argv = argv
-    commands = next(a for a in parser_actions(root) if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in parser_actions(root) if isinstance(a, ActionSubCommands))
     return dict(commands.choices)
 
 
@@ -250,7 +250,7 @@ def train_section(parsers: dict[str, ArgumentParser]) -> tuple[list[str], dict[s
     fit = sections["fit"]
     for name, found in sections.items():
         for section in found:
-            if section not in ("",) and found[section] != fit.get(section):
+            if section and found[section] != fit.get(section):
                 raise SystemExit(f"{name}'s {section} section differs from fit's: the page assumes they are equal")
     lines = [
         "## train.py: fit, validate, test, predict",
@@ -272,9 +272,9 @@ def train_section(parsers: dict[str, ArgumentParser]) -> tuple[list[str], dict[s
     commands = {key: "all" if value == ", ".join(sections) else value for key, value in commands.items()}
     lines += table(listed, commands, "subcommands")
     lines += [
-        f"### trainer",
+        "### trainer",
         "",
-        f"Lightning's `Trainer` arguments (`trainer.max_steps`, `trainer.devices`, `trainer.precision`...):",
+        "Lightning's `Trainer` arguments (`trainer.max_steps`, `trainer.devices`, `trainer.precision`...):",
         f"see [Lightning's Trainer API]({TRAINER_DOCS}). `train.py` adds a `ModelCheckpoint` writing to",
         "`<trainer.default_root_dir>/checkpoints` (with `save_last: true`) unless the config names one, and",
         "CSV + TensorBoard loggers under `trainer.default_root_dir` unless it names loggers.",

@@ -34,7 +34,7 @@ from stepwise_lit import cli, evaluate, prepare, score
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.module import StepwiseDPOModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(folder for folder in Path(__file__).resolve().parents if (folder / "pyproject.toml").is_file())
 PAGE = ROOT / "docs" / "configuration.md"
 GENERATOR = ROOT / "docs" / "configuration.py"
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -331,21 +331,34 @@ def test_block_commands_reads_continuations_markers_and_heredocs() -> None:
     assert entry_arguments("stepwise-lit validate -c b.yaml") == ("train", ["validate", "-c", "b.yaml"])
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
-def test_long_doc_commands_parse(doc: Path, monkeypatch, capsys) -> None:
-    """The commands marked long or needing hardware: listed, and parsed without running."""
-    marked = [command for command in doc_commands(doc) if command.not_run]
+def test_check_parses_rejects_a_wrong_flag_and_a_missing_config(monkeypatch, capsys) -> None:
     monkeypatch.chdir(ROOT)
-    for command in marked:
-        print(f"not run: {command.file}:{command.line} ({command.not_run}): {command.text}", file=sys.__stdout__)
-        check_parses(command, monkeypatch, capsys)
+    check_parses(Command("x.md", 1, "python train.py fit --config configs/tiny.yaml --trainer.devices=8", "long: ~1 min"),
+                 monkeypatch, capsys)
+    with pytest.raises(AssertionError, match="model.no_such_setting"):
+        check_parses(Command("x.md", 2, "python train.py fit --model.no_such_setting=1", "long: ~1 min"), monkeypatch, capsys)
+    with pytest.raises(AssertionError, match="no_such.yaml does not exist"):
+        check_parses(Command("x.md", 3, "python -m stepwise_lit.score --config no_such.yaml", "long: ~1 min"), monkeypatch, capsys)
+    with pytest.raises(AssertionError, match="output"):
+        check_parses(Command("x.md", 4, "stepwise-lit prepare --data.format gsm8k", "needs: 8 GPUs"), monkeypatch, capsys)
+
+
+NOT_RUN_COMMANDS = [command for doc in DOCS for command in doc_commands(doc) if command.not_run]
+
+
+@pytest.mark.parametrize("command", NOT_RUN_COMMANDS, ids=lambda c: f"{c.file}:{c.line} ({c.not_run})")
+def test_long_doc_commands_parse(command: Command, monkeypatch, capsys) -> None:
+    """Each command marked long or needing hardware (one test each, so `pytest -v` lists them):
+    parsed without running."""
+    monkeypatch.chdir(ROOT)
+    check_parses(command, monkeypatch, capsys)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_doc_commands_run(doc: Path, tmp_path: Path) -> None:
     """Every command that is not marked runs as written, in order, in a copy of the repository,
-    and exits 0 within RUN_LIMIT_S."""
+    and exits 0 within RUN_LIMIT_S (each one's time is printed: `pytest -s` shows them)."""
     commands = [command for command in doc_commands(doc) if not command.not_run and without_install(command.text)]
     if not commands:
         pytest.skip(f"{doc.name} has no command to run")
@@ -358,7 +371,7 @@ def test_doc_commands_run(doc: Path, tmp_path: Path) -> None:
             done = subprocess.run(["bash", "-c", without_install(command.text)], cwd=copy, env=env,
                                   capture_output=True, text=True, timeout=RUN_LIMIT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{command.file}:{command.line} ran past {RUN_LIMIT_S} s: mark it '# long: ~N min'\n{command.text}")
-        seconds = time.monotonic() - started
-        print(f"ran in {seconds:.0f} s: {command.file}:{command.line}: {command.text}", file=sys.__stdout__)
+            done = None
+        assert done is not None, f"{command.file}:{command.line} ran past {RUN_LIMIT_S} s: mark it '# long: ~N min'"
+        print(f"{time.monotonic() - started:.0f} s: {command.file}:{command.line}: {command.text}")
         assert done.returncode == 0, f"{command.file}:{command.line} exited {done.returncode}:\n{command.text}\n{done.stderr[-3000:]}"
