@@ -20,6 +20,7 @@ import re
 import runpy
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -286,9 +287,10 @@ def check_parses(command: Command, monkeypatch, capsys) -> None:
 
 
 def repository_copy(folder: Path) -> Path:
-    """A copy of the repository's tracked files under `folder/repo`, with `folder/shared` linked to
+    """A copy of the repository's files (tracked, and new ones git does not ignore) under `folder/repo`, with `folder/shared` linked to
     the repository's sibling `shared/` where there is one."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True)
     names = [name for name in listed.stdout.split("\0") if name] if listed.returncode == 0 else None
     copy = folder / "repo"
     if names is None:
@@ -302,6 +304,20 @@ def repository_copy(folder: Path) -> Path:
     if shared.is_dir():
         (folder / "shared").symlink_to(shared)
     return copy
+
+
+def run_in_group(text: str, cwd: Path, env: dict) -> tuple[int | None, str]:
+    """Runs a command line with bash in a process group of its own; past RUN_LIMIT_S the whole
+    group is killed (not only bash). Returns the exit code (None past the limit) and stderr."""
+    process = subprocess.Popen(["bash", "-c", text], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None, ""
+    return process.returncode, err
 
 
 def test_block_commands_reads_continuations_markers_and_heredocs() -> None:
@@ -367,11 +383,7 @@ def test_doc_commands_run(doc: Path, tmp_path: Path) -> None:
     env["STEPWISE_LIT_CACHE"] = str(tmp_path / "cache")
     for command in commands:
         started = time.monotonic()
-        try:
-            done = subprocess.run(["bash", "-c", without_install(command.text)], cwd=copy, env=env,
-                                  capture_output=True, text=True, timeout=RUN_LIMIT_S)
-        except subprocess.TimeoutExpired:
-            done = None
-        assert done is not None, f"{command.file}:{command.line} ran past {RUN_LIMIT_S} s: mark it '# long: ~N min'"
+        code, err = run_in_group(without_install(command.text), copy, env)
+        assert code is not None, f"{command.file}:{command.line} ran past {RUN_LIMIT_S} s: mark it '# long: ~N min'"
         print(f"{time.monotonic() - started:.0f} s: {command.file}:{command.line}: {command.text}")
-        assert done.returncode == 0, f"{command.file}:{command.line} exited {done.returncode}:\n{command.text}\n{done.stderr[-3000:]}"
+        assert code == 0, f"{command.file}:{command.line} exited {code}:\n{command.text}\n{err[-3000:]}"
