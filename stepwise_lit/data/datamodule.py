@@ -86,7 +86,7 @@ class StepwiseDataModule(L.LightningDataModule):
             (``prompt``, ``chosen``, ``rejected`` texts split on ``step_delimiter``),
             ``stepwise`` (canonical rows), ``preference`` (TRL rows), ``gsm8k``,
             ``prm800k``, ``step_dpo`` (Step-DPO rows: ``prompt``, ``initial_reason_steps``,
-            ``chosen``, ``rejected``; set ``step_delimiter`` to ``"\nStep"``) or ``synthetic``.
+            ``chosen``, ``rejected``; set ``step_delimiter`` to ``"\\nStep"``) or ``synthetic``.
         split: Split of a hub dataset given as ``path``.
         val_split: Split of a hub dataset given as ``val_path``.
         step_delimiter: Non-empty text that starts a new step in text responses.
