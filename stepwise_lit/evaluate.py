@@ -1,4 +1,5 @@
-"""``stepwise-lit evaluate`` (or ``python -m stepwise_lit.evaluate``): solve rates of a policy and error localisation of a step scorer.
+"""``stepwise-lit evaluate``: solve rates of a policy and error localisation of a step scorer
+(``python -m stepwise_lit.evaluate`` is the same command).
 
 Two evaluations, either or both in one run, into ``<output>/report.json``:
 
