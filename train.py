@@ -1,4 +1,5 @@
-"""Entry point: `python train.py fit --config configs/tiny.yaml`."""
+"""Entry point: `python train.py fit --config configs/tiny.yaml`, the `stepwise-lit` command line
+(`stepwise_lit.cli.main`): `python train.py <command>` is `stepwise-lit <command>`."""
 
 from stepwise_lit.cli import main
 

@@ -1,4 +1,16 @@
-"""The command line: `python train.py fit --config configs/tiny.yaml` (LightningCLI)."""
+"""The command line: ``stepwise-lit <command>``, one console script for the seven commands.
+
+    stepwise-lit fit --config configs/tiny.yaml        # also: python train.py fit --config configs/tiny.yaml
+    stepwise-lit prepare --data.path synthetic --num_pairs 100 --output pairs.jsonl
+    stepwise-lit score --config configs/score_tiny.yaml --input pairs.jsonl --output scored.jsonl
+    stepwise-lit evaluate --config configs/tiny.yaml --ckpt_path last.ckpt --output eval
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (`StepwiseCLI`); ``prepare``,
+``score`` and ``evaluate`` are the `main` of `stepwise_lit.prepare`, `stepwise_lit.score` and
+`stepwise_lit.evaluate` (also ``python -m stepwise_lit.<command>``). Shared settings are spelled the
+same in each: ``--config``, ``--seed_everything``, ``--trainer.accelerator``/``--trainer.devices``,
+``--data.*``, ``--model.*``, ``--show_traceback``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from stepwise_lit import evaluate, prepare, score
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
 from stepwise_lit.evaluation.generation import SolveRateEvaluation
@@ -28,6 +41,20 @@ from stepwise_lit.online.training import OnlineRounds
 
 logger = logging.getLogger("stepwise_lit")
 
+PROG = "stepwise-lit"
+"""The console script (pyproject.toml); the commands' usage lines read ``stepwise-lit <command>``."""
+COMMANDS = {
+    "fit": "train the policy with the stepwise DPO losses (LightningCLI: --config, --model.*, --data.*, --trainer.*)",
+    "validate": "losses and preference metrics on the validation split, with the evaluation report",
+    "test": "losses and preference metrics on the test split, with the evaluation report",
+    "predict": "implicit rewards of each pair and each step of the validation split",
+    "prepare": "convert a raw source (or the embedded task) to canonical preference pairs on disk",
+    "score": "fill the step scores of canonical pairs with a step scorer (resumable)",
+    "evaluate": "solve rates of a policy and/or ProcessBench error localisation of a step scorer",
+}
+"""Each command and its line in ``stepwise-lit --help``."""
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+"""The commands LightningCLI runs (the Trainer's methods)."""
 CHECKPOINT_FOLDER = "checkpoints"  # under trainer.default_root_dir, unless a ModelCheckpoint names its dirpath
 RESOLVED_BY_LIGHTNING = ("best", "hpc")  # special --ckpt_path values Lightning checks itself
 
@@ -244,6 +271,7 @@ def run_cli(args: list[str] | None, argv: list[str]) -> StepwiseCLI:
         StepwiseDataModule,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": PROG},
         args=args,  # None: LightningCLI reads sys.argv (passing it again would warn)
     )
 
@@ -271,16 +299,49 @@ def show_package_log() -> None:
         logger.setLevel(logging.INFO)
 
 
+def command_help() -> str:
+    """What ``stepwise-lit --help`` prints: the commands, one line each."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in COMMANDS.items()]
+    return "\n".join([
+        f"usage: {PROG} <command> [options]", "",
+        "Stepwise DPO with PyTorch Lightning: training, data preparation, step scoring, evaluation.", "",
+        "commands:", *lines, "",
+        f"`{PROG} <command> --help` lists the options of a command.",
+    ])
+
+
+def unknown_command(command: str | None) -> SystemExit:
+    """Prints which commands there are (on stderr) for a missing or unknown one; exit code 2."""
+    problem = "no command given" if command is None else f"unknown command {command!r}"
+    print(f"{PROG}: error: {problem}; choose one of {', '.join(COMMANDS)} ({PROG} --help describes them)",
+          file=sys.stderr)
+    return SystemExit(2)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Runs the CLI (`args`: the command line without the program name; None reads `sys.argv`).
+    """Runs ``stepwise-lit <command> [options]`` (`args`: the command line without the program name;
+    None reads `sys.argv`): ``prepare``, ``score`` and ``evaluate`` go to those modules' `main` with
+    the rest of the line; ``fit``, ``validate``, ``test``, ``predict`` (and top-level options such as
+    LightningCLI's ``--config`` before the command) to `StepwiseCLI`. ``--help`` (or ``-h``) alone
+    lists the commands; a missing or unknown command exits with code 2, naming the commands.
 
     Data and setting errors end with their one-paragraph message and exit code 2 (see
     `stepwise_lit.errors.exit_on_user_error`); `--show_traceback` shows the traceback instead.
     A run stopped by SIGTERM exits with 143 once its checkpoint is saved. The package's own
     messages (``stepwise_lit`` logger: rows cut or skipped by count, the online rounds' figures)
     are shown from INFO up, on stderr."""
-    show_package_log()
     argv = sys.argv[1:] if args is None else list(args)
+    command = argv[0] if argv else None
+    tools = {"prepare": prepare.main, "score": score.main, "evaluate": evaluate.main}
+    if command in tools:
+        return tools[command](argv[1:])
+    if command in ("-h", "--help"):
+        print(command_help())
+        return
+    if command is None or not (command in TRAINER_COMMANDS or command.startswith("-")):
+        raise unknown_command(command)
+    show_package_log()
     try:
         exit_on_user_error(lambda: run_cli(args, argv), argv)
     except SIGTERMException:

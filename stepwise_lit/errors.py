@@ -67,9 +67,9 @@ class DataFormatError(UserError):
 def exit_on_user_error(run: Callable[[], T], argv: Sequence[str]) -> T:
     """Runs a command; a `UserError` ends it with one paragraph on stderr and exit code 2.
 
-    Every entry point (``train.py``, ``prepare``, ``score``) calls its work through this, so
-    bad input reads the same everywhere: ``error: <message>`` and a hint naming
-    ``--show_traceback``. With that flag in `argv` the error keeps its traceback. Parse errors
+    Every command of ``stepwise-lit`` (the LightningCLI ones, ``prepare``, ``score``, ``evaluate``)
+    calls its work through this, so bad input reads the same everywhere: ``error: <message>`` and
+    a hint naming ``--show_traceback``. With that flag in `argv` the error keeps its traceback. Parse errors
     of the command line stay with the parser (also exit code 2).
 
     Args:

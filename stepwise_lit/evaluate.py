@@ -1,4 +1,5 @@
-"""``python -m stepwise_lit.evaluate``: solve rates of a policy and error localisation of a step scorer.
+"""``stepwise-lit evaluate``: solve rates of a policy and error localisation of a step scorer
+(``python -m stepwise_lit.evaluate`` is the same command).
 
 Two evaluations, either or both in one run, into ``<output>/report.json``:
 
@@ -12,10 +13,12 @@ Two evaluations, either or both in one run, into ``<output>/report.json``:
   ``error_acc``, ``correct_acc``, ``processbench_f1`` and ``within_response_auroc`` at a threshold
   given or chosen on a validation part (:mod:`stepwise_lit.evaluation.localisation`).
 
-Settings carry train.py's names (``model.*``, ``data.*``, ``evaluation.*``), so ``--config`` takes
-a train.py YAML as it is, or the config LightningCLI saved in a run (its ``trainer``, ``report``
-and ``export`` sections, ``model.reward_model``, ``evaluation.enabled`` and ``during_fit`` are not
-used), or a YAML of this command's own settings; flags after it override it. An export's
+Settings carry train.py's names (``model.*``, ``data.*``, ``evaluation.*``, ``trainer.accelerator``
+and ``trainer.devices``), so ``--config`` takes a train.py YAML as it is, or the config LightningCLI
+saved in a run (its ``report``, ``export`` and ``online`` sections, the rest of ``trainer``,
+``model.reward_model``, ``evaluation.enabled`` and ``during_fit`` are not used), or a YAML of this
+command's own settings; flags after it override it. The command runs on one device: the first
+that ``trainer.accelerator`` and ``trainer.devices`` select, as the Trainer reads them. An export's
 ``stepwise_config.json`` gives the ``data.*`` defaults (the run's data, prompt template and
 length). The prompts are every row of ``data.path`` (a file, data folder or hub id, read with
 ``data.format``); ``data.path`` null or ``synthetic`` means the embedded task's held-out problems
@@ -39,6 +42,8 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.fabric import Fabric
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
 from stepwise_lit.data.heldout import held_out_problems
@@ -74,14 +79,14 @@ from stepwise_lit.rewards.base import StepScorer
 log = logging.getLogger("stepwise_lit")
 
 EXPORT_DATA_SKIPPED = ("tokenizer_name_or_path", "cache_dir")  # the exporting machine's, not this one's
-IGNORED_SECTIONS = ("trainer", "report", "export", "online")  # train.py config sections this command does not use
+IGNORED_SECTIONS = ("report", "export", "online")  # train.py config sections this command does not use
 
 
 def build_parser() -> ArgumentParser:
-    """The options of ``python -m stepwise_lit.evaluate``: train.py's ``model``, ``data`` and
+    """The options of ``stepwise-lit evaluate``: train.py's ``model``, ``data`` and
     ``evaluation`` settings, ``ckpt_path``, and the command's own (``scorer``, ``labelled``, ``output``)."""
     parser = ArgumentParser(
-        prog="python -m stepwise_lit.evaluate",
+        prog="stepwise-lit evaluate",
         description="Solve rate of a policy on a data file's prompts and/or ProcessBench error localisation of a "
         "step scorer on labelled responses; writes <output>/report.json.",
     )
@@ -95,7 +100,10 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(StepScorer, "scorer", required=False, help="step scorer for labelled.path")
     parser.add_class_arguments(LabelledSettings, "labelled")
     parser.add_argument("--output", type=str, required=True, help="folder for report.json (created; never overwritten)")
-    parser.add_argument("--device", type=str | None, default=None, help="torch device; null: cuda when available, else cpu")
+    parser.add_argument("--trainer", type=dict | None, default=None,
+                        help="train.py's trainer section; only --trainer.accelerator (default auto) and "
+                        "--trainer.devices (default auto) are used, as the Trainer reads them: evaluate runs on "
+                        "the first device they select")
     parser.add_argument("--num_threads", type=int | None, default=None, help="torch.set_num_threads; null: torch's default")
     parser.add_argument("--seed_everything", type=int | bool | None, default=None,
                         help="ignored (train.py's); see evaluation.generation.seed")
@@ -238,15 +246,16 @@ def load_policy(model: Namespace, ckpt_path: str | None) -> tuple[torch.nn.Modul
 
 
 def generation_report(
-    settings: Namespace, rows: Sequence[dict], data_source: str, evaluation: SolveRateEvaluation
+    settings: Namespace, rows: Sequence[dict], data_source: str, evaluation: SolveRateEvaluation, device: torch.device
 ) -> dict:
     """Generates for the distinct prompts of `rows` and grades them (the report's top level).
 
     Args:
-        settings: The instantiated options (``model``, ``ckpt_path``, ``data``, ``device``).
+        settings: The instantiated options (``model``, ``ckpt_path``, ``data``).
         rows: Canonical rows (:func:`problem_rows`).
         data_source: Where they come from, for the report.
         evaluation: Answer source, prompt cap, generation settings and verifier.
+        device: Where the policy generates (:func:`evaluation_device`).
     """
     problems, without_reference = held_out_problems(
         [row["prompt"] for row in rows], [row["reference_solution"] for row in rows], [row["chosen_steps"] for row in rows],
@@ -257,7 +266,6 @@ def generation_report(
     data = settings.data
     template = data.step_wise_prompt_template if data.use_step_wise_prompt else None
     policy, tokenizer = load_policy(settings.model, settings.ckpt_path)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     generator = TransformersGenerator(policy.to(device), tokenizer, template, data.max_prompt_length)
     generation = evaluation.generation
     metrics = GenerationMetrics(evaluation.source, generation.num_samples)
@@ -276,22 +284,38 @@ def generation_report(
     }
 
 
+def evaluation_device(trainer: dict | None) -> torch.device:
+    """The device `trainer` (``accelerator`` and ``devices``, each ``auto`` when missing) selects, as
+    `lightning.fabric.Fabric` (and the Trainer) read them; of several, the first.
+
+    Raises:
+        SettingError: Naming ``trainer.accelerator`` for a selection this machine cannot give.
+    """
+    trainer = trainer or {}
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", "auto")
+    try:
+        return Fabric(accelerator=accelerator, devices=devices).device
+    except (MisconfigurationException, RuntimeError, ValueError, TypeError, ImportError) as error:
+        raise SettingError(f"trainer.accelerator: {accelerator!r} with trainer.devices {devices!r}: {error}") from error
+
+
 def run(parser: ArgumentParser, config: Namespace) -> dict:
     """Runs the evaluations the options ask for and writes ``<output>/report.json``; returns the report.
 
     Settings and data are checked and read before any model (scorer, verifier, policy) is loaded.
     """
+    generates, localises = names_policy(config), config.labelled.path is not None
+    device = evaluation_device(config.trainer) if generates else None
     check_options(config)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    generates, localises = names_policy(config), config.labelled.path is not None
     rows, data_source = problem_rows(config.data) if generates else ([], None)
     responses = read_responses(config.labelled) if localises else []
     config.model.reward_model = None  # train.py's online scorer: not used here, never loaded
     settings = parser.instantiate(config)
     report: dict = {}
     if generates:
-        report.update(generation_report(settings, rows, data_source, settings.evaluation))
+        report.update(generation_report(settings, rows, data_source, settings.evaluation, device))
     if localises:
         report["processbench"] = localise(settings.scorer, responses, settings.labelled)
     output = Path(config.output)
@@ -321,7 +345,7 @@ def summary(report: dict, path: Path) -> str:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Runs ``python -m stepwise_lit.evaluate`` (`args`: without the program name; None reads
+    """Runs ``stepwise-lit evaluate`` (`args`: without the program name; None reads
     ``sys.argv``). Bad options or data end with a one-paragraph message and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if args is None else list(args)

@@ -18,20 +18,18 @@ from stepwise_lit.evaluation.preference import PreferenceMetrics
 from stepwise_lit.faults import CheckpointOnSignal, gather_rng_states, set_rng_state
 from stepwise_lit.logprobs.forward import chosen_side, chosen_token_counts, step_logps, step_token_counts
 from stepwise_lit.logprobs.lean import LeanLogps, use_lean_logps
-from stepwise_lit.logprobs.precomputed import PrecomputedReference, reference_data
-from stepwise_lit.logprobs.reference import AdapterReference, FrozenCopyReference, NoReference, Reference
+from stepwise_lit.logprobs.modes import ReferenceMode, build_reference
+from stepwise_lit.logprobs.reference import NoReference, Reference
+from stepwise_lit.models.building import build_base_model, build_policy
 from stepwise_lit.models.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
 from stepwise_lit.models.loading import (
-    DTYPES,
     TINY_MODEL_RNG_KEY,
     DtypeName,
     LoraSettings,
     TinyModelConfig,
-    apply_lora,
     check_lora_settings,
     frozen_copy,
     frozen_state_keys,
-    load_causal_lm,
 )
 from stepwise_lit.objective.losses import OutcomeLossType, StepLossType, resolve_aggregation
 from stepwise_lit.objective.stepwise import (
@@ -48,7 +46,6 @@ log = logging.getLogger("stepwise_lit")
 POLICY_PREFIX = "policy."
 """The policy's keys in the module's state dict (and a checkpoint's ``state_dict``)."""
 
-ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
 StepAccuracyMetric = Literal["accuracy", "auroc"]
 NonfiniteLoss = Literal["error", "skip"]
 AttentionName = Literal["sdpa", "eager", "flex_attention"]
@@ -220,31 +217,29 @@ class StepwiseDPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ models
     def build_base_model(self, name_or_path: str | None, setting: str = "model.model_name_or_path") -> torch.nn.Module:
-        """A causal LM from `name_or_path` (None: the embedded tiny model) with this module's
-        tokenizer, `tiny_model`, `trust_remote_code` and `dtype`; `setting` names it in errors."""
+        """`stepwise_lit.models.building.build_base_model` with this module's tokenizer, `tiny_model`,
+        `trust_remote_code`, `dtype` and `attention`; `setting` names `name_or_path` in errors."""
         hp = self.hparams
-        dtype = DTYPES[hp.dtype] if hp.dtype else None
-        model = load_causal_lm(name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, dtype, setting)
-        if hp.attention is not None:
-            model.set_attn_implementation(hp.attention)
-        return model
+        return build_base_model(name_or_path, self.tokenizer, self.tiny_model, hp.trust_remote_code, hp.dtype,
+                                hp.attention, setting)
 
     def configure_model(self) -> None:
+        """Builds the policy and the reference of the settings (once; sharded strategies call it
+        inside their wrapping context)."""
         if self.policy is not None:
             return
         hp = self.hparams
         self.base_rng_state = torch.get_rng_state() if hp.model_name_or_path is None else None
         base = self.build_base_model(hp.model_name_or_path)
-        frozen = self.build_frozen_reference(base) if hp.reference == "copy" else None  # before LoRA changes `base`
-        policy = apply_lora(base, self.lora) if self.lora is not None else base
-        if hp.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.lora is not None:
-                policy.enable_input_require_grads()
-        self.policy = policy
+        source = hp.ref_model_name_or_path
+        load_reference = None if source is None else lambda: self.build_base_model(source, "model.ref_model_name_or_path")
+        # `reference: copy` freezes its model before LoRA changes `base`: the policy before any training step.
+        frozen = frozen_copy(base if load_reference is None else load_reference()) if hp.reference == "copy" else None
+        self.policy = build_policy(base, self.lora, hp.gradient_checkpointing)
         fsdp1 = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         self.lean = use_lean_logps(hp.lean_logps, base, sharded=self.device_mesh is not None or fsdp1)
-        self.reference = self.build_reference(frozen)
+        self.reference = build_reference(hp.reference, self.policy, frozen, self.lean, self.tokenizer,
+                                         load_model=load_reference, source=source, dtype=hp.dtype)
         if self.device_mesh is not None:
             self._fully_shard_models()
         if hp.compile:
@@ -254,27 +249,11 @@ class StepwiseDPOModule(L.LightningModule):
                 for layer in decoder_layers(model):
                     layer.compile(dynamic=True)
 
-    def build_frozen_reference(self, base: torch.nn.Module) -> torch.nn.Module:
-        """The frozen model of `reference: copy`: from `ref_model_name_or_path`, or a copy of
-        `base` (the policy's model before LoRA and before any training step)."""
-        source = self.hparams.ref_model_name_or_path
-        return frozen_copy(base if source is None else self.build_base_model(source, "model.ref_model_name_or_path"))
-
-    def build_reference(self, frozen: torch.nn.Module | None) -> Reference:
-        """The reference of the `reference` setting (`frozen`: the model of `reference: copy`)."""
-        hp = self.hparams
-        if hp.reference == "copy":
-            return FrozenCopyReference(frozen, self.lean)
-        if hp.reference == "adapter":
-            return AdapterReference(self.policy, self.lean)
-        if hp.reference == "precomputed":
-            source = hp.ref_model_name_or_path
-            load = None if source is None else lambda: self.build_base_model(source, "model.ref_model_name_or_path")
-            return PrecomputedReference(
-                self.policy, self.tokenizer, lambda trainer: reference_data(trainer.datamodule),
-                load_model=load, source=source, dtype=hp.dtype, lean=self.lean,
-            )
-        return NoReference()
+    def refreeze_reference(self) -> None:
+        """Makes the reference (`reference: copy`) a frozen copy of the policy as it is now, LoRA
+        adapters merged: at the end of the SFT warm-up (`on_train_batch_start`) and at an online
+        round's refresh (`stepwise_lit.online.training.OnlineRounds`). It goes into checkpoints."""
+        self.reference.refreeze_from(self.policy)
 
     def _fully_shard_models(self) -> None:
         """FSDP2 (`ModelParallelStrategy`): shards the decoder layers of the policy and of the
@@ -353,18 +332,26 @@ class StepwiseDPOModule(L.LightningModule):
         # (bench model: lower peak RSS and faster steps than the other order, see BENCHMARKS.md).
         reference_step_logps = self.reference.step_logps(batch, num_steps(batch))  # [2B, S]
         policy_step_logps = step_logps(self.policy, batch, num_steps(batch), self.lean)  # [2B, S]
+        per_token = self.objective_settings.step_reward_per_token
         return stepwise_objective(
-            policy_step_logps, reference_step_logps, step_scores, batch["step_mask"], batch["outcome_scores"],
-            batch["has_outcome_scores"], batch["first_divergence"], chosen_token_counts(batch),
-            self.objective_settings, batch.get("pair_weights"),
-            step_token_counts(batch, num_steps(batch)) if self.objective_settings.step_reward_per_token else None,
+            policy_step_logps=policy_step_logps,
+            reference_step_logps=reference_step_logps,
+            step_scores=step_scores,
+            step_mask=batch["step_mask"],
+            outcome_scores=batch["outcome_scores"],
+            has_outcome_scores=batch["has_outcome_scores"],
+            first_divergence=batch["first_divergence"],
+            chosen_tokens=chosen_token_counts(batch),
+            settings=self.objective_settings,
+            pair_weights=batch.get("pair_weights"),
+            step_token_counts=step_token_counts(batch, num_steps(batch)) if per_token else None,
         )
 
     def on_train_batch_start(self, batch: PairBatch, batch_idx: int) -> None:
         """At the end of the SFT warm-up, re-freezes the reference from the policy (once)."""
         warmup = self.hparams.sft_warmup_steps
         if warmup and self.global_step == warmup and not self.reference.from_warmup:
-            self.reference.refreeze_from(self.policy)
+            self.refreeze_reference()
             log.info("SFT warm-up done after %d steps: the reference is now a frozen copy of the policy", warmup)
         self.reference.begin_batch(self.trainer, "train")
 

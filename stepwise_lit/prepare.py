@@ -1,9 +1,11 @@
 """Raw sources -> canonical preference pairs on disk, read with the same settings as training.
 
-    python -m stepwise_lit.prepare --data.format gsm8k \\
+    stepwise-lit prepare --data.format gsm8k \\
         --data.path ../shared/data/gsm8k/example_model_solutions.jsonl --output gsm8k_pairs.jsonl
-    python -m stepwise_lit.prepare --data.path synthetic --num_pairs 1000 --data.seed 0 --output synthetic.parquet
-    python -m stepwise_lit.prepare --config configs/tiny.yaml --output pairs.jsonl
+    stepwise-lit prepare --data.path synthetic --num_pairs 1000 --data.seed 0 --output synthetic.parquet
+    stepwise-lit prepare --config configs/tiny.yaml --output pairs.jsonl
+
+(``python -m stepwise_lit.prepare ...`` is the same command.)
 
 The data settings are the data module's, under the names ``train.py`` takes
 (``--data.path``, ``--data.format``, ``--data.step_delimiter``, ``--data.seed``, ...), and
@@ -104,7 +106,7 @@ def prepare(
 def build_parser() -> ArgumentParser:
     """The command-line options of `prepare`: its own, and the data module's under ``--data.*``."""
     parser = ArgumentParser(
-        prog="stepwise-lit-prepare",
+        prog="stepwise-lit prepare",
         description="Convert a raw source to canonical stepwise preference pairs, with train.py's data settings.",
     )
     parser.add_argument(

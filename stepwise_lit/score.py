@@ -1,12 +1,13 @@
 """Fill the step scores of canonical pairs with a step scorer, as a resumable Lightning predict job.
 
-    python -m stepwise_lit.score --config configs/score_tiny.yaml --input pairs.jsonl --output scored.jsonl
+    stepwise-lit score --config configs/score_tiny.yaml --input pairs.jsonl --output scored.jsonl
 
-The config names the scorer (``scorer: {class_path, init_args}``), the Trainer
-settings (``trainer: {accelerator, devices, strategy, precision, ...}``; with DDP
-each process scores its share of the rows), ``batch_size`` (pairs per step) and
-``only_missing`` (score only responses whose step scores are null; otherwise
-every response is scored and existing scores are replaced).
+(``python -m stepwise_lit.score ...`` is the same command.) The config names the scorer
+(``scorer: {class_path, init_args}``), the Trainer settings (``trainer: {accelerator, devices,
+strategy, precision, ...}``; with DDP each process scores its share of the rows), ``batch_size``
+(pairs per step), ``only_missing`` (score only responses whose step scores are null; otherwise
+every response is scored and existing scores are replaced) and ``seed_everything`` (as train.py
+spells it; seeds the sampled rationales of a GenRM verifier).
 
 Progress and resume. Every process appends the rows it has scored to its own file
 ``<output>.parts/rank-<r>.jsonl`` after each batch (flushed and fsynced), so a kill
@@ -343,7 +344,7 @@ def run(
 
 def build_parser() -> ArgumentParser:
     """The command-line and config options of `score`."""
-    parser = ArgumentParser(prog="stepwise-lit-score", description="Fill the step scores of canonical pairs.")
+    parser = ArgumentParser(prog="stepwise-lit score", description="Fill the step scores of canonical pairs.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (see configs/score_*.yaml)")
     parser.add_argument("--input", type=str, required=True, help="canonical pairs")
     parser.add_argument("--output", type=str, required=True, help="scored pairs, .jsonl or .parquet")
@@ -352,7 +353,8 @@ def build_parser() -> ArgumentParser:
     parser.set_defaults({"trainer.logger": False, "trainer.enable_model_summary": False})
     parser.add_argument("--batch_size", type=PositiveInt, default=8, help="pairs per predict step")
     parser.add_argument("--only_missing", type=bool, default=False, help="score only responses without scores")
-    parser.add_argument("--seed", type=int, default=0, help="seed (sampled GenRM rationales)")
+    parser.add_argument("--seed_everything", type=int, default=0,
+                        help="seed of every random number generator, as train.py's (sampled GenRM rationales)")
     parser.add_argument(TRACEBACK_FLAG, action="store_true", help=TRACEBACK_HELP)
     return parser
 
@@ -387,7 +389,7 @@ def main(args: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     config = parser.parse_args(args)
-    pl.seed_everything(config.seed, verbose=False)
+    pl.seed_everything(config.seed_everything, verbose=False)
 
     def score() -> None:
         store = ScoreStore(config.output)

@@ -203,7 +203,7 @@ class OnlineRounds(L.Callback):
                             "of the training epoch (not at a validation end)")
         every = self.reference_refresh_rounds
         if every and round_index > 0 and round_index % every == 0 and round_index not in self.refreshed_rounds:
-            pl_module.reference.refreeze_from(pl_module.policy)
+            pl_module.refreeze_reference()
             self.refreshed_rounds.append(round_index)
             log.info("online round %d: the reference is now a frozen copy of the policy", round_index)
         self.round_seconds["training"] = 0.0
