@@ -127,7 +127,7 @@ class StepwiseDPOModule(L.LightningModule):
         lean_logps: Log-probs from the final hidden states, the LM head applied to completion
             positions a chunk at a time (`stepwise_lit.logprobs.lean`): no `[2B, L, V]` logits tensor
             exists, which matters for large vocabularies (at 128k, under a third of the plain
-            way's peak; see BENCHMARKS.md). Only for the architectures of
+            way's peak; see docs/performance.md). Only for the architectures of
             `stepwise_lit.logprobs.lean.LEAN_ARCHITECTURES` (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
             GPT-2...), not under FSDP, and checked against each model's own logits on its first
             batch. "auto" (the default): on for LM heads of at least 32,000 rows where it
@@ -329,7 +329,7 @@ class StepwiseDPOModule(L.LightningModule):
     def objective(self, batch: PairBatch, step_scores: torch.Tensor) -> Objective:
         """The losses and rewards of a batch, with `step_scores` ``[2B, S]`` as the verifier's."""
         # The reference first: its buffers come and go before the policy's activations pile up
-        # (bench model: lower peak RSS and faster steps than the other order, see BENCHMARKS.md).
+        # (bench model: lower peak RSS and faster steps than the other order, see docs/performance.md).
         reference_step_logps = self.reference.step_logps(batch, num_steps(batch))  # [2B, S]
         policy_step_logps = step_logps(self.policy, batch, num_steps(batch), self.lean)  # [2B, S]
         per_token = self.objective_settings.step_reward_per_token
@@ -475,7 +475,7 @@ class StepwiseDPOModule(L.LightningModule):
         """Adds each rank's RNG, the skipped-step count and the reference's entries. With LoRA the
         frozen base weights are left out of the state dict (unless FSDP shards the policy): like the
         reference, they are rebuilt from their source on load (`with_base_weights`); for the embedded
-        model the checkpoint keeps the RNG state it was built from (docs/contract.md, Checkpoint)."""
+        model the checkpoint keeps the RNG state it was built from (docs/distributed.md, "What a checkpoint holds")."""
         checkpoint["rng_states"] = gather_rng_states()
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint.update(self.reference.state_dict())
