@@ -8,13 +8,11 @@ import json
 import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from stepwise_lit.cli import main
 from stepwise_lit.data.collate import StepwiseCollator
-from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
 from stepwise_lit.data.tokenizer import load_tokenizer
 from stepwise_lit.errors import SettingError
@@ -29,26 +27,16 @@ from stepwise_lit.logprobs.forward import step_token_counts
 from stepwise_lit.models.generate import TransformersGenerator
 from stepwise_lit.objective.stepwise import per_token_step_rewards
 from tests.helpers.entry import run_entry, write_config
+from tests.helpers.scripted_generation import (
+    FIVE_VAL_ROWS,
+    REFERENCES,
+    VAL_ROWS,
+    scripted_completion,
+    scripted_generate,
+)
 from tests.helpers.stub_scorers import BracketScorer
 
-# tests/entry.py's BASE: synthetic pairs, seed 0, 8 training then 4 validation pairs, numbers up to 10
-# (a fifth validation pair, for the distributed test, is the next one the generator draws)
-FIVE_VAL_ROWS = generate_pairs(13, seed=0, max_value=10)[8:]
-VAL_ROWS = FIVE_VAL_ROWS[:4]
 EVALUATION = {"enabled": True, "max_prompts": None, "generation": {"max_new_tokens": 8}}
-
-
-REFERENCES = {row["prompt"]: int(reference_answer(row["reference_solution"], [], "embedded")) for row in FIVE_VAL_ROWS}
-
-
-def scripted_completion(prompt: str) -> str:
-    """The scripted generator's completion: the right answer where it is odd, one more where it is even."""
-    answer = REFERENCES[prompt] + (REFERENCES[prompt] % 2 == 0)
-    return f"Step 1: 1 + 1 = 2\nThe answer is {answer}.\n"
-
-
-def scripted_generate(self, prompts, settings):
-    return [[scripted_completion(prompt)] * settings.num_samples for prompt in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -225,24 +213,6 @@ def test_bad_evaluation_settings_exit_2_naming_the_setting(tmp_path, cache_dir, 
     assert outcome.code == 2 and message in outcome.err
 
 
-class ScriptedGeneration(L.Callback):
-    """For runs in other processes: makes every rank's generator scripted (`scripted_generate`)
-    and record the prompts it generates for in ``<out_dir>/rank<r>.json``."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = Path(out_dir)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        record = self.out_dir / f"rank{trainer.global_rank}.json"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-
-        def generate(generator, prompts, settings):
-            record.write_text(json.dumps(json.loads(record.read_text()) + list(prompts) if record.exists() else list(prompts)))
-            return scripted_generate(generator, prompts, settings)
-
-        TransformersGenerator.generate = generate
-
-
 @pytest.mark.slow
 def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
     """5 validation prompts on 2 DDP ranks: rank 0 generates prompts 0, 2, 4 and rank 1 prompts
@@ -255,7 +225,7 @@ def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
     reports = {}
     for devices in (1, 2):
         folder = tmp_path / f"devices{devices}"
-        probe = {"class_path": "test_evaluation.ScriptedGeneration", "init_args": {"out_dir": str(folder / "prompts")}}
+        probe = {"class_path": "tests.helpers.scripted_generation.ScriptedGeneration", "init_args": {"out_dir": str(folder / "prompts")}}
         changes = {
             "trainer": {"devices": devices, "strategy": "ddp" if devices > 1 else "auto", "callbacks": [probe]},
             "data": {"synthetic_val_size": 5},

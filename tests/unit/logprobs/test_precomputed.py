@@ -18,35 +18,13 @@ from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.logprobs.reference import PrecomputedReference
 from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
+from tests.helpers.loss_probe import LossProbe
 from tests.helpers.paths import REPO
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
 STEPS = 3
 TRAIN_PAIRS, VAL_PAIRS, BATCH = 12, 4, 4  # even shares: DDP pads no row
 LR = 1e-3
-
-
-class LossProbe(L.Callback):
-    """Training losses per step and the validation loss, in this process or written to
-    `<out_dir>/rank<r>.json` at the end of fit (for runs in other processes)."""
-
-    def __init__(self, out_dir: str | None = None) -> None:
-        self.out_dir = out_dir
-        self.losses: list[float] = []
-        self.val_loss: float | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self.val_loss = float(trainer.callback_metrics["val/loss"])
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.out_dir is not None:
-            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-            record = {"losses": self.losses, "val_loss": self.val_loss,
-                      "reference_model": bool(pl_module.reference.models())}
-            (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def data_and_module(reference: str, cache: Path) -> tuple[StepwiseDataModule, StepwiseDPOModule]:
@@ -154,7 +132,7 @@ def test_ddp_and_fsdp2_precomputed_match_one_process(tmp_path, cache, live, stra
             "max_steps": STEPS, "val_check_interval": STEPS, "num_sanity_val_steps": 0, "logger": False,
             "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
             "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": "test_reference.LossProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}],
+            "callbacks": [{"class_path": "tests.helpers.loss_probe.LossProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}],
         },
         "export": {"enabled": False},
         "model": {"tiny_model": TINY, "reference": "precomputed",
