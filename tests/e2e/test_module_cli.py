@@ -7,6 +7,7 @@ import json
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from stepwise_lit.cli import main
 
@@ -26,6 +27,7 @@ def config(tmp_path, reference: str, lora: dict | None, **model_settings) -> lis
                     "enable_checkpointing": False, "enable_model_summary": False,
                     "default_root_dir": str(tmp_path / "run")},
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
     return ["fit", "--config", str(tmp_path / "config.yaml")]
 
@@ -57,7 +59,13 @@ def test_a_typo_in_a_choice_is_refused_by_the_parser(tmp_path, capsys):
 
 
 def test_per_token_step_rewards_train_from_yaml(tmp_path):
-    """`model.step_reward_per_token: true` (with a β_s to match) in YAML trains two steps and is saved with the export."""
-    main(config(tmp_path, "copy", None, step_reward_per_token=True, step_beta=2.0))
-    saved = json.loads((tmp_path / "run" / "export" / "stepwise_config.json").read_text())
+    """`model.step_reward_per_token: true` (with a β_s to match) in YAML trains two steps and is saved
+    with the export; the step loss sees h_t / n_t, so the weights after the second step differ from
+    a run with the same β_s and the setting off (the first step starts at h = 0 either way)."""
+    main(config(tmp_path / "per_token", "copy", None, step_reward_per_token=True, step_beta=2.0))
+    saved = json.loads((tmp_path / "per_token" / "run" / "export" / "stepwise_config.json").read_text())
     assert saved["step_reward_per_token"] is True and saved["step_beta"] == 2.0
+    main(config(tmp_path / "per_step", "copy", None, step_beta=2.0))
+    per_token, per_step = (load_file(tmp_path / name / "run" / "export" / "model.safetensors") for name in ("per_token", "per_step"))
+    assert per_token.keys() == per_step.keys()
+    assert max((per_token[k] - per_step[k]).abs().max().item() for k in per_token) > 1e-6

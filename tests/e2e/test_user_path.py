@@ -1,7 +1,11 @@
 """The user's path: every model and data option the README documents, set in a YAML file and run
 through the entry point users call (`train.py`'s `stepwise_lit.cli.main`, `prepare`, `score`),
 two optimizer steps of the tiny model each. Every run must end with exit code 0, a finite loss
-on both steps in its metrics.csv (`train/sft_loss` for a warm-up step), a finite validation loss and `checkpoints/last.ckpt`.
+on both steps in its metrics.csv (`train/sft_loss` for a warm-up step), a finite validation loss and
+`checkpoints/last.ckpt`; and each shows its option's effect against the default run on the same
+data and seed (`default`): a loss type or aggregation moves the logged loss or rewards; packing
+off, lean log-probs, gradient checkpointing and the precomputed reference keep them; a data
+file in each format gives the pairs it holds.
 
 Not covered here: `model.compile` (its first step compiles for ~30 s; tests/test_module.py
 covers it), hub ids (no network), `data.num_proc` (its worker processes alone cost seconds).
@@ -11,6 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,16 +25,16 @@ import torch
 
 from stepwise_lit import prepare, score
 from stepwise_lit.cli import main
+from stepwise_lit.data.formats import read_records, to_canonical
 from stepwise_lit.data.tokenizer import load_tokenizer
 from stepwise_lit.models.loading import TinyModelConfig, build_tiny_model
 from tests.helpers.entry import run_entry, write_config, write_pairs
 from tests.helpers.paths import REPO, SHARED_DATA
-from tests.helpers.user_path import fit
+from tests.helpers.user_path import assert_changes, assert_keeps, fit, logged
 
-SHARED = SHARED_DATA
-GSM8K_TRAIN = SHARED / "gsm8k" / "train.jsonl"
-GSM8K_SOLUTIONS = SHARED / "gsm8k" / "example_model_solutions.jsonl"
-PRM800K = SHARED / "prm800k" / "prm800k_found_records.jsonl"
+GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+GSM8K_SOLUTIONS = SHARED_DATA / "gsm8k" / "example_model_solutions.jsonl"
+PRM800K = SHARED_DATA / "prm800k" / "prm800k_found_records.jsonl"
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 EVERY_STEP = {  # a checkpoint after each step, to compare the weights of step 1 and step 2
     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -81,6 +88,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {path.stem if path.suffix == ".jsonl" else path.name: path for path in folder.iterdir()}
 
 
+@pytest.fixture(scope="module")
+def default(tmp_path_factory, cache_dir) -> dict[str, list[float]]:
+    """What the default run (BASE alone) logged: the run each option is compared with."""
+    folder = tmp_path_factory.mktemp("default")
+    main(["fit", "--config", str(write_config(folder, {}, cache_dir))])
+    return logged(folder / "run")
+
+
+def saved_pairs(caplog) -> dict[str, int]:
+    """The pairs of each split the data module tokenized and cached (its log line), by split."""
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenized data saved at")]
+    return {name: int(count) for name, count in re.findall(r"(\w+): (\d+) pairs", message)}
+
+
 def state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -105,9 +126,19 @@ LOSS_CASES = {
 }
 
 
-@pytest.mark.parametrize("model", list(LOSS_CASES.values()), ids=list(LOSS_CASES))
-def test_each_loss_and_aggregation_from_yaml(tmp_path, cache_dir, capsys, model):
-    fit(tmp_path, {"model": model}, cache_dir, capsys)
+# The outcome loss at the first step, where the policy is the reference (z = 0): −log σ(0) = log 2;
+# IPO's (0 − 1/(2 β_o))² = 25 at β_o = 0.1.
+FIRST_OUTCOME_LOSS = {"sigmoid+sum": math.log(2), "ipo+max": 25.0}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_each_loss_and_aggregation_from_yaml(tmp_path, cache_dir, capsys, default, case):
+    """Each loss type and aggregation moves the logged loss or rewards off the default's
+    (soft_label, reward_weighted, mean) on the same batches."""
+    run = logged(fit(tmp_path, {"model": LOSS_CASES[case]}, cache_dir, capsys))
+    assert_changes(run, default)
+    if case in FIRST_OUTCOME_LOSS:
+        assert run["train/outcome_loss"][0] == pytest.approx(FIRST_OUTCOME_LOSS[case], rel=1e-6)
 
 
 MODEL_CASES = {
@@ -139,9 +170,33 @@ MODEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("changes", list(MODEL_CASES.values()), ids=list(MODEL_CASES))
-def test_model_and_data_options_from_yaml(tmp_path, cache_dir, capsys, changes):
-    fit(tmp_path, changes, cache_dir, capsys)
+# How each option shows against the default run: "same" within the tolerance (a float reordering:
+# packed rows, the lean log-probs, recomputed layers, a cached reference pass), "changes" (moves the
+# logged loss or rewards), or what the test below checks by name.
+TOLERANCE = 1e-4
+EFFECTS = {
+    "packing_off": "same", "gradient_checkpointing": "same", "lean_logps": "same",
+    "reference_precomputed": "same", "reference_none": "changes", "betas_and_weights": "changes",
+    "group_by_length": "changes", "nonfinite_skip_and_scheduler": "changes", "synthetic_options": "changes",
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_model_and_data_options_from_yaml(tmp_path, cache_dir, capsys, default, case):
+    run = logged(fit(tmp_path, MODEL_CASES[case], cache_dir, capsys))
+    effect = EFFECTS.get(case)
+    if effect == "same":
+        assert_keeps(run, default, TOLERANCE)
+    elif effect == "changes":
+        assert_changes(run, default)
+    if case == "defaults":  # the policy starts as the reference: every pair's losses are log 2
+        assert run["train/step_loss"][0] == run["train/outcome_loss"][0] == pytest.approx(math.log(2), rel=1e-6)
+    if case == "sft_warmup":  # step 1 is the SFT warm-up alone, step 2 the stepwise objective
+        assert len(run["train/sft_loss"]) == 2 and len(run["train/loss"]) == 1
+    if case == "nonfinite_skip_and_scheduler":  # LinearLR halves step 1's rate: the same first loss, then another
+        assert run["train/loss"][0] == default["train/loss"][0]
+    if case == "step_metrics_off_and_auroc":  # no step metrics
+        assert "val/step_accuracy" in default and "val/step_accuracy" not in run and "val/step_auroc" not in run
 
 
 @pytest.mark.parametrize("reference", ["copy", "adapter"])
@@ -158,9 +213,13 @@ def test_lora_from_yaml_trains_only_the_adapter(tmp_path, cache_dir, capsys, ref
 
 
 def test_lora_with_copy_reference_and_sft_warmup(tmp_path, cache_dir, capsys):
-    """The warm-up re-freezes the reference from a PEFT policy (issue 11 item 4)."""
+    """The warm-up re-freezes the reference from a PEFT policy (issue 11 item 4): after the SFT
+    step the reference is the warmed-up policy, so the first stepwise DPO step (step 2) starts at
+    z = 0 again, every pair's losses log 2 as at the default run's first step."""
     changes = {"model": {"lora": LORA, "reference": "copy", "sft_warmup_steps": 1, "sft_weight": 1.0}}
-    fit(tmp_path, changes, cache_dir, capsys)
+    run = logged(fit(tmp_path, changes, cache_dir, capsys))
+    assert len(run["train/step_loss"]) == 1
+    assert run["train/step_loss"][0] == run["train/outcome_loss"][0] == pytest.approx(math.log(2), rel=1e-6)
 
 
 DATA_CASES = {
@@ -177,10 +236,24 @@ DATA_CASES = {
 }
 
 
-@pytest.mark.parametrize("data", list(DATA_CASES.values()), ids=list(DATA_CASES))
-def test_data_files_in_each_format_from_yaml(tmp_path, cache_dir, files, capsys, data):
+# The pairs each file gives (train, val): the files' rows (12 + 4, 8, 12 made from the same 12 pairs),
+# a quarter of the prompts held out by `val_fraction`; `max_num_steps: 3` keeps every pair (none has more).
+DATA_PAIRS = {
+    "stepwise_jsonl_with_val_path": (12, 4), "stepwise_parquet_val_fraction": (6, 2), "delimited_jsonl": (9, 3),
+    "delimited_csv_custom_delimiter_and_limits": (9, 3), "outcome_scores": (6, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data_files_in_each_format_from_yaml(tmp_path, cache_dir, files, capsys, caplog, default, case):
+    """Each file is read in its format: the run trains and validates on the pairs the file holds
+    (the data module's count), not the default's synthetic pairs (its losses differ)."""
+    data = DATA_CASES[case]
     data = {**data, **{key: str(files[data[key]]) for key in ("path", "val_path") if key in data}}
-    fit(tmp_path, {"data": data, "model": {"outcome_score_weight": 0.3}}, cache_dir, capsys)
+    caplog.set_level(logging.INFO, logger="stepwise_lit")
+    run = logged(fit(tmp_path, {"data": data, "model": {"outcome_score_weight": 0.3}}, cache_dir, capsys))
+    assert tuple(saved_pairs(caplog).values()) == DATA_PAIRS[case]
+    assert_changes(run, default)
 
 
 def test_preference_rows_scored_online_by_a_rule(tmp_path, cache_dir, files, capsys):
@@ -188,25 +261,42 @@ def test_preference_rows_scored_online_by_a_rule(tmp_path, cache_dir, files, cap
     training with `data.require_scores: false`."""
     data = {"path": str(files["preference"]), "format": "preference", "val_fraction": 0.25,
             "require_scores": False, "step_delimiter": "\nStep"}
-    fit(tmp_path, {"data": data, "model": {"reward_model": RULE_SCORER}}, cache_dir, capsys)
+    run = logged(fit(tmp_path, {"data": data, "model": {"reward_model": RULE_SCORER}}, cache_dir, capsys))
+    assert_scored_online(run)
+
+
+def assert_scored_online(run: dict[str, list[float]]) -> None:
+    """The training pairs got step scores from `model.reward_model`: the step metrics, computed over
+    scored steps only, are logged for training (the rows carry none of their own)."""
+    assert {"train/step_accuracy", "train/first_error_accuracy", "train/verifier_agreement"} <= run.keys()
 
 
 def test_unscored_stepwise_rows_scored_online(tmp_path, cache_dir, files, capsys):
     data = {"path": str(files["unscored"]), "format": "stepwise", "val_fraction": 0.25, "require_scores": False}
-    fit(tmp_path, {"data": data, "model": {"reward_model": RULE_SCORER}}, cache_dir, capsys)
+    run = logged(fit(tmp_path, {"data": data, "model": {"reward_model": RULE_SCORER}}, cache_dir, capsys))
+    assert_scored_online(run)
 
 
 @pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="shared GSM8K data not present")
-def test_gsm8k_train_file(tmp_path, cache_dir, files, capsys):
+def test_gsm8k_train_file(tmp_path, cache_dir, files, capsys, caplog):
     data = {"path": str(files["gsm8k_train"]), "format": "gsm8k", "val_fraction": 0.2, "max_length": 512,
             "max_prompt_length": 128}
+    caplog.set_level(logging.INFO, logger="stepwise_lit")
     fit(tmp_path, {"data": data}, cache_dir, capsys)
+    pairs = saved_pairs(caplog)  # what the format's reader makes of the file, a fifth of the problems held out
+    made = to_canonical(read_records(files["gsm8k_train"]), "gsm8k", "gsm8k_train")
+    # (pairs longer than max_length are dropped at tokenization, so some of the reader's may be missing)
+    assert len(made) // 2 <= sum(pairs.values()) <= len(made) and pairs["val"] >= 0.15 * sum(pairs.values())
 
 
 @pytest.mark.skipif(not PRM800K.exists(), reason="shared PRM800K data not present")
-def test_prm800k_file(tmp_path, cache_dir, capsys):
+def test_prm800k_file(tmp_path, cache_dir, capsys, caplog):
     data = {"path": str(PRM800K), "format": "prm800k", "val_fraction": 0.25, "max_length": 768, "max_prompt_length": 128}
+    caplog.set_level(logging.INFO, logger="stepwise_lit")
     fit(tmp_path, {"data": data}, cache_dir, capsys)
+    made = to_canonical(read_records(PRM800K), "prm800k", "prm800k")  # the pairs the format's reader makes
+    pairs = saved_pairs(caplog)  # some too long for max_length are dropped at tokenization
+    assert 0 < sum(pairs.values()) <= len(made) and pairs["val"] > 0
 
 
 def test_training_from_an_exported_folder(tmp_path, cache_dir, capsys):
@@ -215,7 +305,12 @@ def test_training_from_an_exported_folder(tmp_path, cache_dir, capsys):
     first = fit(tmp_path / "first", {}, cache_dir, capsys)
     export = str(first / "export")
     changes = {"model": {"model_name_or_path": export, "ref_model_name_or_path": export, "tokenizer_name_or_path": export}}
-    fit(tmp_path / "second", changes, cache_dir, capsys)
+    second = logged(fit(tmp_path / "second", changes, cache_dir, capsys))
+    first_logged = logged(first)
+    # the second run starts from the first one's trained weights, on the same first batch: its SFT
+    # loss there is the first run's after its steps (below its start), not the embedded model's
+    assert second["train/sft_loss"][0] < first_logged["train/sft_loss"][0] - 0.01
+    assert second["train/loss"][0] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the same folder
 
 
 def test_resume_with_ckpt_path_last_without_a_checkpoint_callback(tmp_path, cache_dir, capsys):
@@ -331,4 +426,19 @@ def test_score_with_the_implicit_prm_from_yaml(tmp_path, files, implicit_prm, ca
 
 def test_unscored_rows_scored_online_by_the_implicit_prm(tmp_path, cache_dir, files, implicit_prm, capsys):
     data = {"path": str(files["unscored"]), "format": "stepwise", "val_fraction": 0.25, "require_scores": False}
-    fit(tmp_path, {"data": data, "model": {"reward_model": implicit_prm}}, cache_dir, capsys)
+    run = logged(fit(tmp_path, {"data": data, "model": {"reward_model": implicit_prm}}, cache_dir, capsys))
+    assert_scored_online(run)
+
+
+# Several pairs per row, the attention setting and `lean_logps: auto` (it keeps the tiny model on the
+# plain path): the same losses and rewards as the default run, within the packing tolerance.
+PERF_CASES = {
+    "pack_budget": {"data": {"pack_budget": 512}},
+    "attention_eager_with_pack_budget": {"model": {"attention": "eager"}, "data": {"pack_budget": 512}},
+    "lean_logps_auto": {"model": {"lean_logps": "auto"}},
+}
+
+
+@pytest.mark.parametrize("case", list(PERF_CASES))
+def test_perf_options_from_yaml(tmp_path, cache_dir, capsys, default, case):
+    assert_keeps(logged(fit(tmp_path, PERF_CASES[case], cache_dir, capsys)), default, TOLERANCE)
