@@ -13,11 +13,13 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stepwise_lit.cli import main
-from tests.helpers.entry import TINY_ARGS
+from stepwise_lit.errors import UserError
+from tests.helpers.entry import TINY_ARGS, run_entry
 from tests.helpers.paths import REPO
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python train.py <args>` in a subprocess (where what the script itself prints is the point)."""
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
     )
@@ -49,35 +51,36 @@ def test_fit_fast_dev_run_exports_a_reloadable_model(fitted):
     assert not list(fitted.glob(".export.tmp-*")), "a staging folder was left behind"
 
 
-def test_print_config_round_trips(tmp_path):
+def test_print_config_round_trips(tmp_path, capsys):
     """The printed config, fed back as --config, prints the same config."""
-    first = run_cli("fit", *TINY_ARGS, "--model.step_beta=0.25", "--print_config", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    printed = yaml.safe_load(first.stdout)
+    first = run_entry(main, ["fit", *TINY_ARGS, "--model.step_beta=0.25", "--print_config"], capsys)
+    assert first.code == 0, first.err
+    printed = yaml.safe_load(first.out)
     assert printed["model"]["step_beta"] == 0.25
     assert "tokenizer_name_or_path" not in printed["data"], "a linked setting must come from the model"
-    (tmp_path / "printed.yaml").write_text(first.stdout)
-    second = run_cli("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config", cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert yaml.safe_load(second.stdout) == printed
+    (tmp_path / "printed.yaml").write_text(first.out)
+    second = run_entry(main, ["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"], capsys)
+    assert second.code == 0, second.err
+    assert yaml.safe_load(second.out) == printed
 
 
-def test_bad_setting_ends_with_one_paragraph_naming_it(tmp_path):
-    result = run_cli("fit", *TINY_ARGS, "--model.step_beta=0", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "model.step_beta" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_setting_ends_with_one_paragraph_naming_it(tmp_path, capsys):
+    result = run_entry(main, ["fit", *TINY_ARGS, "--model.step_beta=0"], capsys)
+    assert result.code == 2
+    assert "model.step_beta" in result.err
+    assert "Traceback" not in result.err and result.err.startswith("error: ")
 
 
-def test_bad_data_file_ends_with_the_data_error_not_a_traceback(tmp_path):
+def test_bad_data_file_ends_with_the_data_error_not_a_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_step_scores": [1], "rejected_step_scores": [-1]}\n{oops\n')
-    result = run_cli("fit", *TINY_ARGS, f"--data.path={bad}", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "bad.jsonl" in result.stderr and "line 2" in result.stderr
-    assert "Traceback" not in result.stderr
-    shown = run_cli("fit", *TINY_ARGS, f"--data.path={bad}", "--show_traceback", cwd=tmp_path)
-    assert shown.returncode != 0 and "Traceback" in shown.stderr
+    argv = ["fit", *TINY_ARGS, f"--data.path={bad}", f"--trainer.default_root_dir={tmp_path}"]
+    result = run_entry(main, argv, capsys)
+    assert result.code == 2, result.err[-2000:]
+    assert "bad.jsonl" in result.err and "line 2" in result.err
+    assert "Traceback" not in result.err
+    with pytest.raises(UserError, match="line 2"):  # --show_traceback: the error itself, with its traceback
+        main([*argv, "--show_traceback"])
 
 
 @pytest.mark.parametrize(
@@ -85,14 +88,14 @@ def test_bad_data_file_ends_with_the_data_error_not_a_traceback(tmp_path):
     [["zephyr_gsm8k.yaml"], ["tiny.yaml", "fsdp.yaml"], ["tiny.yaml", "fsdp1_gpu.yaml"], ["online_tiny.yaml"]],
     ids=["zephyr_gsm8k", "tiny+fsdp", "tiny+fsdp1_gpu", "online_tiny"],
 )
-def test_the_documented_configs_parse(tmp_path, configs):
+def test_the_documented_configs_parse(tmp_path, capsys, configs):
     """The configs not run here (users' machines; online_tiny.yaml's 15 rounds, which
     bench/online_seeds.py runs) parse as the CLI reads them, with every setting they name known
     (a renamed setting would fail here, not on a user's GPU)."""
     args = [arg for name in configs for arg in ("--config", str(REPO / "configs" / name))]
-    result = run_cli("fit", *args, "--print_config", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    printed = yaml.safe_load(result.stdout)
+    result = run_entry(main, ["fit", *args, "--print_config"], capsys)
+    assert result.code == 0, result.err[-2000:]
+    printed = yaml.safe_load(result.out)
     for name in configs:
         for section, settings in yaml.safe_load((REPO / "configs" / name).read_text()).items():
             if isinstance(settings, dict) and section in ("model", "data", "online"):

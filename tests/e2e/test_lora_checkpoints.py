@@ -1,7 +1,7 @@
 """LoRA checkpoints hold only what trains (issue 21 item 8), through `train.py` (`stepwise_lit.cli.main`):
 the state dict is the adapter alone, and `validate`, `fit --ckpt_path` and `python -m stepwise_lit.evaluate`
 rebuild the frozen base as at start (the embedded model from the RNG state the checkpoint keeps).
-The SIGKILL-and-resume run with LoRA is in tests/test_distributed.py."""
+The SIGKILL-and-resume run with LoRA is in tests/e2e/test_distributed.py."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ data and seed (`default`): a loss type or aggregation moves the logged loss or r
 off, lean log-probs, gradient checkpointing and the precomputed reference keep them; a data
 file in each format gives the pairs it holds.
 
-Not covered here: `model.compile` (its first step compiles for ~30 s; tests/test_module.py
+Not covered here: `model.compile` (its first step compiles for ~30 s; tests/unit/test_module.py
 covers it), hub ids (no network), `data.num_proc` (its worker processes alone cost seconds).
 """
 
@@ -107,7 +107,7 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Each outcome loss and each aggregation once, paired up (the loss types and aggregations are
-# independent settings; the full product is tests/test_losses.py's).
+# independent settings; the full product is tests/unit/objective/test_losses.py's).
 LOSS_CASES = {
     "sigmoid+sum": {"outcome_loss_type": "sigmoid", "aggregation_strategy": "sum"},
     "soft_label+mean": {"outcome_loss_type": "soft_label", "aggregation_strategy": "mean", "soft_label_tau": 0.5},

@@ -101,7 +101,7 @@ def run_entry(main: Callable[[Sequence[str]], object], argv: Sequence[str], caps
         main(list(argv))
         code = 0
     except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
+        code = 0 if exit_info.code is None else exit_info.code if isinstance(exit_info.code, int) else 1
     captured = capsys.readouterr()
     return Outcome(code, captured.out, captured.err)
 

@@ -1,7 +1,7 @@
 """StepwiseDPOModule: losses at initialisation, gradients, frozen reference, one-pass step log-probs.
 
 Memory-lean paths of StepwiseDPOModule: `lean_logps` gives the plain path's losses and
-gradients (which models it serves: tests/test_lean_architectures.py); gradients are freed right
+gradients (which models it serves: tests/unit/logprobs/test_lean.py); gradients are freed right
 after the optimizer step."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Generation-based evaluation (`stepwise_lit.evaluation.generation`): the `--evaluation.*` callback in
-`validate`/`test` and the ProcessBench part of the report (the command: tests/test_evaluate_command.py)."""
+`validate`/`test` and the ProcessBench part of the report (the command: tests/e2e/test_evaluate.py)."""
 
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def test_bad_evaluation_settings_exit_2_naming_the_setting(tmp_path, cache_dir, 
 
 
 @pytest.mark.slow
-def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
+def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir, capsys, monkeypatch):
     """5 validation prompts on 2 DDP ranks: rank 0 generates prompts 0, 2, 4 and rank 1 prompts
     1, 3 and prompt 0 again as padding (weight 0), so every prompt counts once. The solve rate
     equals one process's and the hand value: references 8, 5, 2, 1, 4; the odd ones solved, 2 / 5."""
@@ -231,7 +231,13 @@ def test_two_process_solve_rate_equals_one_process(tmp_path, cache_dir):
             "data": {"synthetic_val_size": 5},
             "evaluation": EVALUATION,
         }
-        finish(start(write_config(folder, changes, cache_dir), subcommand="validate"))
+        config = write_config(folder, changes, cache_dir)
+        if devices == 1:  # in this process (the callback's patch of the generator is undone after the test)
+            monkeypatch.setattr(TransformersGenerator, "generate", TransformersGenerator.generate)
+            outcome = run_entry(main, ["validate", "--config", str(config)], capsys)
+            assert outcome.code == 0, outcome.err[-3000:]
+        else:
+            finish(start(config, subcommand="validate"))
         reports[devices] = json.loads((folder / "run" / "report" / "val" / "report.json").read_text())
         generated = [json.loads((folder / "prompts" / f"rank{rank}.json").read_text()) for rank in range(devices)]
         prompts = [row["prompt"] for row in FIVE_VAL_ROWS]

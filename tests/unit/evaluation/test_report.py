@@ -40,7 +40,7 @@ TINY_ARGS = [
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     # the schedule the tests read, pinned here rather than taken from the main job's recipe
     "--trainer.max_epochs=2", "--trainer.val_check_interval=0.5", "--model.sft_warmup_steps=0",
-    "--evaluation.enabled=false",  # the generation evaluation has tests of its own (test_evaluation.py)
+    "--evaluation.enabled=false",  # the generation evaluation has tests of its own (tests/unit/evaluation/test_generation.py)
 ]
 PLOTS = {"step_accuracy_by_index.png", "step_reward_distribution.png", "training_curves.png"}
 

@@ -1,4 +1,6 @@
-"""Solve-rate, pass@k and maj@k metrics on hand tables, their merge across ranks, and the\nsolve-rate and ProcessBench metrics synced over 2 processes (the ProcessBench metrics alone:\ntests/unit/evaluation/test_processbench.py)."""
+"""Solve-rate, pass@k and maj@k metrics on hand tables, their merge across ranks, and the
+solve-rate and ProcessBench metrics synced over 2 processes (the ProcessBench metrics alone:
+tests/unit/evaluation/test_processbench.py)."""
 
 from __future__ import annotations
 
