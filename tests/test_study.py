@@ -44,9 +44,9 @@ def test_smoke_study_writes_its_table_and_plots(tmp_path):
     plots, and the online run's rounds (2 of 2 steps; the test's backend solves half the samples, so
     each of the 8 prompts per round gives a first-error pair)."""
     out = tmp_path / "study"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, str(REPO / "bench" / "study.py"), "--smoke", "--out", str(out),
-                    "--online-generator", "online_helpers.SolvingGenerator"], check=True, cwd=REPO, capture_output=True,
+                    "--online-generator", "tests.helpers.online_helpers.SolvingGenerator"], check=True, cwd=REPO, capture_output=True,
                    env=env)
     study = load_study()
     table = json.loads((out / "table.json").read_text())

@@ -1,0 +1,137 @@
+"""Final-answer extraction and comparison, on real GSM8K and MATH-500 strings and on hand cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stepwise_lit.data.synthetic import generate_pairs
+from stepwise_lit.grading.answers import (
+    answers_match,
+    extract_answer,
+    extract_embedded,
+    extract_gsm8k,
+    extract_math,
+    normalize_math,
+)
+from tests.helpers.paths import SHARED_DATA
+
+DATA = SHARED_DATA
+MODEL_SOLUTIONS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason="../shared/data is not here")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def test_embedded_answer_is_the_stated_one():
+    rows = generate_pairs(20, seed=3)
+    for row in rows:
+        last_result = row["chosen_steps"][-1].split("= ")[-1].split(".")[0]
+        assert extract_embedded(row["reference_solution"]) == last_result
+        assert not answers_match(extract_embedded("".join(row["rejected_steps"])), last_result, "embedded")
+    assert extract_embedded("Step 1: 4 + 3 = 7\nStep 2: 7 * 2 = 14\n") is None, "cut before the answer"
+    assert extract_embedded("The answer is 3. No, the answer is -12.") == "-12"
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("line", "answer"),
+    [(1, "18"), (147, "2125"), (490, "-10"), (612, "1450000"), (1114, "-3")],
+)
+def test_gsm8k_reference_answers(line, answer):
+    """Rows of gsm8k/test.jsonl (line as an editor counts) ending ``#### 2,125``, ``#### -10``, ..."""
+    row = read_jsonl(DATA / "gsm8k" / "test.jsonl")[line - 1]
+    assert extract_gsm8k(row["answer"]) == answer
+
+
+@needs_data
+def test_gsm8k_every_reference_answer_is_its_marked_number():
+    for row in read_jsonl(DATA / "gsm8k" / "test.jsonl"):
+        marked = row["answer"].rsplit("####", 1)[1]
+        assert extract_gsm8k(row["answer"]) == marked.strip().replace(",", "")
+
+
+@needs_data
+def test_gsm8k_model_solutions_are_graded_as_the_data_set_grades_them():
+    """Every model solution (``... A: 18``, or cut off mid-step) gets the data set's
+    ``is_correct`` from comparing its answer with the ground truth's (5276 solutions)."""
+    rows = read_jsonl(DATA / "gsm8k" / "example_model_solutions.jsonl")
+    first = rows[0]
+    assert extract_gsm8k(first["ground_truth"]) == "18"
+    assert extract_gsm8k(first["175b_finetuning"]["solution"]) == "4"
+    disagreements = [
+        (index + 1, name)
+        for index, row in enumerate(rows)
+        for name in MODEL_SOLUTIONS
+        if answers_match(extract_gsm8k(row[name]["solution"]), extract_gsm8k(row["ground_truth"]), "gsm8k")
+        != row[name]["is_correct"]
+    ]
+    assert disagreements == []
+
+
+def test_gsm8k_hand_cases():
+    assert extract_gsm8k("She pays $1,250.\nA: $1,250.") == "1250"
+    assert extract_gsm8k("2 + 2 = <<2+2=4>>4 apples\n#### 4") == "4"
+    assert extract_gsm8k("It costs 3.50 dollars, so 7 in all.") == "7"
+    assert extract_gsm8k("#### none\nso 12") == "12", "a #### without a number falls back to the last number"
+    assert extract_gsm8k("no numbers here") is None
+    assert answers_match("18.00", "18", "gsm8k")
+    assert not answers_match("18.01", "18", "gsm8k")
+    assert not answers_match(None, "18", "gsm8k")
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("line", "unique_id", "boxed", "normalized"),
+    [
+        (1, "test/precalculus/807.json", r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+        (74, "test/algebra/2253.json", r"\frac{3\sqrt{3}}{4}", r"\frac{3\sqrt{3}}{4}"),
+        (199, "test/counting_and_probability/508.json", r"10,\!080", "10080"),
+        (228, "test/precalculus/819.json", r"\text{(C)}", "(C)"),
+        (243, "test/algebra/2626.json", r"\$32,\!348", "32348"),
+        (258, "test/geometry/473.json", r"864 \mbox{ inches}^2", "864"),
+        (423, "test/intermediate_algebra/2015.json", r"\{1\pm\sqrt{5},-2\}", r"\{1\pm\sqrt{5},-2\}"),
+    ],
+)
+def test_math_boxed_answers_with_nested_braces(line, unique_id, boxed, normalized):
+    """MATH-500 rows (prm800k/math_test.sample.jsonl, line as an editor counts)."""
+    row = read_jsonl(DATA / "prm800k" / "math_test.sample.jsonl")[line - 1]
+    assert row["unique_id"] == unique_id
+    assert extract_math(row["solution"]) == boxed
+    assert normalize_math(boxed) == normalized == normalize_math(row["answer"])
+
+
+@needs_data
+def test_math_every_boxed_answer_matches_the_answer_field():
+    """All 500 MATH-500 solutions: the last box (8 solutions have several) matches ``answer``."""
+    rows = read_jsonl(DATA / "prm800k" / "math_test.sample.jsonl")
+    mismatches = [
+        row["unique_id"] for row in rows if not answers_match(extract_math(row["solution"]), row["answer"], "math")
+    ]
+    assert mismatches == []
+
+
+def test_math_hand_cases():
+    assert extract_math(r"First $\boxed{1}$, then $\boxed{\frac{a}{\sqrt{b}}}$.") == r"\frac{a}{\sqrt{b}}"
+    assert extract_math(r"\fbox{7}") == "7"
+    assert extract_math(r"The answer is $\boxed{\frac{1}{2}$") is None, "the box never closes"
+    assert extract_math("The answer is 5.") is None
+    assert normalize_math(r"\dfrac{17}{50}.") == r"\frac{17}{50}"
+    assert normalize_math(r"90^\circ") == normalize_math(r"90^{\circ}") == "90"
+    assert normalize_math(r"\text{Evelyn}") == "Evelyn"
+    assert normalize_math("(1,234)") == "(1,234)", "commas that are not thousands separators stay"
+    assert answers_match("0.5", r"\frac{1}{2}", "math")
+    assert answers_match(r"\frac{270}{7}", r"\frac{270}7\text{ degrees}", "math")
+    assert answers_match("-3/4", r"-\frac34", "math")
+    assert not answers_match(r"\frac{\sqrt{3}}{3}", r"\frac{\sqrt{3}}{2}", "math")
+    assert not answers_match("(C)", "(E)", "math")
+
+
+def test_unknown_source_is_named():
+    with pytest.raises(ValueError, match="unknown answer source 'aime'; choose from"):
+        extract_answer("1", "aime")
