@@ -5,6 +5,7 @@ state). Run from the repository root:
     python bench/lora_checkpoint.py            # r 4, all-linear (the README's figures)
     python bench/lora_checkpoint.py --r 8
     python bench/lora_checkpoint.py --zephyr   # only the base size of configs/zephyr_gsm8k.yaml's model
+    python bench/lora_checkpoint.py --write    # ... and docs/results/lora_checkpoint.md (+ .json)
 
 `--zephyr` counts the parameters of a `MistralForCausalLM` in zephyr-7b-beta's shape, built on the
 meta device (nothing is downloaded or allocated): the base a bfloat16 checkpoint no longer holds.
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/lora_checkpoint.py`: this checkout's bench
 
+from bench.common import REPO, Report, add_write_option  # noqa: E402
 from stepwise_lit.cli import main  # noqa: E402
 
 
@@ -55,10 +56,13 @@ def main_(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--zephyr", action="store_true", help="print the zephyr-7b base size and stop")
+    add_write_option(parser, "lora_checkpoint")
     args = parser.parse_args(argv)
+    report = Report(__doc__, "0 (tiny.yaml's seed_everything and data.seed)")
     if args.zephyr:
         count = zephyr_base_parameters()
-        print(f"zephyr-7b-beta base: {count:,} parameters, {2 * count / 1e9:.2f} GB in bfloat16")
+        report.say(f"zephyr-7b-beta base: {count:,} parameters, {2 * count / 1e9:.2f} GB in bfloat16")
+        report.finish({"zephyr_base_parameters": count}, args.write)
         return
     with tempfile.TemporaryDirectory() as folder:
         main([
@@ -72,12 +76,15 @@ def main_(argv: list[str] | None = None) -> None:
         state = checkpoint["state_dict"]
         adapter = sum(v.numel() for k, v in state.items() if "lora_" in k)
         other = sum(v.numel() for k, v in state.items() if "lora_" not in k)
-        print(f"last.ckpt: {os.path.getsize(path):,} bytes")
-        print(f"state_dict: {len(state)} tensors, {adapter:,} adapter (lora_) values, {other:,} other values")
+        size = os.path.getsize(path)
         optimizer = sum(t.numel() for t in tensors(checkpoint["optimizer_states"]))
-        print(f"optimizer state: {optimizer:,} values")
         rng = sum(t.numel() for t in tensors(checkpoint) if t.dtype == torch.uint8)
-        print(f"RNG states (uint8 tensors): {rng:,} bytes")
+    report.say(f"last.ckpt: {size:,} bytes")
+    report.say(f"state_dict: {len(state)} tensors, {adapter:,} adapter (lora_) values, {other:,} other values")
+    report.say(f"optimizer state: {optimizer:,} values")
+    report.say(f"RNG states (uint8 tensors): {rng:,} bytes")
+    report.finish({"r": args.r, "checkpoint_bytes": size, "tensors": len(state), "adapter_values": adapter,
+                   "other_values": other, "optimizer_values": optimizer, "rng_bytes": rng}, args.write)
 
 
 if __name__ == "__main__":
