@@ -40,13 +40,14 @@ ProcessBench threshold of the implicit step rewards h_t (and of their per-token 
 prompts (`SolveRateEvaluation`), reward accuracy and within-response AUROC. The SFT policy
 itself is tested once per seed (its solve rate: where every method starts).
 
-Runs go to two worker processes (``--workers``, one torch thread each); a free worker takes
-the methods of a finished warm-up first. Writes under ``--results`` (default: ``--out``):
-``runs.json`` (every run's metrics, settings and thresholds), ``table.md`` and ``table.json``
-(the command, mean ± sample std over seeds; per method the paired comparison with plain DPO: mean
-and sample std of the per-seed differences, sign count, exact two-sided sign-test p-value),
-``solve_rate.png`` and ``f1.png``; under ``--out``: the data files, the tokenized cache, the SFT exports, each run's reports and logs (an online run's
-rounds under ``runs/<task>-<method>-seed<seed>/online/``; their pairs per round, right samples and
-seconds in the table); prints the table and the wall time of the whole command.
+Runs go to two worker processes (``--workers``, one torch thread each); a free worker takes the
+methods of a finished warm-up first. Writes under ``--results`` (default: ``--out``): ``runs.json``
+(every run's metrics, settings and thresholds), ``table.md`` and ``table.json`` (the command, mean ±
+sample std over seeds; per method the paired comparison with plain DPO: mean and sample std of the
+per-seed differences, sign count, exact two-sided sign-test p-value), ``solve_rate.png`` and
+``f1.png``; under ``--out``: the data files, the tokenized cache, the SFT exports, each run's
+reports and logs (an online run's rounds under ``runs/<task>-<method>-seed<seed>/online/``; their
+pairs per round, right samples and seconds in the table). The tables and runs.json are written
+after every finished run, the plots at the end. Prints the table and the wall time of the whole command.
 """
 

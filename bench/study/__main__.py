@@ -20,8 +20,10 @@ from bench.study.run import data_module, quiet, run_method, run_sft
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.study", description=bench.study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "study", help="output folder (created): data, caches, exports, logs")
+    parser = argparse.ArgumentParser(prog="python -m bench.study", description=bench.study.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "study",
+                        help="output folder (created): data, caches, exports, logs")
     parser.add_argument("--results", type=Path, default=None,
                         help="folder (created) of runs.json, table.md, table.json and the plots; default: --out")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -39,21 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the online method's decoding backend, an import path (online.generator)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every task's SFT and preference steps")
     parser.add_argument("--smoke", action="store_true",
-                        help="the test's budget: 1 seed, 4+4 steps, plain_dpo, stepwise and online, 64 GSM8K questions, "
-                             "1 worker")
+                        help="the test's budget: 1 seed, 2+2 steps, plain_dpo, stepwise and online, 64 GSM8K questions, "
+                             "32 arithmetic validation and test pairs, 1 worker")
     args = parser.parse_args(argv)
     if args.hypotheses:
         args.methods = list(HYPOTHESES)
     args.results = args.results or args.out
     if args.smoke:
-        args.seeds, args.methods, args.gsm8k_limit, args.eval_pairs, args.workers = [0], ["plain_dpo", "stepwise", "online"], 64, 64, 1
+        args.seeds, args.methods, args.gsm8k_limit, args.eval_pairs, args.workers = [0], ["plain_dpo", "stepwise", "online"], 64, 32, 1
     return args
 
 
 def scaled(task: Task, args: argparse.Namespace) -> Task:
-    """The task with the command's step budget (`--smoke`: 4 + 4 steps, 8 test prompts, 2 online rounds of 8 prompts)."""
+    """The task with the command's step budget (`--smoke`: 2 + 2 steps, 8 test prompts, 2 online rounds of 8 prompts)."""
     if args.smoke:
-        return replace(task, sft_steps=4, preference_steps=4, max_prompts=8, max_new_tokens=32, online_rounds=2,
+        return replace(task, sft_steps=2, preference_steps=2, max_prompts=8, max_new_tokens=32, online_rounds=2,
                        online_prompts=8)
     return replace(task, sft_steps=max(1, round(task.sft_steps * args.steps_scale)),
                    preference_steps=max(1, round(task.preference_steps * args.steps_scale)))
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--out: {args.out} already holds a study's runs; name a new folder")
     load = os.getloadavg()
     paths = prepare(args, tasks)
-    runs = run_all(args, tasks, paths, lambda runs: write_outputs(args, tasks, runs, start, load))
+    runs = run_all(args, tasks, paths, lambda runs: write_outputs(args, tasks, runs, start, load, plots=False))
     table = write_outputs(args, tasks, runs, start, load)
     print(table)
     print(f"wall time of the whole command: {time.perf_counter() - start:.0f} s")

@@ -94,14 +94,16 @@ def plot(summary: dict, metric: str, title: str, path: Path) -> None:
 
 
 
-def write_outputs(args: argparse.Namespace, tasks: dict[str, Task], runs: list[dict], start: float, load: tuple) -> str:
-    """Writes runs.json, table.json, table.md and the plots of the runs so far under `args.results`;
-    returns table.md's text."""
+def write_outputs(args: argparse.Namespace, tasks: dict[str, Task], runs: list[dict], start: float, load: tuple,
+                  plots: bool = True) -> str:
+    """Writes runs.json, table.json and table.md of the runs so far under `args.results`, and with
+    `plots` the plots; returns table.md's text."""
     order = {name: index for index, name in enumerate([SFT_START, *METHODS])}
     runs = sorted(runs, key=lambda run: (run["task"], order[run["method"]], run["seed"]))
     summary = summarise(runs)
-    plot(summary, "solve_rate", "greedy solve rate (test)", args.results / "solve_rate.png")
-    plot(summary, "processbench_f1", "ProcessBench F1 of h_t (test)", args.results / "f1.png")
+    if plots:
+        plot(summary, "solve_rate", "greedy solve rate (test)", args.results / "solve_rate.png")
+        plot(summary, "processbench_f1", "ProcessBench F1 of h_t (test)", args.results / "f1.png")
     wall = time.perf_counter() - start
     load_end = os.getloadavg()
     expected = len(args.seeds) * sum(1 + sum(METHODS[m].runs_on(task) for m in args.methods) for task in tasks)
