@@ -309,10 +309,12 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table, floats to 4 significant digits."""
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    lines += ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A Markdown table, floats to 4 significant digits, a ``|`` in a cell escaped."""
+
+    def line(cells) -> str:
+        return "| " + " | ".join((f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|") for v in cells) + " |"
+
+    return "\n".join([line(headers), line("---" for _ in headers), *map(line, rows)])
 
 
 def add_write_option(parser, name: str) -> None:
@@ -328,12 +330,12 @@ class Report:
     """What a bench command prints, kept for its results file.
 
     Args:
-        doc: The command's docstring (its first line is the file's title).
+        doc: The command's docstring (its first sentence is the file's title).
         seed: What the command's seeds are, written under the command line.
     """
 
     def __init__(self, doc: str, seed: str) -> None:
-        self.title = doc.strip().splitlines()[0].rstrip(".")
+        self.title = " ".join(doc.strip().split("\n\n")[0].split()).split(". ")[0].rstrip(".")
         self.seed = seed
         self.lines: list[str] = []
 
@@ -357,7 +359,7 @@ class Report:
         machine = (f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, load average "
                    f"{os.getloadavg()[1]:.2f} over the last 5 min at the end")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# {self.title}\n\nWritten by `{command}` (seed {self.seed}) on "
-                        f"{time.strftime('%Y-%m-%d', time.gmtime())}; {machine}.\n\n" + "\n\n".join(self.lines) + "\n")
+        path.write_text(f"# {self.title}\n\nWritten by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}; "
+                        f"seed {self.seed}; {machine}.\n\n" + "\n\n".join(self.lines) + "\n")
         path.with_suffix(".json").write_text(json.dumps({"command": command, "seed": self.seed, "summary": summary},
                                                         indent=2) + "\n")

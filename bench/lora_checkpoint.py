@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/lora_checkpoint.py`: this checkout's bench
 
 from bench.common import REPO, Report, add_write_option  # noqa: E402
-from stepwise_lit.cli import main  # noqa: E402
 
 
 def tensors(tree) -> list[torch.Tensor]:
@@ -54,6 +53,8 @@ def zephyr_base_parameters() -> int:
 
 def checkpoint_values(r: int) -> dict:
     """The 2-step LoRA fit of tiny.yaml at rank `r` (in a temporary folder); what its last.ckpt holds."""
+    from stepwise_lit.cli import main
+
     with tempfile.TemporaryDirectory() as folder:
         main([
             "fit", "--config", str(REPO / "configs" / "tiny.yaml"), f"--model.lora.r={r}",

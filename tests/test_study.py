@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -63,3 +64,48 @@ def test_smoke_study_writes_its_table_and_plots(tmp_path):
     online = next(run for run in runs if run["method"] == "online")
     assert online["online"]["pairs"] == [8, 8] and online["online"]["sample_accuracy"] == [0.5, 0.5]
     assert table["finished_runs"] == table["expected_runs"] == 7
+
+
+def test_bench_scripts_import_only_the_shared_module():
+    """Every bench script imports `bench.common` and no other script (before: packing.py and
+    profile_step.py took their fixtures from compare_trl.py, every script its helpers from harness.py);
+    the study's files import only `bench.common` and the study's own modules."""
+    bench = REPO / "bench"
+    scripts = sorted(bench.glob("*.py"))
+    names = {path.stem for path in scripts} | {"harness", "study"}
+    for path in [*scripts, *sorted((bench / "study").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert top not in names - {"common"}, (path.name, module)
+                assert top != "tests", (path.name, module)
+                if top == "bench":
+                    allowed = module == "bench.common" or (path.parent.name == "study" and module.startswith("bench.study"))
+                    assert allowed, (path.name, module)
+
+
+def test_write_puts_the_command_seed_and_figures_into_a_results_file(tmp_path):
+    """`python bench/lora_checkpoint.py --zephyr --write FILE.md`, run from another folder, writes the
+    markdown under the command line and seed and the JSON summary beside it; zephyr-7b-beta's base by
+    hand: embeddings and head 2 · 32,000 · 4,096, per layer q and o 4,096², k and v 4,096 · 1,024,
+    the MLP 3 · 4,096 · 14,336 and two norms of 4,096, 32 layers, and the final norm."""
+    layer = 2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    parameters = 2 * 32000 * 4096 + 32 * layer + 4096
+    path = tmp_path / "results" / "zephyr.md"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "lora_checkpoint.py"), "--zephyr", "--write", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"zephyr_base_parameters": parameters}
+    text = path.read_text()
+    assert text.startswith("# What a LoRA checkpoint holds")
+    assert f"Written by `python bench/lora_checkpoint.py --zephyr --write {path}` on " in text and "; seed 0 (" in text
+    assert f"zephyr-7b-beta base: {parameters:,} parameters, {2 * parameters / 1e9:.2f} GB in bfloat16" in text
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert summary["summary"] == {"zephyr_base_parameters": parameters}
+    assert summary["command"] == f"python bench/lora_checkpoint.py --zephyr --write {path}" and summary["seed"].startswith("0")
