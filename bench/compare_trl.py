@@ -44,7 +44,7 @@ backward) plus 2·N·T for a live reference forward, N the parameters outside th
 embedding, T the real (non-pad) tokens the variant's forward passes run (packed rows run
 fewer than the pairs hold). Throughput counts every variant's pairs alike: the real tokens of
 the pairs as ``[chosen; rejected]`` rows, prompt on both sides (TRL's count). Peak resident memory is each worker's
-``VmHWM`` (see ``harness.peak_rss_mib``).
+``VmHWM`` (see ``bench.common.peak_rss_mib``).
 
 Real vocabularies: ``--vocab-size N`` pads the model's embedding and LM head to N rows (new rows
 drawn from a fixed generator, the same on every side; the byte tokenizer's ids are unchanged,
@@ -55,6 +55,7 @@ per row); the table's padding column is the share of the tokens run that are pad
     python bench/compare_trl.py                   # ours vs trl (+ precomputed, unpacked)
     python bench/compare_trl.py --vocab-size 128000 --steps 8
     python bench/compare_trl.py --mode logps      # one-pass per-step log-probs vs prefix forwards
+    python bench/compare_trl.py --write           # ... and docs/results/compare_trl.md (+ .json)
 
 The last stdout line is JSON: ``{"step_time_ratio": ours/TRL, "peak_memory_ratio": ours/TRL, ...}``.
 """
@@ -66,19 +67,20 @@ import copy
 import json
 import os
 import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from harness import StepGate, lockstep, matmul_gflops, median, peak_rss_mib, print_table, rss_mib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/compare_trl.py`: this checkout's bench
 
-GSM8K_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
-BENCH_MODEL = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediate_size": 1376,
-               "max_position_embeddings": 1024}
-"""About 19.2M parameters with the byte-level vocabulary (259 tokens)."""
-LEARNING_RATE = 1e-5
+from bench.common import (  # noqa: E402
+    BENCH_MODEL, GSM8K_PATH, LEARNING_RATE, Report, StepGate, add_write_option, build_model, load_pairs, lockstep,
+    matmul_gflops, median, pad_vocabulary, peak_rss_mib, rss_mib, token_rows,
+)
+
 BETA = 0.1
 VARIANTS = ("ours", "trl", "ours_precomputed", "ours_unpacked", "ours_compiled", "ours_budget", "ours_lean",
             "ours_full", "trl_precomputed")
@@ -87,86 +89,6 @@ LIVE_REFERENCE = {"ours": True, "trl": True, "ours_precomputed": False, "ours_un
                   "ours_budget": True, "ours_lean": True, "ours_full": True, "trl_precomputed": False}
 LEAN_LOGPS = {"ours_lean": True, "ours_full": False}
 """``model.lean_logps`` per variant; the others keep the module's default."""
-
-
-# ----------------------------------------------------------------------------- data
-def load_pairs(path: Path, count: int, max_length: int, seed: int = 0) -> list[dict]:
-    """The first ``count`` canonical pairs whose chosen and rejected both fit ``max_length`` tokens.
-
-    GSM8K model-solution pairs carry no rejected step scores (the adapter leaves them to
-    a verifier); the bench fills -1 for every rejected step (the final answer is wrong),
-    so no reward model runs during the timed steps.
-
-    Args:
-        path: GSM8K ``example_model_solutions.jsonl``; synthetic pairs when it does not exist.
-        count: Pairs wanted.
-        max_length: Longest ``<s> prompt response </s>`` allowed, in tokens.
-        seed: Seed of the synthetic generator.
-
-    Returns:
-        Canonical rows, in file order.
-    """
-    from stepwise_lit.data.readers import read_records
-    from stepwise_lit.data.formats import to_canonical
-    from stepwise_lit.data.tokenizer import load_tokenizer
-
-    if path.exists():
-        rows = to_canonical(read_records(path), "gsm8k", source=str(path), require_scores=False)
-    else:
-        from stepwise_lit.data.synthetic import generate_pairs
-
-        rows = generate_pairs(4 * count, seed)
-    tokenizer = load_tokenizer(None)
-
-    def fits(row: dict, side: str) -> bool:
-        return len(tokenizer(row["prompt"] + "".join(row[f"{side}_steps"])).input_ids) + 1 <= max_length
-
-    selected = [row for row in rows if fits(row, "chosen") and fits(row, "rejected")][:count]
-    if len(selected) < count:
-        raise SystemExit(f"only {len(selected)} pairs fit max_length={max_length}; {count} needed")
-    for row in selected:
-        if row["rejected_step_scores"] is None:
-            row["rejected_step_scores"] = [-1.0] * len(row["rejected_steps"])
-    return selected
-
-
-def token_rows(pairs: list[dict], max_length: int) -> list[dict]:
-    """The package's token rows (``stepwise_lit.data.tokenize.tokenize_row``) for the pairs."""
-    from stepwise_lit.data.tokenize import TokenizeSettings, tokenize_row
-    from stepwise_lit.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
-    return [tokenize_row(pair, tokenizer, TokenizeSettings(max_length=max_length)) for pair in pairs]
-
-
-def build_model(vocab_size: int | None = None):
-    """The bench model (fp32, dropout off) from the package's tiny-model builder, seed 0, its
-    vocabulary padded to `vocab_size` rows (None: the byte tokenizer's 259)."""
-    from stepwise_lit.models.loading import TinyModelConfig, build_tiny_model
-    from stepwise_lit.data.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    return pad_vocabulary(build_tiny_model(load_tokenizer(None), TinyModelConfig(**BENCH_MODEL)), vocab_size)
-
-
-def pad_vocabulary(model, vocab_size: int | None):
-    """`model` with its input embedding and LM head padded to `vocab_size` rows (in place).
-
-    The new rows are N(0, 0.02²) from a generator seeded 1, so every side gets the same
-    weights whatever its global RNG state; existing ids keep their rows."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    old_size, hidden = embedding.weight.shape
-    if vocab_size is None or vocab_size == old_size:
-        return model
-    if vocab_size < old_size:
-        raise SystemExit(f"--vocab-size {vocab_size} is below the tokenizer's {old_size} tokens")
-    generator = torch.Generator().manual_seed(1)
-    for layer in (embedding, head):
-        extra = 0.02 * torch.randn(vocab_size - old_size, hidden, generator=generator)
-        layer.weight = torch.nn.Parameter(torch.cat([layer.weight.data, extra.to(layer.weight.dtype)]))
-    embedding.num_embeddings = head.out_features = vocab_size
-    model.config.vocab_size = vocab_size
-    return model
 
 
 # -------------------------------------------------------------------------- workers
@@ -297,7 +219,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------- mode: train
-def train_driver(args: argparse.Namespace) -> dict:
+def train_driver(args: argparse.Namespace, report: Report) -> dict:
     """Run the variants in lockstep; print the table; return the ratios."""
     shutil.rmtree(os.path.join(args.scratch, "cache", "reference"), ignore_errors=True)
     ours_datamodule(args)  # writes the pairs file once, before the workers start
@@ -329,10 +251,10 @@ def train_driver(args: argparse.Namespace) -> dict:
             "warmup_step_s": warmup[name],
         }
     first = results[args.variants[0]]
-    print(f"{first['params'] / 1e6:.2f}M parameters ({args.vocab_size or 259} vocabulary rows), {args.pairs_per_batch} pairs per batch, "
+    report.say(f"{first['params'] / 1e6:.2f}M parameters ({args.vocab_size or 259} vocabulary rows), {args.pairs_per_batch} pairs per batch, "
           f"{median(first['tokens'])} real / {median(first['padded_tokens'])} padded tokens per step (median), "
           f"{args.steps} steps per variant; matmul ceiling {ceiling:.1f} GFLOP/s (median over rounds)")
-    print_table(
+    report.table(
         ["variant", "tokens run per step (real / padded)", "padding share", "step time (s, median)",
          "step time vs trl (median of per-step ratios)", "pair tokens/s", "throughput vs trl", "peak RSS (MiB)",
          "vs trl", "peak − RSS at train start (MiB)", "MFU", "warm-up step (s)"],
@@ -402,7 +324,7 @@ def prefix_step_logps(model, ids: list[list[int]], step_ids: list[list[int]], nu
     return torch.stack(columns, dim=1)
 
 
-def logps_driver(args: argparse.Namespace) -> dict:
+def logps_driver(args: argparse.Namespace, report: Report) -> dict:
     """Time one-pass vs per-prefix step log-probs in one process, alternating, forward-only
     (the reference's work) and forward+backward (the policy's work)."""
     from stepwise_lit.data.synthetic import generate_pairs
@@ -433,9 +355,9 @@ def logps_driver(args: argparse.Namespace) -> dict:
         table.append([mode, median(times["one_pass"]), median(times["per_prefix"]), speedup, diff])
         summary[f"{mode}_speedup"] = speedup
         summary[f"{mode}_max_abs_diff"] = diff
-    print(f"{len(ids)} rows ({args.pairs_per_batch} synthetic pairs), {num_steps} steps each, "
+    report.say(f"{len(ids)} rows ({args.pairs_per_batch} synthetic pairs), {num_steps} steps each, "
           f"{sum(map(len, ids)) / len(ids):.0f} tokens per row on average, model {BENCH_MODEL}")
-    print_table(["mode", "one pass (s, median)", "per-prefix forwards (s, median)", "speed-up",
+    report.table(["mode", "one pass (s, median)", "per-prefix forwards (s, median)", "speed-up",
                  "max |Δ step logp|"], table)
     return {"one_pass_speedup": summary["train_speedup"], **summary}
 
@@ -452,6 +374,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, help="pad the model's embedding and LM head to this many rows")
     parser.add_argument("--pack-budget", type=int, help="data.pack_budget of the ours_budget variant")
     parser.add_argument("--scratch", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "stepwise_bench"))
+    add_write_option(parser, "compare_trl")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -459,10 +382,9 @@ def main() -> None:
     os.makedirs(args.scratch, exist_ok=True)  # $TMPDIR/stepwise_bench does not exist on a fresh machine
     if args.worker:
         print(json.dumps(worker(args)))
-    elif args.mode == "logps":
-        print(json.dumps(logps_driver(args)))
     else:
-        print(json.dumps(train_driver(args)))
+        report = Report(__doc__, "0 (the model's initial weights; the pairs are in file order)")
+        report.finish((logps_driver if args.mode == "logps" else train_driver)(args, report), args.write)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ and an LM head ``[V, H]``:
 Each measurement is a fresh subprocess; its peak is ``VmHWM`` minus the resident
 size just before the computation (inputs already built), i.e. the memory the
 log-prob computation itself adds. The workers run with ``MALLOC_MMAP_THRESHOLD_=65536``
-(see ``harness.TENSOR_RSS_ENV``), so RSS follows live tensors: with glibc's default,
+(see ``bench.common.TENSOR_RSS_ENV``), so RSS follows live tensors: with glibc's default,
 freed chunks stay resident and the peak depends on the allocator's history. Mode ``train`` also runs backward to ``hidden`` and
 the LM-head weight (the policy case); ``no_grad`` is the reference case.
 
@@ -29,13 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from harness import TENSOR_RSS_ENV, alternate, median, peak_rss_mib, print_table, rss_mib
-from stepwise_lit.logprobs.logps import step_logps, step_logps_from_hidden
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/lean_logps.py`: this checkout's bench
+
+from bench.common import TENSOR_RSS_ENV, Report, add_write_option, alternate, median, peak_rss_mib, rss_mib  # noqa: E402
+from stepwise_lit.logprobs.logps import step_logps, step_logps_from_hidden  # noqa: E402
 
 METHODS = ("plain", "chunked", "lean")
 NUM_STEPS = 8
@@ -123,7 +127,7 @@ def exact_token_logps(hidden, weight, input_ids, step_ids) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def driver(args: argparse.Namespace) -> dict:
+def driver(args: argparse.Namespace, report: Report) -> dict:
     """Alternate the methods for every vocabulary and mode; print tables; return ratios."""
     summary = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -133,7 +137,7 @@ def driver(args: argparse.Namespace) -> dict:
                 common = [f"--vocab={vocab}", f"--mode={mode}", f"--rows={args.rows}", f"--length={args.length}",
                           f"--hidden={args.hidden}", f"--chunk-size={args.chunk_size}"]
                 variants = {m: ["--worker", f"--method={m}", f"--out={outs[m]}", *common] for m in METHODS}
-                print(f"vocab {vocab}, {mode}:", flush=True)
+                report.say(f"vocab {vocab}, {mode}:")
                 results = alternate(variants, __file__, args.repeats, env=TENSOR_RSS_ENV)
                 peaks = {m: median([r["peak_added_mib"] for r in results[m]]) for m in METHODS}
                 seconds = {m: median([r["seconds"] for r in results[m]]) for m in METHODS}
@@ -145,13 +149,13 @@ def driver(args: argparse.Namespace) -> dict:
                 step_diff = {m: (values[m]["steps"] - values["plain"]["steps"]).abs().max().item() for m in METHODS}
                 exact_step_diff = {m: (values[m]["steps"].double() - exact_steps[:, 1:]).abs().max().item()
                                    for m in METHODS}
-                print_table(
+                report.table(
                     ["method", "peak added (MiB)", "vs plain", "time (s)", "max |Δ token logp| vs fp64",
                      "max |Δ step logp| vs fp64", "max |Δ step logp| vs plain"],
                     [[m, peaks[m], peaks[m] / peaks["plain"], seconds[m], token_diff[m], exact_step_diff[m],
                       step_diff[m]] for m in METHODS],
                 )
-                print(f"(one fp32 [N, L, V] tensor = {args.rows * args.length * vocab * 4 / 2**20:.0f} MiB; "
+                report.say(f"(one fp32 [N, L, V] tensor = {args.rows * args.length * vocab * 4 / 2**20:.0f} MiB; "
                       f"|step logp| up to {values['plain']['steps'].abs().max().item():.0f}, "
                       f"fp32 spacing there {torch.finfo(torch.float32).eps * 512:.1e})\n")
                 summary[f"{mode}_{vocab}"] = {
@@ -177,6 +181,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512, help="hidden size H")
     parser.add_argument("--chunk-size", type=int, default=256, help="positions per chunk (chunked and lean)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of A B C")
+    add_write_option(parser, "lean_logps")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("train", "no_grad"), help=argparse.SUPPRESS)
@@ -186,7 +191,8 @@ def main() -> None:
         args.vocab = args.vocab[0]
         print(json.dumps(worker(args)))
     else:
-        print(json.dumps(driver(args)))
+        report = Report(__doc__, "0 (the inputs and the LM head)")
+        report.finish(driver(args, report), args.write)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ problems) is read from each run's metrics.csv: at the end of the warm-up (step 3
 end (step 500); the offline runs validate every 50 steps, the online run after every epoch (round).
 Two runs at a time, one thread each.
 
-    python bench/online_seeds.py --seeds 0 1 2 --out runs/online_seeds   # ~35 min on 2 quiet cores
+    python bench/online_seeds.py --seeds 0 1 2 --out runs/online_seeds --write   # ~35 min on 2 quiet cores
 
 The seed is ``seed_everything`` and ``data.seed`` (the data, the initialisation and the sampling
 change with it). A run whose folder already has ``done.json`` is not run again. The last stdout
-line is JSON.
+line is JSON; ``--write`` also writes the table to docs/results/online_seeds.md (+ .json).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/online_seeds.py`: this checkout's bench
+
+from bench.common import REPO, Report, add_write_option  # noqa: E402
+
 OFFLINE = ["--online.enabled=false", "--trainer.max_epochs=2", "--trainer.max_steps=500", "--trainer.val_check_interval=50"]
 METHODS = {"online": [], "offline": OFFLINE, "sft": [*OFFLINE, "--model.sft_warmup_steps=500"]}
 
@@ -70,13 +73,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "online_seeds")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    add_write_option(parser, "online_seeds")
     args = parser.parse_args()
+    report = Report(__doc__, f"{' '.join(map(str, args.seeds))} (seed_everything and data.seed of each run)")
     jobs = [(method, seed) for seed in args.seeds for method in args.methods]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = dict(zip(jobs, pool.map(lambda job: run(*job, args.out / f"{job[0]}-seed{job[1]}"), jobs)))
-    print("| method | solve rate at step 500 (mean ± std) | per seed | at step 350 (end of warm-up) | fit wall (s, per seed) |")
-    print("| --- | --- | --- | --- | --- |")
-    summary = {}
+    rows, summary = [], {}
     for method in args.methods:
         final = [results[method, seed]["solve_rate"][max(results[method, seed]["solve_rate"])] for seed in args.seeds]
         warmup = [results[method, seed]["solve_rate"].get(350) for seed in args.seeds]
@@ -84,9 +87,11 @@ def main() -> None:
         summary[method] = {"final": final, "warmup": warmup, "wall_s": walls,
                            "by_step": {seed: results[method, seed]["solve_rate"] for seed in args.seeds}}
         known = [value for value in warmup if value is not None]
-        print(f"| {method} | {spread(final)} | {', '.join(f'{v:.3f}' for v in final)} | "
-              f"{spread(known) if known else '–'} | {', '.join(f'{w:.0f}' for w in walls)} |")
-    print(json.dumps({"seeds": args.seeds, "methods": summary}))
+        rows.append([method, spread(final), ", ".join(f"{v:.3f}" for v in final), spread(known) if known else "–",
+                     ", ".join(f"{w:.0f}" for w in walls)])
+    report.table(["method", "solve rate at step 500 (mean ± std)", "per seed", "at step 350 (end of warm-up)",
+                  "fit wall (s, per seed)"], rows)
+    report.finish({"seeds": args.seeds, "methods": summary}, args.write)
 
 
 if __name__ == "__main__":

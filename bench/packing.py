@@ -1,6 +1,6 @@
 """Padding share and forward/backward time of the batch layouts and attention backends.
 
-On ``bench/compare_trl.py``'s pairs (same model, same batches in file order), each batch is
+On the bench's GSM8K pairs and model (``bench/common.py``, as ``bench/compare_trl.py``; batches in file order), each batch is
 collated three ways: ``unpacked`` (``[chosen; rejected]`` rows, TRL's layout), ``packed``
 (one pair per row, ``data.pack_pairs``) and ``budget N`` (several pairs per row up to N
 tokens, ``data.pack_budget``). The padding share is the padding's part of the token slots
@@ -29,14 +29,15 @@ The last stdout line is JSON: padding share per layout, time ratios per layout a
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from compare_trl import GSM8K_PATH, build_model, load_pairs, token_rows
-from harness import median, print_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/packing.py`: this checkout's bench
+
+from bench.common import GSM8K_PATH, Report, add_write_option, build_model, load_pairs, median, token_rows  # noqa: E402
 
 
 def layouts(budgets: list[int]) -> dict[str, dict]:
@@ -80,7 +81,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--vocab-size", type=int)
     parser.add_argument("--device", default="cpu")
+    add_write_option(parser, "packing")
     args = parser.parse_args()
+    report = Report(__doc__, "0 (the model's initial weights; the pairs are in file order)")
 
     from stepwise_lit.data.collate import StepwiseCollator
 
@@ -98,8 +101,8 @@ def main() -> None:
         padding[name] = 1 - real / slots
         table.append([name, sum(batch["input_ids"].shape[0] for batch in collated) / len(collated), real, slots,
                       padding[name]])
-    print(f"{len(chunks)} batches of {args.pairs_per_batch} pairs (max_length {args.max_length})")
-    print_table(["layout", "rows per batch", "real tokens", "token slots run", "padding share"], table)
+    report.say(f"{len(chunks)} batches of {args.pairs_per_batch} pairs (max_length {args.max_length})")
+    report.table(["layout", "rows per batch", "real tokens", "token slots run", "padding share"], table)
 
     torch._dynamo.config.automatic_dynamic_shapes = False  # see the module doc
     torch._dynamo.config.recompile_limit = 64
@@ -131,10 +134,10 @@ def main() -> None:
                 missing = failures.get((name, attention, train), "n/a")
                 row += [median(measured) if measured else missing, missing if ratio is None else ratio]
             table.append(row)
-    print(f"device {args.device}, vocabulary {model.config.vocab_size}, {args.rounds} timed batches per cell")
-    print_table(["layout", "attention", "no_grad (s, median)", "vs unpacked sdpa", "train (s, median)",
+    report.say(f"device {args.device}, vocabulary {model.config.vocab_size}, {args.rounds} timed batches per cell")
+    report.table(["layout", "attention", "no_grad (s, median)", "vs unpacked sdpa", "train (s, median)",
                  "vs unpacked sdpa"], table)
-    print(json.dumps({"padding_share": padding, "time_ratio_vs_unpacked_sdpa": ratios}))
+    report.finish({"padding_share": padding, "time_ratio_vs_unpacked_sdpa": ratios}, args.write)
 
 
 if __name__ == "__main__":

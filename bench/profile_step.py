@@ -1,4 +1,4 @@
-"""Where the time of a training step goes (the bench model and GSM8K pairs of compare_trl.py).
+"""Where the time of a training step goes (the bench model and GSM8K pairs of bench/common.py).
 
 A Lightning ``Trainer.fit`` of ``StepwiseDPOModule`` (fp32, CPU) with a callback that
 splits each step, using only public hooks, into:
@@ -21,21 +21,25 @@ The last stdout line is JSON: the median seconds of every phase.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from collections import defaultdict
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-from compare_trl import BENCH_MODEL, GSM8K_PATH, LEARNING_RATE, load_pairs, token_rows
-from harness import median, print_table
-from stepwise_lit.data.collate import StepwiseCollator
-from stepwise_lit.models.loading import TinyModelConfig
-from stepwise_lit.module import StepwiseDPOModule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/profile_step.py`: this checkout's bench
+
+from bench.common import (  # noqa: E402
+    BENCH_MODEL, GSM8K_PATH, LEARNING_RATE, Report, add_write_option, load_pairs, median, token_rows,
+)
+from stepwise_lit.data.collate import StepwiseCollator  # noqa: E402
+from stepwise_lit.models.loading import TinyModelConfig  # noqa: E402
+from stepwise_lit.module import StepwiseDPOModule  # noqa: E402
 
 PHASES = ("data", "policy forward", "reference forward", "losses and metrics", "backward", "optimizer")
 
@@ -101,6 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--reference", choices=("copy", "none"), default="copy")
     parser.add_argument("--unpacked", action="store_true", help="[chosen; rejected] rows (data.pack_pairs: false)")
+    add_write_option(parser, "profile_step")
     args = parser.parse_args()
 
     total_steps = args.steps + 2  # a warm-up step, the timed steps, a profiled step
@@ -118,14 +123,14 @@ def main() -> None:
     timed = timer.steps[1:-1]
     medians = {phase: median([step.get(phase, 0.0) for step in timed]) for phase in PHASES}
     total = sum(medians.values())
-    print(f"{args.pairs_per_batch} pairs per batch ({'unpacked' if args.unpacked else 'packed'}), "
+    report = Report(__doc__, "0 (the model's initial weights; the pairs are in file order)")
+    report.say(f"{args.pairs_per_batch} pairs per batch ({'unpacked' if args.unpacked else 'packed'}), "
           f"model {BENCH_MODEL}, reference {args.reference}, "
           f"median of {len(timed)} steps")
-    print_table(["phase", "seconds", "share"],
+    report.table(["phase", "seconds", "share"],
                 [[p, medians[p], f"{medians[p] / total:.0%}"] for p in PHASES] + [["total", total, "100%"]])
-    print()
-    print(timer.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    print(json.dumps(medians))
+    report.say("\n```\n" + timer.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12) + "\n```")
+    report.finish(medians, args.write)
 
 
 if __name__ == "__main__":

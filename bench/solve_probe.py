@@ -9,6 +9,7 @@ of the most common reference answer: what always answering one value scores).
 
     python bench/solve_probe.py --sft_steps 350 --root runs/solve_probe   # trains, then probes
     python bench/solve_probe.py --export runs/tiny/export                 # probes an exported policy
+    python bench/solve_probe.py --write          # ... and docs/results/solve_probe.md (+ .json)
 
 Training is `python train.py fit --config configs/tiny.yaml --model.sft_warmup_steps=N
 --trainer.max_steps=N --trainer.limit_val_batches=0 --trainer.default_root_dir=<root>` plus any
@@ -27,11 +28,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stepwise_lit.grading.answers import answers_match, extract_embedded
-from stepwise_lit.data.synthetic import generate_pairs
-from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/solve_probe.py`: this checkout's bench
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, Report, add_write_option  # noqa: E402
+from stepwise_lit.data.synthetic import generate_pairs  # noqa: E402
+from stepwise_lit.grading.answers import answers_match, extract_embedded  # noqa: E402
+from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator  # noqa: E402
 
 
 def train_sft(sft_steps: int, root: Path, config: Path, train_args: list[str]) -> Path:
@@ -80,13 +82,16 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml")
     parser.add_argument("--num_problems", type=int, default=100)
     parser.add_argument("--problem_seed", type=int, default=4242)
+    add_write_option(parser, "solve_probe")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="more train.py arguments")
     options = parser.parse_args()
+    report = Report(__doc__, f"problems {options.problem_seed}; training: the config's seed_everything")
     export = options.export or train_sft(options.sft_steps, options.root, options.config, options.train_args)
     result = solve_rate(export, options.num_problems, options.problem_seed)
-    print(f"export: {export}")
-    print(f"example completion of problem 0:\n{result.pop('example')}")
-    print(json.dumps(result, indent=2))
+    report.say(f"export: {export}")
+    report.say(f"example completion of problem 0:\n\n```\n{result.pop('example')}\n```")
+    report.table(["measure", "share of the problems"], [[name, value] for name, value in result.items()])
+    report.finish(result, options.write)
 
 
 if __name__ == "__main__":

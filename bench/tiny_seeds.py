@@ -3,12 +3,13 @@ validation step as mean and range over the seeds, the evaluation report of each 
 checkpoint (`validate`: solve rate, ProcessBench F1 of the implicit step rewards, ...), the
 wall time of each fit, and the exported policy's greedy continuation of a prompt.
 
-    python bench/tiny_seeds.py --seeds 0 1 2 --out runs/tiny_seeds   # ~3 min a seed on 2 cores
+    python bench/tiny_seeds.py --seeds 0 1 2 --out runs/tiny_seeds --write   # ~3 min a seed on 2 cores
 
 Each run is `python train.py fit --config configs/tiny.yaml --seed_everything=<seed>
 --trainer.default_root_dir=<out>/seed<seed>` (the data, `data.seed: 0`, is the same for every
 run; the seed changes the model's initialisation and the batch order). A run whose folder already
-holds an export is not run again.
+holds an export is not run again. ``--write`` also writes the tables to docs/results/tiny_seeds.md
+(+ .json).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/tiny_seeds.py`: this checkout's bench
+
+from bench.common import REPO, Report, add_write_option  # noqa: E402
+
 METRICS = ("val/solve_rate", "val/flagged_step_share", "val/reward_accuracy", "val/step_accuracy", "val/step_auroc")
 REPORTED = ("solve_rate", "processbench_f1", "error_acc", "correct_acc", "within_response_auroc", "step_auroc")
 PROMPT = "Juno's shop has 4 books. Then +5, 3 times. How many books?"  # held out: generate_pairs(20, seed=4242, max_value=20)[6]
@@ -69,11 +73,18 @@ def continuation(root: Path) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
 
 
+def mean_range(values: list[float]) -> str:
+    """``mean (min–max)`` of the values, to 3 decimals."""
+    return f"{statistics.fmean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tiny_seeds")
+    add_write_option(parser, "tiny_seeds")
     args = parser.parse_args()
+    report = Report(__doc__, f"{' '.join(map(str, args.seeds))} (seed_everything of each run; data.seed 0)")
     walls, tables, texts, reports = {}, {}, {}, {}
     for seed in args.seeds:
         root = args.out / f"seed{seed}"
@@ -82,9 +93,7 @@ def main() -> None:
         texts[seed] = continuation(root)
         reports[seed] = json.loads((root / "report" / "val" / "report.json").read_text())["metrics"]
     steps = sorted(set.intersection(*(set(table) for table in tables.values())))
-    print("| step | " + " | ".join(name.split("/")[1] for name in METRICS) + " |")
-    print("| ---: |" + " ---: |" * len(METRICS))
-    summary = {}
+    rows, summary = [], {}
     for step in steps:
         cells = []
         for name in METRICS:
@@ -93,18 +102,19 @@ def main() -> None:
             if not values:
                 cells.append("–")
                 continue
-            mean = statistics.fmean(values)
-            cells.append(f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})")
-        print(f"| {step} | " + " | ".join(cells) + " |")
-    print("\nvalidate of the last checkpoint (report.json), mean (range) over the seeds:")
-    for name in REPORTED:
-        values = [reports[seed][name] for seed in args.seeds if reports[seed].get(name) is not None]
-        if values:
-            print(f"  {name}: {statistics.fmean(values):.3f} ({min(values):.3f}–{max(values):.3f})")
+            cells.append(mean_range(values))
+        rows.append([step, *cells])
+    report.table(["step", *(name.split("/")[1] for name in METRICS)], rows)
+    report.say("validate of the last checkpoint (report.json), mean (range) over the seeds:")
+    report.table(["metric", "mean (range)"], [
+        [name, mean_range(values)] for name in REPORTED
+        if (values := [reports[seed][name] for seed in args.seeds if reports[seed].get(name) is not None])
+    ])
     for seed in args.seeds:
         wall = "already run" if walls[seed] is None else f"{walls[seed]:.0f} s"
-        print(f"seed {seed}: wall {wall}; greedy continuation of {PROMPT!r}: {texts[seed]!r}")
-    print(json.dumps({"seeds": args.seeds, "wall_s": walls, "metrics": summary, "reports": reports, "continuations": texts}))
+        report.say(f"seed {seed}: wall {wall}; greedy continuation of {PROMPT!r}: {texts[seed]!r}")
+    report.finish({"seeds": args.seeds, "wall_s": walls, "metrics": summary, "reports": reports, "continuations": texts},
+                  args.write)
 
 
 if __name__ == "__main__":

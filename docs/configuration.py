@@ -52,7 +52,7 @@ LINKED_SECTION = "trainer"  # Lightning's own settings: linked to, not listed
 HEADER = """# Configuration
 
 Every setting of every command, generated from the docstrings by `python docs/configuration.py`
-(do not edit: `tests/test_docs.py` fails when this page differs from a fresh one). A key
+(do not edit: `tests/e2e/test_docs.py` fails when this page differs from a fresh one). A key
 `model.step_beta` is written in YAML as `model:` / `  step_beta: 0.1`, or on the command line as
 `--model.step_beta=0.1`; defaults are in YAML (`null` is None). Types such as `StepScorer` take a
 `class_path` (one of the [step scorers](#step-scorers)) and its `init_args`.
