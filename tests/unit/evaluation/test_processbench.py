@@ -16,6 +16,7 @@ from stepwise_lit.evaluation.processbench import (
     threshold_candidates,
 )
 from tests.helpers.processbench_table import LABELS, MASK, REWARDS
+from tests.helpers.metric_merge import assert_merged_halves_equal_whole
 
 
 def test_processbench_f1_by_hand():
@@ -99,13 +100,4 @@ def test_auroc_counts_ties_half_and_is_nan_without_a_class():
 )
 def test_merged_states_equal_one_metric_over_all_inputs(make, inputs):
     """What DDP's sync does: two ranks' states merged give the value of one rank seeing everything."""
-
-    def part(index: slice):
-        return tuple(None if value is None else value[index] for value in inputs)
-
-    whole, first, second = make(), make(), make()
-    whole.update(*inputs)
-    first.update(*part(slice(0, 2)))
-    second.update(*part(slice(2, 4)))
-    first.merge_state(second)
-    assert_close(first.compute(), whole.compute(), equal_nan=True)
+    assert_merged_halves_equal_whole(make, inputs)

@@ -25,6 +25,7 @@ from stepwise_lit.evaluation.solve_rate import (
     pass_at_k,
 )
 from tests.helpers.processbench_table import MASK, REWARDS
+from tests.helpers.metric_merge import assert_merged_halves_equal_whole
 
 
 def test_solve_rate_counts_weighted_matches():
@@ -94,16 +95,7 @@ def test_majority_at_k_by_hand():
 )
 def test_merged_states_equal_one_metric_over_all_inputs(make, inputs):
     """What DDP's sync does: two ranks' states merged give the value of one rank seeing everything."""
-
-    def part(index: slice):
-        return tuple(None if value is None else value[index] for value in inputs)
-
-    whole, first, second = make(), make(), make()
-    whole.update(*inputs)
-    first.update(*part(slice(0, 2)))
-    second.update(*part(slice(2, 4)))
-    first.merge_state(second)
-    assert_close(first.compute(), whole.compute(), equal_nan=True)
+    assert_merged_halves_equal_whole(make, inputs)
 
 
 # Five prompts / labelled responses for the 2-process check: a DistributedSampler gives rank 0
