@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from stepwise_lit.data.formats import DataFormatError, to_canonical
 from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.data.writers import OUTPUT_SUFFIXES, parquet_table, write_rows
+from stepwise_lit.data.writers import check_output, parquet_table, write_rows
 from stepwise_lit.errors import (
     TRACEBACK_FLAG,
     TRACEBACK_HELP,
@@ -127,8 +127,7 @@ class ScoreStore:
 
     def __init__(self, output: str | Path) -> None:
         self.output = Path(output)
-        if self.output.suffix not in OUTPUT_SUFFIXES:
-            raise SettingError(f"output: {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        check_output(self.output)
         if self.output.is_dir():
             raise SettingError(f"output: {output} is a folder; name a .jsonl or .parquet file")
         self.parts = Path(f"{self.output}.parts")
