@@ -24,7 +24,8 @@ length). The prompts are every row of ``data.path`` (a file, data folder or hub 
 ``data.format``); ``data.path`` null or ``synthetic`` means the embedded task's held-out problems
 (the data module's validation split: the ``synthetic_val_size`` pairs after the training ones).
 Prompts are formatted and cut as training formats them (``data.use_step_wise_prompt``,
-``data.step_wise_prompt_template``, ``data.max_prompt_length`` from the left).
+``data.step_wise_prompt_template``, ``data.apply_chat_template``, ``data.system_prompt``,
+``data.max_prompt_length`` from the left).
 
 Bad options or data end with one paragraph naming the setting, file and line, exit code 2, before
 any model is loaded where that can be known by then.
@@ -45,6 +46,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from stepwise_lit.data.chat import check_prompt_format, prompt_format_of
 from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
 from stepwise_lit.data.heldout import held_out_problems
 from stepwise_lit.data.sources import SYNTHETIC
@@ -264,9 +266,10 @@ def generation_report(
     if not problems:
         raise SettingError(f"data.path: none of the {len(rows)} rows of {data_source} has a reference solution or chosen steps")
     data = settings.data
-    template = data.step_wise_prompt_template if data.use_step_wise_prompt else None
+    prompt_format = prompt_format_of(data.as_dict())
     policy, tokenizer = load_policy(settings.model, settings.ckpt_path)
-    generator = TransformersGenerator(policy.to(device), tokenizer, template, data.max_prompt_length)
+    check_prompt_format(tokenizer, prompt_format)
+    generator = TransformersGenerator(policy.to(device), tokenizer, prompt_format, data.max_prompt_length)
     generation = evaluation.generation
     metrics = GenerationMetrics(evaluation.source, generation.num_samples)
     verifier = evaluation.verifier
@@ -279,7 +282,7 @@ def generation_report(
         **metrics.compute(with_flags=verifier is not None),
         "rows_without_reference": without_reference,
         "generation": asdict(generation),
-        "prompt": {"template": template, "max_prompt_length": data.max_prompt_length},
+        "prompt": {**asdict(prompt_format), "max_prompt_length": data.max_prompt_length},
         "examples": examples(problems, completions, evaluation.source),
     }
 

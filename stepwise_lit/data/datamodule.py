@@ -34,8 +34,9 @@ from datasets import Dataset, DatasetDict
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, SequentialSampler
 
-from stepwise_lit.data import formats, gsm8k, prm800k, records, stepdpo, synthetic
+from stepwise_lit.data import chat, formats, gsm8k, prm800k, records, stepdpo, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
+from stepwise_lit.data.chat import check_prompt_format, prompt_format_of
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
 from stepwise_lit.data.formats import Format, to_canonical
 from stepwise_lit.data.readers import read_records
@@ -65,7 +66,7 @@ POSITIVE_SETTINGS = (
     "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size",
     "pack_budget",
 )
-DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
+DATA_CODE = (arithmetic, chat, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
 
 
 class StepwiseDataModule(L.LightningDataModule):
@@ -104,6 +105,15 @@ class StepwiseDataModule(L.LightningDataModule):
         max_num_steps: Most steps kept per response (at least 1); None for no limit.
         use_step_wise_prompt: Wrap string prompts in ``step_wise_prompt_template``.
         step_wise_prompt_template: Template containing ``{prompt}``.
+        apply_chat_template: Render string prompts as the user turn of the tokenizer's chat
+            template, with the generation prompt (chat-message prompts always are), in
+            training, generation and implicit scoring alike (``stepwise_lit.data.chat``).
+            None: on when the tokenizer has a chat template of its own (an instruct model's),
+            off for the embedded byte tokenizer, whose minimal template the embedded model is
+            not trained with. True with a tokenizer without a template stops at start.
+        system_prompt: System turn put before each prompt when the chat template is applied
+            (and before chat messages that have none); None for none. Refused when string
+            prompts are not rendered through a chat template.
         tokenizer_name_or_path: Hub id or folder of the tokenizer; None builds the
             embedded byte-level tokenizer.
         trust_remote_code: Allow the tokenizer's own code from the hub; only for
@@ -155,6 +165,8 @@ class StepwiseDataModule(L.LightningDataModule):
         max_num_steps: int | None = None,
         use_step_wise_prompt: bool = False,
         step_wise_prompt_template: str = DEFAULT_STEP_WISE_PROMPT_TEMPLATE,
+        apply_chat_template: bool | None = None,
+        system_prompt: str | None = None,
         tokenizer_name_or_path: str | None = None,
         trust_remote_code: bool = False,
         batch_size: int = 8,
@@ -178,10 +190,11 @@ class StepwiseDataModule(L.LightningDataModule):
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             max_num_steps=max_num_steps,
-            step_wise_prompt_template=step_wise_prompt_template if use_step_wise_prompt else None,
+            prompt_format=prompt_format_of(self.hparams),
         )
         self.cache_root = Path(cache_dir or os.environ.get("STEPWISE_LIT_CACHE", "~/.cache/stepwise_lit")).expanduser()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code, setting="data.tokenizer_name_or_path")
+        check_prompt_format(self.tokenizer, self.settings.prompt_format)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.online_round: tuple[int, int] | None = None  # (round, batches per process) once train_on_round ran
