@@ -182,8 +182,11 @@ def problem_rows(data: Namespace) -> tuple[list[dict], str]:
 
     ``data.path`` a file, folder or hub id: every row (read as the data module reads it); null or
     ``synthetic``: the embedded validation split (as ``StepwiseDataModule.canonical_splits``).
+    Rows only: the prompts are rendered later with the policy's tokenizer, so the data module here
+    has the byte tokenizer and no system prompt to check against it.
     """
-    datamodule = StepwiseDataModule(**{**data.as_dict(), "require_scores": False, "tokenizer_name_or_path": None})
+    settings = {**data.as_dict(), "require_scores": False, "tokenizer_name_or_path": None, "system_prompt": None}
+    datamodule = StepwiseDataModule(**settings)
     if data.path in (None, SYNTHETIC):
         return datamodule.canonical_splits()[1], f"synthetic validation split (seed {data.seed})"
     return datamodule.canonical_rows(data.path, data.split), data.path
