@@ -189,7 +189,7 @@ def problem_rows(data: Namespace) -> tuple[list[dict], str]:
     datamodule = StepwiseDataModule(**settings)
     if data.path in (None, SYNTHETIC):
         return datamodule.canonical_splits()[1], f"synthetic validation split (seed {data.seed})"
-    return datamodule.canonical_rows(data.path, data.split), data.path
+    return datamodule.canonical_rows(datamodule.sources[0]), data.path
 
 
 def checkpoint_policy_weights(path: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

@@ -48,7 +48,16 @@ from stepwise_lit.data.sampling import (
     ResumableDataLoader,
     RoundSampler,
 )
-from stepwise_lit.data.sources import SYNTHETIC, check_data_source, read_source, source_fingerprint
+from stepwise_lit.data.sources import (
+    SYNTHETIC,
+    DataFiles,
+    DataSource,
+    check_data_source,
+    check_hub_options,
+    data_sources,
+    read_source,
+    source_fingerprint,
+)
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, Truncation, canonical_dataset, tokenize_dataset
 from stepwise_lit.data.tokenizer import load_tokenizer
@@ -90,6 +99,17 @@ class StepwiseDataModule(L.LightningDataModule):
             ``chosen``, ``rejected``; set ``step_delimiter`` to ``"\\nStep"``) or ``synthetic``.
         split: Split of a hub dataset given as ``path``.
         val_split: Split of a hub dataset given as ``val_path``.
+        name: Configuration of the data folder or hub dataset ``path`` (``datasets.load_dataset``'s
+            ``name``, e.g. ``main`` for ``openai/gsm8k``); None: its default one. Part of the
+            tokenized-data cache key, as are ``revision`` and ``data_files``.
+        revision: Branch, tag or commit of the hub dataset ``path``; None: the default branch
+            (pin a commit to train on fixed data).
+        data_files: Files of the data folder or hub dataset ``path`` to read instead of its
+            configured ones: a file or glob, a list, or a mapping split -> files (relative to
+            the folder or repository).
+        val_name: ``name`` for ``val_path``.
+        val_revision: ``revision`` for ``val_path``.
+        val_data_files: ``data_files`` for ``val_path``.
         step_delimiter: Non-empty text that starts a new step in text responses.
         max_length: Most tokens per prompt + response (at least 1); responses keep the
             longest prefix of whole steps that fits. None for no limit.
@@ -158,6 +178,12 @@ class StepwiseDataModule(L.LightningDataModule):
         format: Format = "delimited",
         split: str = "train",
         val_split: str = "test",
+        name: str | None = None,
+        revision: str | None = None,
+        data_files: DataFiles | None = None,
+        val_name: str | None = None,
+        val_revision: str | None = None,
+        val_data_files: DataFiles | None = None,
         step_delimiter: str = "\n\nStep",
         max_length: int | None = 1024,
         max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
@@ -205,6 +231,11 @@ class StepwiseDataModule(L.LightningDataModule):
         return None if self.hparams.path == SYNTHETIC else self.hparams.path
 
     @property
+    def sources(self) -> tuple[DataSource | None, DataSource | None]:
+        """The training and validation sources (`stepwise_lit.data.sources.data_sources`)."""
+        return data_sources(self.hparams)
+
+    @property
     def eval_batch_size(self) -> int:
         """Pairs per validation, test and predict batch."""
         return self.hparams.eval_batch_size or self.hparams.batch_size
@@ -222,8 +253,8 @@ class StepwiseDataModule(L.LightningDataModule):
         hparams = self.hparams
         return Hasher.hash(
             {
-                "train": source_fingerprint(self.path, hparams.split),
-                "val": None if hparams.val_path is None else source_fingerprint(hparams.val_path, hparams.val_split),
+                "train": source_fingerprint(self.sources[0]),
+                "val": source_fingerprint(self.sources[1]),
                 "synthetic": (hparams.synthetic_train_size, hparams.synthetic_val_size, hparams.synthetic_max_value)
                 if self.path is None
                 else None,
@@ -311,23 +342,24 @@ class StepwiseDataModule(L.LightningDataModule):
         with ``synthetic_val_size`` 0).
         """
         hparams = self.hparams
-        val = None if hparams.val_path is None else self.canonical_rows(hparams.val_path, hparams.val_split)
-        if self.path is None:
+        train_source, val_source = self.sources
+        val = None if val_source is None else self.canonical_rows(val_source)
+        if train_source is None:
             num_pairs = hparams.synthetic_train_size + hparams.synthetic_val_size
             rows = generate_pairs(num_pairs, seed=hparams.seed, max_value=hparams.synthetic_max_value)
             rows = to_canonical(rows, SYNTHETIC, SYNTHETIC)
             return rows[: hparams.synthetic_train_size], rows[hparams.synthetic_train_size :] if val is None else val
-        return self.canonical_rows(self.path, hparams.split), val
+        return self.canonical_rows(train_source), val
 
-    def canonical_rows(self, path: str, split: str) -> list[dict]:
+    def canonical_rows(self, data_source: DataSource) -> list[dict]:
         """Read a local file (our readers) or a hub dataset / data folder (``datasets``) and convert it.
 
         Raises:
             DataFormatError: For a file that cannot be read, an invalid record, or a source
                 whose every record is skipped (reasons in the log).
         """
-        records = read_source(path, split)
-        source = self.source_name(path)
+        records = read_source(data_source)
+        source = self.source_name(data_source.path)
         rows = to_canonical(
             records,
             self.hparams.format,
@@ -533,5 +565,8 @@ def check_data_settings(hparams: Mapping[str, Any]) -> None:
         )
     for name in ("path", "val_path"):
         check_data_source(name, hparams[name])
+    for source in data_sources(hparams):
+        if source is not None:
+            check_hub_options(source)
 
 
