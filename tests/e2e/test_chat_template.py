@@ -13,8 +13,14 @@ from stepwise_lit.cli import main
 from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.models.generate import TransformersGenerator
 from stepwise_lit.rewards.implicit import ImplicitStepScorer
-from tests.helpers.chat import QWEN_STYLE_TEMPLATE, byte_ids, qwen_style_text, save_model_folder
-from tests.helpers.entry import run_entry, write_config, write_pairs
+from tests.helpers.chat import (
+    QWEN_STYLE_TEMPLATE,
+    RecordingSolvingGenerator,
+    byte_ids,
+    qwen_style_text,
+    save_model_folder,
+)
+from tests.helpers.entry import merged, run_entry, write_config, write_pairs
 
 SYSTEM = "Answer in steps."
 
@@ -55,17 +61,18 @@ class Spies:
         monkeypatch.setattr(ImplicitStepScorer, "side_batch", spy_side_batch)
 
 
-def fit(tmp_path, chat_model, data: dict, capsys):
+def fit(tmp_path, chat_model, data: dict, capsys, changes: dict | None = None):
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     write_pairs(train, 8)
     write_pairs(val, 2)
-    changes = {
+    settings = {
         "model": {"tiny_model": None, "model_name_or_path": chat_model},
         "data": {"path": str(train), "val_path": str(val), "format": "stepwise", "pack_pairs": False,
                  "max_length": 512, "max_prompt_length": 256, **data},
         "evaluation": {"enabled": True, "during_fit": True, "max_prompts": 2, "generation": {"max_new_tokens": 2}},
     }
-    outcome = run_entry(main, ["fit", "--config", str(write_config(tmp_path / "fit", changes, tmp_path / "cache"))], capsys)
+    config = write_config(tmp_path / "fit", merged(settings, changes or {}), tmp_path / "cache")
+    outcome = run_entry(main, ["fit", "--config", str(config)], capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     return tmp_path / "fit" / "run" / "export", val
 
@@ -91,6 +98,21 @@ def test_one_prompt_has_the_template_ids_in_training_generation_and_scoring(tmp_
     scorer.step_log_probs([prompt], [["Step 1: 2 + 3 = 5.\n", "The answer is 5."]])
     ((scored_ids, step_ids),) = spies.scored
     assert scored_ids[: step_ids.index(1)] == expected
+
+
+def test_online_rounds_sample_from_the_rendered_prompts(tmp_path, chat_model, capsys):
+    """One online round (epoch 1) after an epoch on the file's pairs: the backend the loop builds renders
+    each prompt with the template and the system prompt."""
+    RecordingSolvingGenerator.calls.clear()
+    online = {
+        "trainer": {"max_steps": -1, "max_epochs": 2, "reload_dataloaders_every_n_epochs": 1, "val_check_interval": None},
+        "online": {"enabled": True, "verifier": {"class_path": "stepwise_lit.rewards.ArithmeticStepVerifier"},
+                   "prompts_per_round": 2, "steps_per_round": 1, "generator": "tests.helpers.chat.RecordingSolvingGenerator",
+                   "generation": {"do_sample": True, "num_samples": 2, "max_new_tokens": 2}},
+    }
+    fit(tmp_path, chat_model, {"system_prompt": SYSTEM}, capsys, online)
+    calls = RecordingSolvingGenerator.calls
+    assert len(calls) == 2 and all(ids == byte_ids(qwen_style_text(text, SYSTEM)) for text, ids in calls)
 
 
 def test_off_the_prompts_stay_raw_text(tmp_path, chat_model, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """A byte-level tokenizer carrying a Qwen2.5-style chat template, its rendering written out by hand,
-and a random tiny Llama saved beside it as a model folder (no download)."""
+a random tiny Llama saved beside it as a model folder (no download), and an online-round backend
+that records the prompt ids it is asked for."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from stepwise_lit.data.tokenize import prompt_token_ids
 from stepwise_lit.data.tokenizer import BYTE_TOKEN_OFFSET, build_byte_tokenizer
 from stepwise_lit.models.loading import build_tiny_model
 from tests.helpers.implicit_prm import SHAPE
+from tests.helpers.online_helpers import SolvingGenerator
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # Qwen2.5-Instruct's template without its tool-calling branches.
@@ -48,3 +51,19 @@ def save_model_folder(folder: Path, chat_template: str | None, seed: int = 0) ->
     build_tiny_model(tokenizer, SHAPE).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+class RecordingSolvingGenerator(SolvingGenerator):
+    """An online-round backend (``online.generator: tests.helpers.chat.RecordingSolvingGenerator``):
+    `SolvingGenerator`'s solutions, and in `calls` each prompt with its ids as the loop's prompt
+    format renders them (``prompt_token_ids`` with the ``prompt_format`` the loop built it with)."""
+
+    calls: list[tuple[str, list[int]]] = []
+
+    def __init__(self, model, tokenizer, prompt_format, max_prompt_length=None, progress=True) -> None:
+        super().__init__(model, tokenizer)
+        self.tokenizer, self.prompt_format = tokenizer, prompt_format
+
+    def generate(self, prompts, settings):
+        type(self).calls += [(prompt, prompt_token_ids(prompt, self.tokenizer, self.prompt_format)) for prompt in prompts]
+        return super().generate(prompts, settings)
