@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/solve_probe.py`: this checkout's bench
 
 from bench.common import REPO, Report, add_write_option  # noqa: E402
+from stepwise_lit.data.chat import prompt_format_of  # noqa: E402
 from stepwise_lit.data.synthetic import generate_pairs  # noqa: E402
 from stepwise_lit.grading.answers import answers_match, extract_embedded  # noqa: E402
 from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator  # noqa: E402
@@ -57,8 +58,7 @@ def solve_rate(export: Path, num_problems: int, problem_seed: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     problems = generate_pairs(num_problems, seed=problem_seed, max_value=data["synthetic_max_value"])
-    template = data["step_wise_prompt_template"] if data["use_step_wise_prompt"] else None
-    generator = TransformersGenerator(model, tokenizer, template, data["max_prompt_length"], progress=False)
+    generator = TransformersGenerator(model, tokenizer, prompt_format_of(data), data["max_prompt_length"], progress=False)
     # the longest solution has 8 lines; the budget stops a model that never ends
     settings = GenerationSettings(max_new_tokens=256, max_steps=8, batch_size=50)
     completions = generator.generate([problem["prompt"] for problem in problems], settings)

@@ -24,7 +24,8 @@ length). The prompts are every row of ``data.path`` (a file, data folder or hub 
 ``data.format``); ``data.path`` null or ``synthetic`` means the embedded task's held-out problems
 (the data module's validation split: the ``synthetic_val_size`` pairs after the training ones).
 Prompts are formatted and cut as training formats them (``data.use_step_wise_prompt``,
-``data.step_wise_prompt_template``, ``data.max_prompt_length`` from the left).
+``data.step_wise_prompt_template``, ``data.apply_chat_template``, ``data.system_prompt``,
+``data.max_prompt_length`` from the left).
 
 Bad options or data end with one paragraph naming the setting, file and line, exit code 2, before
 any model is loaded where that can be known by then.
@@ -45,6 +46,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from stepwise_lit.data.chat import check_prompt_format, prompt_format_of
 from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
 from stepwise_lit.data.heldout import held_out_problems
 from stepwise_lit.data.sources import SYNTHETIC
@@ -180,11 +182,14 @@ def problem_rows(data: Namespace) -> tuple[list[dict], str]:
 
     ``data.path`` a file, folder or hub id: every row (read as the data module reads it); null or
     ``synthetic``: the embedded validation split (as ``StepwiseDataModule.canonical_splits``).
+    Rows only: the prompts are rendered later with the policy's tokenizer, so the data module here
+    has the byte tokenizer and no system prompt to check against it.
     """
-    datamodule = StepwiseDataModule(**{**data.as_dict(), "require_scores": False, "tokenizer_name_or_path": None})
+    settings = {**data.as_dict(), "require_scores": False, "tokenizer_name_or_path": None, "system_prompt": None}
+    datamodule = StepwiseDataModule(**settings)
     if data.path in (None, SYNTHETIC):
         return datamodule.canonical_splits()[1], f"synthetic validation split (seed {data.seed})"
-    return datamodule.canonical_rows(data.path, data.split), data.path
+    return datamodule.canonical_rows(datamodule.sources[0]), data.path
 
 
 def checkpoint_policy_weights(path: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -264,9 +269,10 @@ def generation_report(
     if not problems:
         raise SettingError(f"data.path: none of the {len(rows)} rows of {data_source} has a reference solution or chosen steps")
     data = settings.data
-    template = data.step_wise_prompt_template if data.use_step_wise_prompt else None
+    prompt_format = prompt_format_of(data.as_dict())
     policy, tokenizer = load_policy(settings.model, settings.ckpt_path)
-    generator = TransformersGenerator(policy.to(device), tokenizer, template, data.max_prompt_length)
+    check_prompt_format(tokenizer, prompt_format)
+    generator = TransformersGenerator(policy.to(device), tokenizer, prompt_format, data.max_prompt_length)
     generation = evaluation.generation
     metrics = GenerationMetrics(evaluation.source, generation.num_samples)
     verifier = evaluation.verifier
@@ -279,7 +285,7 @@ def generation_report(
         **metrics.compute(with_flags=verifier is not None),
         "rows_without_reference": without_reference,
         "generation": asdict(generation),
-        "prompt": {"template": template, "max_prompt_length": data.max_prompt_length},
+        "prompt": {**asdict(prompt_format), "max_prompt_length": data.max_prompt_length},
         "examples": examples(problems, completions, evaluation.source),
     }
 

@@ -37,7 +37,7 @@ from jsonargparse import ArgumentParser, Namespace
 from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.records import SIDES
-from stepwise_lit.data.sources import SYNTHETIC, read_source
+from stepwise_lit.data.sources import SYNTHETIC, DataSource, data_sources, read_source
 from stepwise_lit.data.synthetic import MAX_VALUE, generate_pairs
 from stepwise_lit.data.writers import check_output, write_rows
 from stepwise_lit.errors import (
@@ -54,12 +54,11 @@ logger = logging.getLogger("stepwise_lit")
 def prepare(
     format: str,
     output: str | Path,
-    input: str | Path | None = None,
+    input: str | Path | DataSource | None = None,
     step_delimiter: str = "\n\nStep",
     num_pairs: int | None = None,
     seed: int = 0,
     require_scores: bool = False,
-    split: str = "train",
     synthetic_max_value: int = MAX_VALUE,
 ) -> list[dict]:
     """Converts a raw source to canonical rows and writes them.
@@ -68,13 +67,13 @@ def prepare(
         format: An input format of ``stepwise_lit.data.formats`` (gsm8k, prm800k,
             step_dpo, synthetic, delimited, stepwise, preference); ignored when generating.
         output: Where the rows go (``.jsonl`` or ``.parquet``).
-        input: The raw source: a file, a data folder or a hub id ``owner/name``; None
-            generates `num_pairs` synthetic pairs.
+        input: The raw source: a file, a data folder or a hub id ``owner/name`` (its ``train``
+            split), or a `DataSource` naming the split, configuration, revision or data files;
+            None generates `num_pairs` synthetic pairs.
         step_delimiter: Splits text responses into steps (``delimited``, ``preference``, ``step_dpo``).
         num_pairs: Pairs to generate when there is no input.
         seed: Seed of the synthetic generator and of the GSM8K corruption.
         require_scores: Reject rows without step scores instead of leaving them to ``score``.
-        split: Split of a data folder or hub dataset.
         synthetic_max_value: Largest number in a generated problem.
 
     Returns:
@@ -85,15 +84,16 @@ def prepare(
             in the input).
         DataFormatError: On an unreadable file or an invalid record.
     """
+    data_source = DataSource(str(input)) if isinstance(input, (str, Path)) else input
     check_output(Path(output))
-    check_not_input(str(output), None if input is None else str(input), "prepare")
-    if input is None:
+    check_not_input(str(output), None if data_source is None else data_source.path, "prepare")
+    if data_source is None:
         if num_pairs is None:
             raise SettingError("num_pairs: how many synthetic pairs to generate (there is no data.path to read)")
         records = generate_pairs(num_pairs, seed, max_value=synthetic_max_value)
         format, source = SYNTHETIC, f"synthetic(num_pairs={num_pairs}, seed={seed})"
     else:
-        records, source = read_source(str(input), split), str(input)
+        records, source = read_source(data_source), data_source.path
     rows = to_canonical(records, format, source, step_delimiter, require_scores=require_scores, seed=seed)
     write_rows(rows, output)
     unscored = sum(row[f"{side}_step_scores"] is None for row in rows for side in SIDES)
@@ -163,12 +163,11 @@ def run(options: Namespace) -> None:
     prepare(
         data.format,
         options.output,
-        None if data.path in (None, SYNTHETIC) else data.path,
+        data_sources(data)[0],
         data.step_delimiter,
         data.synthetic_train_size + data.synthetic_val_size if options.num_pairs is None else options.num_pairs,
         data.seed,
         data.require_scores,
-        data.split,
         data.synthetic_max_value,
     )
 

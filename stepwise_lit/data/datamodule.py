@@ -34,8 +34,9 @@ from datasets import Dataset, DatasetDict
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, SequentialSampler
 
-from stepwise_lit.data import formats, gsm8k, prm800k, records, stepdpo, synthetic
+from stepwise_lit.data import chat, formats, gsm8k, prm800k, records, stepdpo, synthetic
 from stepwise_lit.data import tokenize as tokenize_module
+from stepwise_lit.data.chat import check_prompt_format, prompt_format_of
 from stepwise_lit.data.collate import LengthGroupedBatchSampler, StepwiseCollator
 from stepwise_lit.data.formats import Format, to_canonical
 from stepwise_lit.data.readers import read_records
@@ -47,7 +48,16 @@ from stepwise_lit.data.sampling import (
     ResumableDataLoader,
     RoundSampler,
 )
-from stepwise_lit.data.sources import SYNTHETIC, check_data_source, read_source, source_fingerprint
+from stepwise_lit.data.sources import (
+    SYNTHETIC,
+    DataFiles,
+    DataSource,
+    check_data_source,
+    check_hub_options,
+    data_sources,
+    read_source,
+    source_fingerprint,
+)
 from stepwise_lit.data.synthetic import generate_pairs
 from stepwise_lit.data.tokenize import TokenizeSettings, Truncation, canonical_dataset, tokenize_dataset
 from stepwise_lit.data.tokenizer import load_tokenizer
@@ -65,7 +75,7 @@ POSITIVE_SETTINGS = (
     "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_num_steps", "num_proc", "synthetic_train_size",
     "pack_budget",
 )
-DATA_CODE = (arithmetic, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
+DATA_CODE = (arithmetic, chat, formats, gsm8k, prm800k, records, stepdpo, synthetic, tokenize_module)
 
 
 class StepwiseDataModule(L.LightningDataModule):
@@ -89,6 +99,17 @@ class StepwiseDataModule(L.LightningDataModule):
             ``chosen``, ``rejected``; set ``step_delimiter`` to ``"\\nStep"``) or ``synthetic``.
         split: Split of a hub dataset given as ``path``.
         val_split: Split of a hub dataset given as ``val_path``.
+        name: Configuration of the data folder or hub dataset ``path`` (``datasets.load_dataset``'s
+            ``name``, e.g. ``main`` for ``openai/gsm8k``); None: its default one. Part of the
+            tokenized-data cache key, as are ``revision`` and ``data_files``.
+        revision: Branch, tag or commit of the hub dataset ``path``; None: the default branch
+            (pin a commit to train on fixed data).
+        data_files: Files of the data folder or hub dataset ``path`` to read instead of its
+            configured ones: a file or glob, a list, or a mapping split -> files (relative to
+            the folder or repository).
+        val_name: ``name`` for ``val_path``.
+        val_revision: ``revision`` for ``val_path``.
+        val_data_files: ``data_files`` for ``val_path``.
         step_delimiter: Non-empty text that starts a new step in text responses.
         max_length: Most tokens per prompt + response (at least 1); responses keep the
             longest prefix of whole steps that fits. None for no limit.
@@ -104,6 +125,15 @@ class StepwiseDataModule(L.LightningDataModule):
         max_num_steps: Most steps kept per response (at least 1); None for no limit.
         use_step_wise_prompt: Wrap string prompts in ``step_wise_prompt_template``.
         step_wise_prompt_template: Template containing ``{prompt}``.
+        apply_chat_template: Render string prompts as the user turn of the tokenizer's chat
+            template, with the generation prompt (chat-message prompts always are), in
+            training, generation and implicit scoring alike (``stepwise_lit.data.chat``).
+            None: on when the tokenizer has a chat template of its own (an instruct model's),
+            off for the embedded byte tokenizer, whose minimal template the embedded model is
+            not trained with. True with a tokenizer without a template stops at start.
+        system_prompt: System turn put before each prompt when the chat template is applied
+            (and before chat messages that have none); None for none. Refused when string
+            prompts are not rendered through a chat template.
         tokenizer_name_or_path: Hub id or folder of the tokenizer; None builds the
             embedded byte-level tokenizer.
         trust_remote_code: Allow the tokenizer's own code from the hub; only for
@@ -148,6 +178,12 @@ class StepwiseDataModule(L.LightningDataModule):
         format: Format = "delimited",
         split: str = "train",
         val_split: str = "test",
+        name: str | None = None,
+        revision: str | None = None,
+        data_files: DataFiles | None = None,
+        val_name: str | None = None,
+        val_revision: str | None = None,
+        val_data_files: DataFiles | None = None,
         step_delimiter: str = "\n\nStep",
         max_length: int | None = 1024,
         max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
@@ -155,6 +191,8 @@ class StepwiseDataModule(L.LightningDataModule):
         max_num_steps: int | None = None,
         use_step_wise_prompt: bool = False,
         step_wise_prompt_template: str = DEFAULT_STEP_WISE_PROMPT_TEMPLATE,
+        apply_chat_template: bool | None = None,
+        system_prompt: str | None = None,
         tokenizer_name_or_path: str | None = None,
         trust_remote_code: bool = False,
         batch_size: int = 8,
@@ -178,10 +216,11 @@ class StepwiseDataModule(L.LightningDataModule):
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             max_num_steps=max_num_steps,
-            step_wise_prompt_template=step_wise_prompt_template if use_step_wise_prompt else None,
+            prompt_format=prompt_format_of(self.hparams),
         )
         self.cache_root = Path(cache_dir or os.environ.get("STEPWISE_LIT_CACHE", "~/.cache/stepwise_lit")).expanduser()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, trust_remote_code=trust_remote_code, setting="data.tokenizer_name_or_path")
+        check_prompt_format(self.tokenizer, self.settings.prompt_format)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.online_round: tuple[int, int] | None = None  # (round, batches per process) once train_on_round ran
@@ -190,6 +229,11 @@ class StepwiseDataModule(L.LightningDataModule):
     def path(self) -> str | None:
         """The training source; None for the embedded synthetic data."""
         return None if self.hparams.path == SYNTHETIC else self.hparams.path
+
+    @property
+    def sources(self) -> tuple[DataSource | None, DataSource | None]:
+        """The training and validation sources (`stepwise_lit.data.sources.data_sources`)."""
+        return data_sources(self.hparams)
 
     @property
     def eval_batch_size(self) -> int:
@@ -209,8 +253,8 @@ class StepwiseDataModule(L.LightningDataModule):
         hparams = self.hparams
         return Hasher.hash(
             {
-                "train": source_fingerprint(self.path, hparams.split),
-                "val": None if hparams.val_path is None else source_fingerprint(hparams.val_path, hparams.val_split),
+                "train": source_fingerprint(self.sources[0]),
+                "val": source_fingerprint(self.sources[1]),
                 "synthetic": (hparams.synthetic_train_size, hparams.synthetic_val_size, hparams.synthetic_max_value)
                 if self.path is None
                 else None,
@@ -298,23 +342,24 @@ class StepwiseDataModule(L.LightningDataModule):
         with ``synthetic_val_size`` 0).
         """
         hparams = self.hparams
-        val = None if hparams.val_path is None else self.canonical_rows(hparams.val_path, hparams.val_split)
-        if self.path is None:
+        train_source, val_source = self.sources
+        val = None if val_source is None else self.canonical_rows(val_source)
+        if train_source is None:
             num_pairs = hparams.synthetic_train_size + hparams.synthetic_val_size
             rows = generate_pairs(num_pairs, seed=hparams.seed, max_value=hparams.synthetic_max_value)
             rows = to_canonical(rows, SYNTHETIC, SYNTHETIC)
             return rows[: hparams.synthetic_train_size], rows[hparams.synthetic_train_size :] if val is None else val
-        return self.canonical_rows(self.path, hparams.split), val
+        return self.canonical_rows(train_source), val
 
-    def canonical_rows(self, path: str, split: str) -> list[dict]:
+    def canonical_rows(self, data_source: DataSource) -> list[dict]:
         """Read a local file (our readers) or a hub dataset / data folder (``datasets``) and convert it.
 
         Raises:
             DataFormatError: For a file that cannot be read, an invalid record, or a source
                 whose every record is skipped (reasons in the log).
         """
-        records = read_source(path, split)
-        source = self.source_name(path)
+        records = read_source(data_source)
+        source = self.source_name(data_source.path)
         rows = to_canonical(
             records,
             self.hparams.format,
@@ -520,5 +565,8 @@ def check_data_settings(hparams: Mapping[str, Any]) -> None:
         )
     for name in ("path", "val_path"):
         check_data_source(name, hparams[name])
+    for source in data_sources(hparams):
+        if source is not None:
+            check_hub_options(source)
 
 

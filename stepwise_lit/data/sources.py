@@ -1,13 +1,19 @@
 """Data sources: checking, reading and fingerprinting a local file, a data folder or a hub dataset
-(``data.path``, ``data.val_path``), and checking a model or tokenizer source before loading it.
+(``data.path``, ``data.val_path``, with ``data.name``/``revision``/``data_files`` and their
+``val_`` twins for ``datasets.load_dataset``), and checking a model or tokenizer source before
+loading it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from datasets import load_dataset
 from huggingface_hub import try_to_load_from_cache
@@ -22,38 +28,102 @@ SYNTHETIC = "synthetic"
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def source_fingerprint(path: str | None, split: str) -> str | None:
-    """The contents hash of a local file; the id and split of a hub dataset; None for synthetic data."""
-    if path is None:
+DataFiles = str | list[str] | dict[str, str | list[str]]
+"""``datasets.load_dataset``'s ``data_files``: a file or glob, a list of them, or split -> files."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One data source as the settings name it (``data.path`` with ``data.split`` ..., or the ``val_`` ones).
+
+    Attributes:
+        path: A local file, a data folder or a hub dataset id ``owner/name``.
+        split: Split of a data folder or hub dataset.
+        name: Configuration of a data folder or hub dataset (``openai/gsm8k``'s ``main``); None: its default.
+        revision: Branch, tag or commit of a hub dataset; None: the default branch.
+        data_files: Files of a data folder or hub dataset to read instead of its configured ones.
+        setting: The path's setting as YAML names it (``data.path`` or ``data.val_path``), for errors.
+    """
+
+    path: str
+    split: str = "train"
+    name: str | None = None
+    revision: str | None = None
+    data_files: DataFiles | None = None
+    setting: str = "data.path"
+
+    @property
+    def is_file(self) -> bool:
+        """Whether the path is a local file (read by this package's readers, not ``datasets``)."""
+        return Path(self.path).expanduser().is_file()
+
+
+def data_sources(hparams: Mapping[str, Any]) -> tuple[DataSource | None, DataSource | None]:
+    """The training and validation sources that data settings name (None: synthetic / no ``val_path``)."""
+    sources = []
+    for prefix in ("", "val_"):
+        path = hparams[f"{prefix}path"]
+        sources.append(None if path in (None, SYNTHETIC) else DataSource(
+            path, hparams[f"{prefix}split"], hparams[f"{prefix}name"], hparams[f"{prefix}revision"],
+            hparams[f"{prefix}data_files"], f"data.{prefix}path",
+        ))
+    return sources[0], sources[1]
+
+
+def source_fingerprint(source: DataSource | None) -> str | None:
+    """The contents hash of a local file; the id, split, name, revision and data files of a data folder
+    or hub dataset; None for synthetic data."""
+    if source is None:
         return None
-    if Path(path).is_file():
+    if source.is_file:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
+        with open(source.path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
-    return f"{path}:{split}"
+    return json.dumps({key: value for key, value in asdict(source).items() if key != "setting"}, sort_keys=True)
 
 
-def read_source(path: str, split: str) -> list[dict]:
+def read_source(source: DataSource) -> list[dict]:
     """The records of a local file (our readers, with line numbers) or of a data folder / hub dataset."""
-    local = Path(path).expanduser()
-    return read_records(local) if local.is_file() else read_hub_dataset(path, split)
+    return read_records(Path(source.path).expanduser()) if source.is_file else read_hub_dataset(source)
 
 
-def read_hub_dataset(path: str, split: str) -> list[dict]:
-    """The records of a data folder or hub dataset ``owner/name`` (``datasets.load_dataset``).
+def read_hub_dataset(source: DataSource) -> list[dict]:
+    """The records of a data folder or hub dataset ``owner/name`` (``datasets.load_dataset`` with the
+    source's split, name, revision and data files).
 
     Raises:
-        SettingError: Naming ``data.path`` when ``datasets`` cannot load it (not found, offline).
+        SettingError: Naming the source's setting when ``datasets`` cannot load it (not found, offline,
+            an unknown configuration name).
     """
     try:
-        return load_dataset(path, split=split).to_list()
+        return load_dataset(
+            source.path, source.name, split=source.split, revision=source.revision, data_files=source.data_files
+        ).to_list()
     except (FileNotFoundError, ConnectionError, ValueError, OSError) as error:
+        details = ", ".join(f"{key} {value!r}" for key, value in asdict(source).items()
+                            if key not in ("path", "setting") and value is not None)
         raise SettingError(
-            f"data.path: cannot load {path!r} (split {split!r}) as a data folder or hub dataset: "
+            f"{source.setting}: cannot load {source.path!r} ({details}) as a data folder or hub dataset: "
             f"{type(error).__name__}: {error}"
         ) from None
+
+
+def check_hub_options(source: DataSource) -> None:
+    """Fails when ``name``, ``revision`` or ``data_files`` is set for a local file, which they cannot apply to.
+
+    Raises:
+        SettingError: Naming the setting (``data.name``, ``data.val_revision`` ...).
+    """
+    if not source.is_file:
+        return
+    prefix = source.setting[: -len("path")]
+    for key in ("name", "revision", "data_files"):
+        if getattr(source, key) is not None:
+            raise SettingError(
+                f"{prefix}{key}: applies to a data folder or hub dataset, and {source.setting} {source.path!r} is a file"
+            )
 
 
 def check_data_source(name: str, path: str | None) -> None:

@@ -36,8 +36,9 @@ from datasets import Dataset, Features, Value
 from datasets import Sequence as ListOf
 from transformers import PreTrainedTokenizerBase
 
+from stepwise_lit.data.chat import NoChatTemplate, PromptFormat, render_prompt
 from stepwise_lit.data.formats import CanonicalRows
-from stepwise_lit.data.records import SIDES, RecordSkipped
+from stepwise_lit.data.records import SIDES, Prompt, RecordSkipped
 from stepwise_lit.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -79,20 +80,18 @@ class TokenizeSettings:
         max_length: Most tokens of prompt + response per side; None for no limit.
         max_prompt_length: Most prompt tokens (cut from the left); None for no limit.
         max_num_steps: Most steps kept per response; None for no limit.
-        step_wise_prompt_template: A template with ``{prompt}`` wrapped around string
-            prompts (e.g. asking for numbered steps); None leaves prompts as they are.
+        prompt_format: How prompts are rendered (step-wise template, chat template, system
+            prompt; `stepwise_lit.data.chat.PromptFormat`).
     """
 
     max_length: int | None = None
     max_prompt_length: int | None = None
     max_num_steps: int | None = None
-    step_wise_prompt_template: str | None = None
+    prompt_format: PromptFormat = PromptFormat()
 
 
-def prompt_token_ids(
-    prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, step_wise_prompt_template: str | None
-) -> list[int]:
-    """Tokenize a prompt: chat template for messages, optional step-wise template for strings.
+def prompt_token_ids(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat) -> list[int]:
+    """Tokenize a prompt rendered by `stepwise_lit.data.chat.render_prompt`.
 
     BOS is prepended when the tokenizer has one and the text does not already start
     with it (chat templates usually write it themselves).
@@ -100,17 +99,15 @@ def prompt_token_ids(
     Args:
         prompt: A string or chat messages.
         tokenizer: The tokenizer.
-        step_wise_prompt_template: Template with ``{prompt}`` for string prompts, or None.
+        prompt_format: How the prompt is rendered.
 
     Returns:
         Prompt token ids.
+
+    Raises:
+        NoChatTemplate: When the prompt needs a chat template the tokenizer does not have.
     """
-    if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    elif step_wise_prompt_template is not None:
-        text = step_wise_prompt_template.replace("{prompt}", prompt)
-    else:
-        text = prompt
+    text = render_prompt(prompt, tokenizer, prompt_format)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
@@ -139,11 +136,11 @@ def response_token_ids(steps: list[str], tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def tokenize_response(
-    prompt: str | list[dict],
+    prompt: Prompt,
     steps: list[str],
     tokenizer: PreTrainedTokenizerBase,
     max_prompt_length: int | None = None,
-    step_wise_prompt_template: str | None = None,
+    prompt_format: PromptFormat = PromptFormat(),
 ) -> tuple[list[int], list[int], bool]:
     """One whole response laid out as `tokenize_row` lays out a side, for scoring a single response.
 
@@ -156,12 +153,12 @@ def tokenize_response(
         steps: Step texts; their concatenation is the response.
         tokenizer: The tokenizer (needs an EOS token).
         max_prompt_length: Most prompt tokens; None for no limit.
-        step_wise_prompt_template: Template with ``{prompt}`` for string prompts, or None.
+        prompt_format: How the prompt is rendered, as in training.
 
     Returns:
         ``(input_ids, step_ids, prompt_cut)``; `prompt_cut` is True when the prompt was cut.
     """
-    prompt_ids = prompt_token_ids(prompt, tokenizer, step_wise_prompt_template)
+    prompt_ids = prompt_token_ids(prompt, tokenizer, prompt_format)
     prompt_cut = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
     if prompt_cut:
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
@@ -242,7 +239,7 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokeni
     Raises:
         RowDoesNotFit: If a side keeps no step, or the kept chosen and rejected steps are identical.
     """
-    prompt_ids = prompt_token_ids(row["prompt"], tokenizer, settings.step_wise_prompt_template)
+    prompt_ids = prompt_token_ids(row["prompt"], tokenizer, settings.prompt_format)
     prompt_truncated = settings.max_prompt_length is not None and len(prompt_ids) > settings.max_prompt_length
     if prompt_truncated:
         prompt_ids = prompt_ids[len(prompt_ids) - settings.max_prompt_length :]
@@ -368,6 +365,8 @@ def tokenize_or_mark_dropped(
     place = {"line": record["source_line"], "row": record["source_row"]}
     try:
         token_row = tokenize_row(row, tokenizer, settings)
+    except NoChatTemplate as error:
+        raise DataFormatError(str(error), source=source, **place) from None
     except RowDoesNotFit as error:
         if truncation == "error":
             raise DataFormatError(

@@ -191,7 +191,8 @@ class SolveRateEvaluation(L.Callback):
 
     Prompts are the split's distinct prompts in order, at most ``max_prompts``, formatted and
     cut as training formats them (``data.use_step_wise_prompt``/``step_wise_prompt_template``,
-    ``data.max_prompt_length`` from the left). Under DDP and FSDP2 each rank generates its
+    ``data.apply_chat_template``/``system_prompt``, ``data.max_prompt_length`` from the left).
+    Under DDP and FSDP2 each rank generates its
     in-order share once; the shares are padded to equal length with repeats of weight 0
     (``data.sampling.PaddedShardSampler``), so the values equal one process's, and every rank
     runs as many ``generate`` batches, which a sharded policy decodes in lockstep
@@ -280,7 +281,7 @@ class SolveRateEvaluation(L.Callback):
         mine = [problems[position % len(problems)] for position in positions]
         weights = torch.tensor([float(position < len(problems)) for position in positions])
         generator = TransformersGenerator(
-            pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
+            pl_module.policy, pl_module.tokenizer, datamodule.settings.prompt_format,
             datamodule.hparams.max_prompt_length, progress=shows_progress(trainer),
         )
         self.metrics.to(pl_module.device)  # torchmetrics syncs its states where they are (NCCL: on the GPU)

@@ -41,6 +41,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
+from stepwise_lit.data.chat import PromptFormat
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenize import prompt_token_ids
 from stepwise_lit.errors import SettingError
@@ -272,8 +273,9 @@ def gathered_root(model: torch.nn.Module) -> Iterator[None]:
 class TransformersGenerator:
     """Batched ``model.generate`` with the KV cache and left padding.
 
-    Prompts are tokenized as training tokenizes them (``data.step_wise_prompt_template``
-    for text, the chat template for messages, BOS prepended when missing, then cut from
+    Prompts are tokenized as training tokenizes them (`stepwise_lit.data.chat.render_prompt`:
+    ``data.step_wise_prompt_template``, ``data.apply_chat_template`` and ``data.system_prompt``
+    for text, the chat template for messages; BOS prepended when missing, then cut from
     the left to ``data.max_prompt_length`` tokens; the number cut is logged) and
     left-padded with the tokenizer's pad token; the tokenizer's own ``padding_side`` is
     not changed. The model is put in eval mode for the call and given back in the mode
@@ -284,7 +286,7 @@ class TransformersGenerator:
     Args:
         model: A causal LM (``PreTrainedModel`` or a PEFT model around one).
         tokenizer: Its tokenizer, with a pad token.
-        prompt_template: Training's ``step_wise_prompt_template`` (``{prompt}`` in it), or None.
+        prompt_format: Training's prompt rendering (``datamodule.settings.prompt_format``).
         max_prompt_length: Training's ``max_prompt_length``: most prompt tokens kept, from
             the right; None keeps whole prompts.
         progress: Show a progress bar over batches.
@@ -294,19 +296,19 @@ class TransformersGenerator:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        prompt_template: str | None = None,
+        prompt_format: PromptFormat = PromptFormat(),
         max_prompt_length: int | None = None,
         progress: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.prompt_template = prompt_template
+        self.prompt_format = prompt_format
         self.max_prompt_length = max_prompt_length
         self.progress = progress
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
         """See :meth:`Generator.generate`."""
-        prompt_ids = [prompt_token_ids(prompt, self.tokenizer, self.prompt_template) for prompt in prompts]
+        prompt_ids = [prompt_token_ids(prompt, self.tokenizer, self.prompt_format) for prompt in prompts]
         if self.max_prompt_length is not None:
             limit = self.max_prompt_length
             cut = sum(len(ids) > limit for ids in prompt_ids)

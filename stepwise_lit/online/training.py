@@ -95,7 +95,7 @@ class OnlineRounds(L.Callback):
             policy at the start of every this-many-th round (round r with r % N == 0, r > 0);
             None keeps it fixed.
         generator: Import path of the decoding backend, built each round as
-            ``Backend(policy, tokenizer, prompt_template, max_prompt_length, progress=bool)``
+            ``Backend(policy, tokenizer, prompt_format, max_prompt_length, progress=bool)``
             and called as a ``stepwise_lit.models.generate.Generator`` (``generate(prompts, settings)
             -> K completions per prompt``). Default: ``transformers``' ``generate`` with the
             KV cache. A vLLM backend for GPU machines is a class with that constructor that
@@ -287,7 +287,7 @@ class OnlineRounds(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         datamodule = trainer.datamodule
         backend = self.generator(
-            pl_module.policy, pl_module.tokenizer, datamodule.settings.step_wise_prompt_template,
+            pl_module.policy, pl_module.tokenizer, datamodule.settings.prompt_format,
             datamodule.hparams.max_prompt_length, progress=shows_progress(trainer),
         )
         positions = list(PaddedShardSampler(range(len(prompts)), num_replicas=world, rank=rank))

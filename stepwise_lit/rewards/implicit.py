@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stepwise_lit.data.chat import prompt_format_of
 from stepwise_lit.data.collate import right_pad
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenize import tokenize_response
@@ -129,10 +130,11 @@ class ImplicitStepScorer(StepScorer):
     with `per_token` its per-token form ``h_t / n_t``; the score is ``tanh(h_t / scale)`` (`squash`),
     in (-1, 1) as the data contract asks. `raw_step_rewards` gives h_t itself, for ranking.
 
-    A response is tokenized as a training side is: the prompt (through the export's step-wise
-    prompt template when the run used one, cut from the left to the run's ``data.max_prompt_length``,
-    cut prompts counted in the log), every step, then EOS, which counts with the last step. Responses
-    are run longest first, `batch_size` at a time, one forward pass per model per batch.
+    A response is tokenized as a training side is: the prompt (rendered as the export's run rendered
+    it: step-wise template, chat template, system prompt, `stepwise_lit.data.chat`; cut from the left
+    to the run's ``data.max_prompt_length``, cut prompts counted in the log), every step, then EOS,
+    which counts with the last step. Responses are run longest first, `batch_size` at a time, one
+    forward pass per model per batch.
 
     The reference, when `ref_model_name_or_path` is not set: an export with only a LoRA adapter
     (``adapter/`` and no merged weights) is loaded as the adapter's base + adapter, and the same
@@ -201,7 +203,7 @@ class ImplicitStepScorer(StepScorer):
             check_same_vocabulary(self.policy, self.reference, source)
         data = export_config.get("data") or {}
         self.max_prompt_length = data.get("max_prompt_length")
-        self.prompt_template = data.get("step_wise_prompt_template") if data.get("use_step_wise_prompt") else None
+        self.prompt_format = prompt_format_of(data)
         self.beta = float(beta)
         self.per_token = per_token
         self.scale = scale
@@ -250,7 +252,7 @@ class ImplicitStepScorer(StepScorer):
         if len(prompts) != len(steps) or any(len(row_steps) == 0 for row_steps in steps):
             raise ValueError("step_log_probs needs one non-empty step list per prompt")
         encoded = [
-            tokenize_response(prompt, list(row_steps), self.tokenizer, self.max_prompt_length, self.prompt_template)
+            tokenize_response(prompt, list(row_steps), self.tokenizer, self.max_prompt_length, self.prompt_format)
             for prompt, row_steps in zip(prompts, steps)
         ]
         cut = sum(prompt_cut for _, _, prompt_cut in encoded)

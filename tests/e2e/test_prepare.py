@@ -10,6 +10,7 @@ from stepwise_lit.data.formats import validate_row
 from stepwise_lit.data.records import RecordContext
 from stepwise_lit.prepare import main, prepare
 from stepwise_lit.data.writers import write_rows
+from tests.helpers.hub_folder import write_hub_folder
 from tests.helpers.paths import SHARED_DATA
 
 DATA = SHARED_DATA
@@ -162,3 +163,13 @@ def test_prepare_never_writes_over_its_input(tmp_path, monkeypatch, capsys, spel
     assert f"output: {output}" in error and "never" in error
     assert raw.read_text() == "not json\n"
     assert not (tmp_path / "pairs.jsonl").exists()
+
+
+def test_prepare_reads_a_configuration_and_split_of_a_dataset_folder(tmp_path):
+    """`--data.name hard --data.split test` on a folder laid out as a hub dataset (two configurations)."""
+    folder = tmp_path / "owner_name"
+    files = write_hub_folder(folder)
+    out = tmp_path / "pairs.jsonl"
+    main(["--data.path", str(folder), "--data.name", "hard", "--data.split", "test", "--data.format", "stepwise",
+          "--output", str(out)])
+    assert [row["prompt"] for row in read_records(out)] == [row["prompt"] for row in files["hard/test"]]

@@ -45,7 +45,7 @@ class SolvingGenerator:
     """Built as the online loop builds a backend; sample i is right when i is even, else slips at
     step 1 + (i // 2) mod times."""
 
-    def __init__(self, model, tokenizer, prompt_template=None, max_prompt_length=None, progress=True) -> None:
+    def __init__(self, model, tokenizer, prompt_format=None, max_prompt_length=None, progress=True) -> None:
         self.model = model
 
     def generate(self, prompts, settings: GenerationSettings) -> list[list[str]]:

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import yaml
 
+from stepwise_lit.data.chat import prompt_format_of
 from stepwise_lit.data.formats import to_canonical
 from stepwise_lit.data.labelled import labelled_responses
 from stepwise_lit.data.synthetic import (
@@ -128,13 +129,12 @@ def test_every_prompt_fits_the_tiny_prompt_budget():
     do generated problems."""
     tokenizer = build_byte_tokenizer()
     budget, max_value = TINY_DATA["max_prompt_length"], TINY_DATA["synthetic_max_value"]
-    template = TINY_DATA["step_wise_prompt_template"] if TINY_DATA.get("use_step_wise_prompt") else None
     widest = [
         problem_statement(kind, name, thing, max_value, Operation("+", max_value), 8)
         for kind in TEMPLATES for name in NAMES for thing in kind.things
     ]
     generated = [pair["prompt"] for seed in (0, 4242) for pair in generate_pairs(500, seed=seed, max_value=max_value)]
-    lengths = [len(prompt_token_ids(prompt, tokenizer, template)) for prompt in widest + generated]
+    lengths = [len(prompt_token_ids(prompt, tokenizer, prompt_format_of(TINY_DATA))) for prompt in widest + generated]
     assert max(lengths) <= budget
     assert max(lengths[: len(widest)]) >= max(lengths[len(widest) :])  # the widest bounds what is drawn
 

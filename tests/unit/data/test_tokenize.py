@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
+from stepwise_lit.data.chat import PromptFormat
 from stepwise_lit.data.formats import DataFormatError, to_canonical
 from stepwise_lit.data.readers import read_records
 from stepwise_lit.data.synthetic import generate_pairs
@@ -103,7 +104,7 @@ def test_chat_template_prompt_has_one_bos(byte_tokenizer):
 
 
 def test_step_wise_prompt_template_wraps_string_prompts(byte_tokenizer):
-    settings = TokenizeSettings(step_wise_prompt_template="Q: {prompt}\nAnswer in steps.\n")
+    settings = TokenizeSettings(prompt_format=PromptFormat(step_wise_prompt_template="Q: {prompt}\nAnswer in steps.\n"))
     token_row = tokenize_row(small_row(), byte_tokenizer, settings)
     prompt_length = token_row["chosen_step_ids"].index(1)
     decoded = byte_tokenizer.decode(token_row["chosen_input_ids"][:prompt_length], skip_special_tokens=True)

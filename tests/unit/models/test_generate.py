@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from stepwise_lit.data.chat import PromptFormat
 from stepwise_lit.data.tokenizer import BYTE_TOKEN_OFFSET, load_tokenizer
 from stepwise_lit.errors import SettingError
 from stepwise_lit.models.generate import (
@@ -121,7 +122,9 @@ def test_left_padding_does_not_change_a_greedy_continuation(tokenizer):
 def test_prompts_are_templated_and_cut_as_in_training(tokenizer, caplog):
     """Template "Q: {prompt}\nA:" around the prompt, then its last 10 tokens (no BOS left)."""
     model = tiny_llama(tokenizer, seed=2)
-    generator = TransformersGenerator(model, tokenizer, "Q: {prompt}\nA:", max_prompt_length=10, progress=False)
+    generator = TransformersGenerator(
+        model, tokenizer, PromptFormat("Q: {prompt}\nA:"), max_prompt_length=10, progress=False
+    )
     with caplog.at_level("INFO", logger="stepwise_lit"):
         completions = generator.generate([PROMPT, "1+1"], GenerationSettings(max_new_tokens=12, batch_size=2))
     kept = tokenizer(f"Q: {PROMPT}\nA:", add_special_tokens=False)["input_ids"][-10:]
