@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -27,3 +27,31 @@ def padded_batches(
     device = model_device(model)
     for indices in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
         yield indices, pad_batch([sequences[i] for i in indices], pad_id, side, device)
+
+
+def outputs_at_positions(
+    model: torch.nn.Module,
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int,
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """Each sequence's model output at its read positions, right padded and batched (`padded_batches`).
+
+    Args:
+        model: The model (for its device).
+        forward: Maps a batch's `pad_batch` tensors to per-position outputs ``[B, L, ...]``.
+        encoded: Per sequence, its token ids and the positions to read (one per step).
+        batch_size: Most sequences per forward pass.
+        pad_id: Id written into the padding.
+
+    Returns:
+        In input order, float ``[num_positions, ...]`` tensors.
+    """
+    results: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    for batch, inputs in padded_batches(model, [ids for ids, _ in encoded], batch_size, pad_id, "right"):
+        outputs = forward(inputs).float()
+        for row, index in enumerate(batch):
+            positions = torch.tensor(list(encoded[index][1]), dtype=torch.long, device=outputs.device)
+            results[index] = outputs[row, positions]
+    return results

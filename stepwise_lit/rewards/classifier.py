@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoModelForTokenClassification
 
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text
-from stepwise_lit.rewards.batching import padded_batches
+from stepwise_lit.rewards.batching import outputs_at_positions
 
 
 class ClassifierStepScorer(StepScorer):
@@ -51,7 +50,7 @@ class ClassifierStepScorer(StepScorer):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = load_pretrained(
-            AutoModelForTokenClassification, model_name_or_path, trust_remote_code, dtype
+            AutoModelForTokenClassification, model_name_or_path, trust_remote_code, dtype, type(self).__name__
         )
         num_labels = self.model.config.num_labels
         if num_labels < 2 or not 0 <= good_label < num_labels:
@@ -68,16 +67,10 @@ class ClassifierStepScorer(StepScorer):
         self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
     ) -> list[list[float]]:
         encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
-        scores: list[list[float]] = [[] for _ in encoded]
-        token_ids = [ids for ids, _ in encoded]
-        batches = padded_batches(self.model, token_ids, self.batch_size, self.tokenizer.pad_token_id, "right")
-        for batch, inputs in batches:
-            logits = self.model(**inputs).logits.float()
-            for row, i in enumerate(batch):
-                positions = torch.tensor(encoded[i][1], device=logits.device)
-                good = logits[row, positions].softmax(-1)[:, self.good_label]
-                scores[i] = (2.0 * good - 1.0).tolist()
-        return scores
+        logits = outputs_at_positions(
+            self.model, lambda inputs: self.model(**inputs).logits, encoded, self.batch_size, self.tokenizer.pad_token_id
+        )
+        return [(2.0 * row.softmax(-1)[:, self.good_label] - 1.0).tolist() for row in logits]
 
     def encode(self, prompt: Prompt, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one response and the position of each step's label (its separator's last token)."""
