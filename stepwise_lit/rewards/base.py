@@ -246,7 +246,7 @@ def check_fully_loaded(scorer: str, source: str, loading_info: dict, refuse_unex
             raise SettingError(
                 f"model_name_or_path: {scorer} cannot score with {source!r}: the checkpoint {problem} {shown} "
                 "(weights it lacks would be freshly initialised, so every score would be noise); name a checkpoint "
-                f"saved with the head {scorer} reads (see docs/evaluation.md, step scorers)"
+                f"saved with the head {scorer} reads (see docs/data.md, published process reward models)"
             )
 
 

@@ -1,12 +1,20 @@
-"""Token id lists through a scorer's model in batches: longest first, padded, on the model's device."""
+"""Token id lists through a scorer's model in batches (longest first, padded, on the model's
+device), and `PositionScorer`, the scorers that read their model at one position per step."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from stepwise_lit.rewards.base import length_sorted_batches, model_device, pad_batch
+from stepwise_lit.data.records import Prompt
+from stepwise_lit.rewards.base import (
+    StepScorer,
+    length_sorted_batches,
+    model_device,
+    pad_batch,
+)
 
 
 def padded_batches(
@@ -55,3 +63,30 @@ def outputs_at_positions(
             positions = torch.tensor(list(encoded[index][1]), dtype=torch.long, device=outputs.device)
             results[index] = outputs[row, positions]
     return results
+
+
+class PositionScorer(StepScorer):
+    """A model scorer that reads its model at one position per step: subclasses set ``model``,
+    ``tokenizer`` and ``batch_size`` and give `encode` (the ids and the read positions of a
+    response) and `step_probability` (p in [0, 1] from the outputs there); score = 2p - 1."""
+
+    def _score_steps(
+        self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
+    ) -> list[list[float]]:
+        encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
+        outputs = outputs_at_positions(
+            self.model, self.model_outputs, encoded, self.batch_size, self.tokenizer.pad_token_id
+        )
+        return [(2.0 * self.step_probability(row) - 1.0).tolist() for row in outputs]
+
+    def model_outputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's per-position outputs ``[B, L, ...]`` (its logits unless a subclass says otherwise)."""
+        return self.model(**inputs).logits
+
+    @abc.abstractmethod
+    def encode(self, prompt: Prompt, steps: list[str]) -> tuple[list[int], list[int]]:
+        """Token ids of one response as the model reads it, and the position read for each step."""
+
+    @abc.abstractmethod
+    def step_probability(self, outputs: torch.Tensor) -> torch.Tensor:
+        """p in [0, 1] per step, ``[num_steps]``, from the outputs at the read positions ``[num_steps, ...]``."""

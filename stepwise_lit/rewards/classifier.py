@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoModelForTokenClassification
 
 from stepwise_lit.data.records import Prompt
-from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text
-from stepwise_lit.rewards.batching import outputs_at_positions
+from stepwise_lit.rewards.base import load_pretrained, prompt_text
+from stepwise_lit.rewards.batching import PositionScorer
 
 
-class ClassifierStepScorer(StepScorer):
+class ClassifierStepScorer(PositionScorer):
     """Scores each step with a token-classification PRM read at the step's separator.
 
     The input is laid out as TRL's ``PRMTrainer`` lays out a training example:
@@ -63,14 +64,9 @@ class ClassifierStepScorer(StepScorer):
         self.good_label = good_label
         self.batch_size = batch_size
 
-    def _score_steps(
-        self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
-    ) -> list[list[float]]:
-        encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
-        logits = outputs_at_positions(
-            self.model, lambda inputs: self.model(**inputs).logits, encoded, self.batch_size, self.tokenizer.pad_token_id
-        )
-        return [(2.0 * row.softmax(-1)[:, self.good_label] - 1.0).tolist() for row in logits]
+    def step_probability(self, outputs: torch.Tensor) -> torch.Tensor:
+        """P(`good_label`) from the softmax over the labels at each separator."""
+        return outputs.softmax(-1)[:, self.good_label]
 
     def encode(self, prompt: Prompt, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one response and the position of each step's label (its separator's last token)."""

@@ -1,5 +1,5 @@
 """QwenProcessRewardScorer: Qwen/Qwen2.5-Math-PRM's chat layout and 2-class head
-(docs/evaluation.md, step scorers)."""
+(docs/data.md, published process reward models)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import torch
 from transformers import AutoModel
 
 from stepwise_lit.data.records import Prompt
-from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text, single_token_id
-from stepwise_lit.rewards.batching import outputs_at_positions
+from stepwise_lit.rewards.base import load_pretrained, prompt_text, single_token_id
+from stepwise_lit.rewards.batching import PositionScorer
 from stepwise_lit.rewards.heads import Qwen2ProcessRewardModel
 
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 """The system prompt of Qwen2.5-Math-PRM's model card."""
 
 
-class QwenProcessRewardScorer(StepScorer):
+class QwenProcessRewardScorer(PositionScorer):
     """Scores each step as Qwen2.5-Math-PRM's model card does: the tokenizer's chat template over
     (system: `system_prompt`, user: the problem, assistant: ``sep.join(steps) + sep`` with `sep`
     ``"<extra_0>"``, steps stripped), tokenized as the card does (``tokenizer.encode``); at every
@@ -71,14 +71,11 @@ class QwenProcessRewardScorer(StepScorer):
         self.step_separator, self.system_prompt = step_separator, system_prompt
         self.batch_size = batch_size
 
-    def _score_steps(
-        self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
-    ) -> list[list[float]]:
-        encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
-        logits = outputs_at_positions(self.model, self.logits, encoded, self.batch_size, self.tokenizer.pad_token_id)
-        return [(2.0 * row.softmax(-1)[:, 1] - 1.0).tolist() for row in logits]
+    def step_probability(self, outputs: torch.Tensor) -> torch.Tensor:
+        """softmax(2-class logits)[1], the "correct" class, at each separator."""
+        return outputs.softmax(-1)[:, 1]
 
-    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def model_outputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The head's ``[B, L, 2]`` logits (the remote-code model returns them first in its output)."""
         output = self.model(**inputs)
         return output if isinstance(output, torch.Tensor) else output[0]

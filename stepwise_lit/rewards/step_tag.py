@@ -1,15 +1,16 @@
 """StepTagScorer: a causal-LM PRM that reads P(+) / (P(+) + P(-)) at a tag after each step
-(math-shepherd, RLHFlow; docs/evaluation.md, step scorers)."""
+(math-shepherd, RLHFlow; docs/data.md, published process reward models)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from stepwise_lit.data.records import Prompt
-from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text, single_token_id
-from stepwise_lit.rewards.batching import outputs_at_positions
+from stepwise_lit.rewards.base import load_pretrained, prompt_text, single_token_id
+from stepwise_lit.rewards.batching import PositionScorer
 
 FORMATS = ("raw", "chat")
 READ_AT = ("tag", "before_tag")
@@ -49,7 +50,7 @@ def token_at(offsets: list[tuple[int, int]], char: int) -> int:
     return covering[-1]
 
 
-class StepTagScorer(StepScorer):
+class StepTagScorer(PositionScorer):
     """Scores each step with a causal LM's next-token distribution at a tag that follows the step:
     p = P(`positive_token`) / (P(`positive_token`) + P(`negative_token`)) (a softmax over the two
     logits), score = 2p - 1.
@@ -127,14 +128,9 @@ class StepTagScorer(StepScorer):
         self.question_separator, self.step_joiner = question_separator, step_joiner
         self.batch_size = batch_size
 
-    def _score_steps(
-        self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
-    ) -> list[list[float]]:
-        encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
-        logits = outputs_at_positions(
-            self.model, lambda inputs: self.model(**inputs).logits, encoded, self.batch_size, self.tokenizer.pad_token_id
-        )
-        return [(2.0 * row[:, self.label_ids].softmax(-1)[:, 0] - 1.0).tolist() for row in logits]
+    def step_probability(self, outputs: torch.Tensor) -> torch.Tensor:
+        """P(+) / (P(+) + P(-)): the softmax over the two label tokens' logits."""
+        return outputs[:, self.label_ids].softmax(-1)[:, 0]
 
     def encode(self, prompt: Prompt, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one response as the PRM reads it, and the position read for each step."""

@@ -1,17 +1,17 @@
 """ValueHeadStepScorer: a value-head PRM read at each step's end (Skywork-o1-Open-PRM;
-docs/evaluation.md, step scorers)."""
+docs/data.md, published process reward models)."""
 
 from __future__ import annotations
 
 import torch
 
 from stepwise_lit.data.records import Prompt
-from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text, single_token_id
-from stepwise_lit.rewards.batching import outputs_at_positions
+from stepwise_lit.rewards.base import load_pretrained, prompt_text, single_token_id
+from stepwise_lit.rewards.batching import PositionScorer
 from stepwise_lit.rewards.heads import Qwen2ValueHeadModel
 
 
-class ValueHeadStepScorer(StepScorer):
+class ValueHeadStepScorer(PositionScorer):
     """Scores each step as Skywork-o1-Open-PRM's reference code (``prepare_input``) does: the ids
     of ``bos_token + problem + "\\n"``, then per step the ids of the step (stripped) followed by the
     id of `step_token` (``"\\n"``), all without added special tokens; at each step's `step_token`
@@ -48,14 +48,13 @@ class ValueHeadStepScorer(StepScorer):
         self.step_token_id = single_token_id(self.tokenizer, step_token, "step_token")
         self.batch_size = batch_size
 
-    def _score_steps(
-        self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
-    ) -> list[list[float]]:
-        encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
-        values = outputs_at_positions(
-            self.model, lambda inputs: self.model(**inputs), encoded, self.batch_size, self.tokenizer.pad_token_id
-        )
-        return [(2.0 * torch.sigmoid(row) - 1.0).tolist() for row in values]
+    def model_outputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The value head's ``[B, L]`` values."""
+        return self.model(**inputs)
+
+    def step_probability(self, outputs: torch.Tensor) -> torch.Tensor:
+        """sigmoid(value) at each step's end token."""
+        return torch.sigmoid(outputs)
 
     def encode(self, prompt: Prompt, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one response as the PRM reads it, and the position of each step's end token."""

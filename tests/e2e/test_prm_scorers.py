@@ -19,7 +19,6 @@ from stepwise_lit.data.writers import write_rows
 from stepwise_lit.prepare import prepare
 from tests.helpers.entry import run_entry, write_pairs
 from tests.helpers.paths import REPO, SHARED_DATA
-from tests.helpers.user_path import fit, logged
 from tests.helpers.prm_models import (
     math_shepherd_readout,
     prm_folder,
@@ -27,6 +26,7 @@ from tests.helpers.prm_models import (
     rlhflow_readout,
     skywork_readout,
 )
+from tests.helpers.user_path import fit, logged
 
 GSM8K = SHARED_DATA / "gsm8k" / "example_model_solutions.jsonl"
 PRM800K = SHARED_DATA / "prm800k" / "prm800k_found_records.jsonl"

@@ -7,9 +7,17 @@ hand-written readouts of the model cards' recipes that the scorers are checked a
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Model
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2Model,
+)
 
 from stepwise_lit.data.tokenizer import build_byte_tokenizer
 from stepwise_lit.rewards.heads import Qwen2ProcessRewardModel, Qwen2ValueHeadModel
@@ -142,3 +150,14 @@ def skywork_readout(folder: str, tokenizer, question: str, steps: list[str]) -> 
         values = hidden @ weights["v_head.summary.weight"][0] + weights["v_head.summary.bias"][0]
     flags = torch.tensor(reward_flags) == 1
     return (2 * torch.sigmoid(values[flags]) - 1).tolist()
+
+
+def assert_matches_readout(scorer, readout) -> None:
+    """The scorer's scores of `PROMPTS` / `STEPS` equal ``readout(question, steps)`` (the hand
+    readout) to 1e-6, one per step, and the random model's scores are not all about 0 (so a wrong
+    position or class would show)."""
+    scores = scorer.score_steps(PROMPTS, STEPS)
+    expected = [readout(question, steps) for question, steps in zip(QUESTIONS, STEPS)]
+    assert [len(row) for row in expected] == [len(steps) for steps in STEPS]
+    assert scores == [pytest.approx(row, abs=1e-6) for row in expected]
+    assert max(abs(score) for row in scores for score in row) > 0.05

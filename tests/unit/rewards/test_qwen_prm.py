@@ -5,18 +5,18 @@ import pytest
 
 from stepwise_lit.errors import SettingError
 from stepwise_lit.rewards import QwenProcessRewardScorer
-from tests.helpers.prm_models import PROMPTS, QUESTIONS, STEPS, prm_folder, qwen_prm_readout
+from tests.helpers.prm_models import (
+    assert_matches_readout,
+    prm_folder,
+    qwen_prm_readout,
+)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_matches_the_model_cards_readout(tmp_path_factory, batch_size):
     folder = prm_folder(tmp_path_factory, "qwen_prm")
     scorer = QwenProcessRewardScorer(folder, batch_size=batch_size)
-    scores = scorer.score_steps(PROMPTS, STEPS)
-    expected = [qwen_prm_readout(folder, scorer.tokenizer, q, s) for q, s in zip(QUESTIONS, STEPS)]
-    assert [len(row) for row in expected] == [2, 3]
-    assert scores == [pytest.approx(row, abs=1e-6) for row in expected]
-    assert max(abs(s) for row in scores for s in row) > 0.05
+    assert_matches_readout(scorer, lambda question, steps: qwen_prm_readout(folder, scorer.tokenizer, question, steps))
 
 
 def test_a_checkpoint_without_the_head_is_refused(tmp_path_factory):

@@ -4,7 +4,14 @@ Mistral and Llama stand-ins (tests/helpers/prm_models.py)."""
 import pytest
 
 from stepwise_lit.rewards import StepTagScorer
-from tests.helpers.prm_models import PROMPTS, QUESTIONS, STEPS, math_shepherd_readout, prm_folder, rlhflow_readout
+from tests.helpers.prm_models import (
+    PROMPTS,
+    STEPS,
+    assert_matches_readout,
+    math_shepherd_readout,
+    prm_folder,
+    rlhflow_readout,
+)
 
 RLHFLOW = {"step_tag": "+", "read_at": "before_tag", "format": "chat"}
 
@@ -12,20 +19,13 @@ RLHFLOW = {"step_tag": "+", "read_at": "before_tag", "format": "chat"}
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_math_shepherd_matches_the_model_cards_readout(tmp_path_factory, batch_size):
     scorer = StepTagScorer(prm_folder(tmp_path_factory, "math_shepherd"), batch_size=batch_size)
-    scores = scorer.score_steps(PROMPTS, STEPS)
-    expected = [math_shepherd_readout(scorer.model, scorer.tokenizer, q, s) for q, s in zip(QUESTIONS, STEPS)]
-    assert [len(row) for row in expected] == [2, 3]
-    assert scores == [pytest.approx(row, abs=1e-6) for row in expected]
-    assert max(abs(s) for row in scores for s in row) > 0.05  # the random model's scores are not all 0
+    assert_matches_readout(scorer, lambda question, steps: math_shepherd_readout(scorer.model, scorer.tokenizer, question, steps))
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_rlhflow_matches_the_model_cards_readout(tmp_path_factory, batch_size):
     scorer = StepTagScorer(prm_folder(tmp_path_factory, "rlhflow"), batch_size=batch_size, **RLHFLOW)
-    scores = scorer.score_steps(PROMPTS, STEPS)
-    expected = [rlhflow_readout(scorer.model, scorer.tokenizer, q, s) for q, s in zip(QUESTIONS, STEPS)]
-    assert scores == [pytest.approx(row, abs=1e-6) for row in expected]
-    assert max(abs(s) for row in scores for s in row) > 0.05
+    assert_matches_readout(scorer, lambda question, steps: rlhflow_readout(scorer.model, scorer.tokenizer, question, steps))
 
 
 def test_reading_at_the_tag_differs_from_reading_before_it(tmp_path_factory):
