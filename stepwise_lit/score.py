@@ -373,11 +373,14 @@ def instantiate_scorer(parser: ArgumentParser, config):
     """The instantiated settings (the scorer) of a parsed config.
 
     Raises:
-        SettingError: Naming ``scorer`` where its settings are rejected or its files cannot be read.
+        SettingError: Naming ``scorer`` where its settings are rejected or its files cannot be read
+            (``scorer.init_args.<setting>`` where the scorer names the setting it refuses).
     """
     try:
         return parser.instantiate(config)
     except (ValueError, OSError) as error:
+        if isinstance(error.__cause__, SettingError):
+            raise SettingError(f"scorer.init_args.{error.__cause__}") from error
         raise SettingError(f"scorer: {error}") from error
 
 

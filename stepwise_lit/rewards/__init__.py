@@ -6,7 +6,10 @@ from stepwise_lit.rewards.combined import CombinedRewardModel
 from stepwise_lit.rewards.genrm import GenerativeStepScorer
 from stepwise_lit.rewards.implicit import ImplicitStepScorer
 from stepwise_lit.rewards.outcome import OutcomeRewardModel
+from stepwise_lit.rewards.qwen_prm import QwenProcessRewardScorer
 from stepwise_lit.rewards.rules import ArithmeticStepVerifier
+from stepwise_lit.rewards.step_tag import StepTagScorer
+from stepwise_lit.rewards.value_head import ValueHeadStepScorer
 
 __all__ = [
     "ArithmeticStepVerifier",
@@ -15,5 +18,8 @@ __all__ = [
     "GenerativeStepScorer",
     "ImplicitStepScorer",
     "OutcomeRewardModel",
+    "QwenProcessRewardScorer",
     "StepScorer",
+    "StepTagScorer",
+    "ValueHeadStepScorer",
 ]

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stepwise_lit.data.batch import PairBatch
 from stepwise_lit.data.records import Prompt
+from stepwise_lit.errors import SettingError
 from stepwise_lit.models.loading import DTYPES
 
 logger = logging.getLogger("stepwise_lit")
@@ -165,18 +166,29 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
 
 
 def load_pretrained(
-    model_class: type, model_name_or_path: str, trust_remote_code: bool, dtype: str, **model_kwargs
+    model_class: type,
+    model_name_or_path: str,
+    trust_remote_code: bool,
+    dtype: str,
+    scorer: str,
+    refuse_unexpected: bool = False,
+    **model_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a frozen Hugging Face model and its tokenizer, failing early with a clear message.
 
     The tokenizer gets the eos token as pad token when it has none, and the model's
-    config the tokenizer's pad id when it has none.
+    config the tokenizer's pad id when it has none. A checkpoint that lacks some of the
+    model's weights (a base model loaded with a head it was never trained with) is
+    refused, see `check_fully_loaded`.
 
     Args:
-        model_class: An ``AutoModelFor...`` class.
+        model_class: An ``AutoModelFor...`` class, or a `PreTrainedModel` subclass.
         model_name_or_path: Local folder or Hub id (served from the local cache when offline).
         trust_remote_code: Run the repository's own modelling code; only for sources you trust.
         dtype: Weight dtype name, see `resolve_dtype`.
+        scorer: The scorer's class name, for the error messages.
+        refuse_unexpected: Also refuse checkpoint weights the model has no place for (for
+            model classes that describe a checkpoint's layout exactly).
         **model_kwargs: Extra ``from_pretrained`` arguments (e.g. ``num_labels``).
 
     Returns:
@@ -185,6 +197,7 @@ def load_pretrained(
     Raises:
         FileNotFoundError: If a local-looking path does not exist.
         OSError: If the source cannot be loaded (not a model folder, not in the cache).
+        SettingError: Naming ``model_name_or_path`` when weights would be freshly initialised.
         ValueError: If the tokenizer has neither a pad nor an eos token.
     """
     torch_dtype = resolve_dtype(dtype)
@@ -193,17 +206,48 @@ def load_pretrained(
         raise FileNotFoundError(f"model_name_or_path {model_name_or_path!r}: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        model = model_class.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, dtype=torch_dtype, **model_kwargs
+        model, loading_info = model_class.from_pretrained(
+            model_name_or_path,
+            trust_remote_code=trust_remote_code,
+            dtype=torch_dtype,
+            output_loading_info=True,
+            **model_kwargs,
         )
     except OSError as error:
         raise OSError(
             f"cannot load {model_name_or_path!r}: not a model folder and not in the local Hugging Face cache "
             f"(downloads need network access): {error}"
         ) from error
+    check_fully_loaded(scorer, model_name_or_path, loading_info, refuse_unexpected)
     set_pad_token(tokenizer, model, model_name_or_path)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def check_fully_loaded(scorer: str, source: str, loading_info: dict, refuse_unexpected: bool = False) -> None:
+    """Refuses a load that left weights freshly initialised (``from_pretrained``'s
+    ``missing_keys``): such a model scores with a random head, silently.
+
+    Args:
+        scorer: The scorer's class name.
+        source: The ``model_name_or_path`` that was loaded.
+        loading_info: What ``from_pretrained(..., output_loading_info=True)`` returned.
+        refuse_unexpected: Also refuse checkpoint weights the model did not use.
+
+    Raises:
+        SettingError: Naming ``model_name_or_path``, the scorer and the first missing (or unused) keys.
+    """
+    problems = [("has no weights for", sorted(loading_info.get("missing_keys") or []))]
+    if refuse_unexpected:
+        problems.append(("has weights this model has no place for:", sorted(loading_info.get("unexpected_keys") or [])))
+    for problem, keys in problems:
+        if keys:
+            shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            raise SettingError(
+                f"model_name_or_path: {scorer} cannot score with {source!r}: the checkpoint {problem} {shown} "
+                "(weights it lacks would be freshly initialised, so every score would be noise); name a checkpoint "
+                f"saved with the head {scorer} reads (see docs/data.md, published process reward models)"
+            )
 
 
 def set_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, source: str) -> None:
@@ -259,3 +303,16 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str, setting: str) -> int:
+    """The id of `text` when it encodes (without special tokens) to exactly one token, as the
+    published PRMs' reference code reads their tag and label tokens.
+
+    Raises:
+        ValueError: Naming `setting` when `text` is more or less than one token.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{setting}: {text!r} is {len(ids)} tokens {ids} for this tokenizer; it must be one token")
+    return ids[0]

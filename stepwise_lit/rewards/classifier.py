@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from stepwise_lit.data.records import Prompt
-from stepwise_lit.rewards.base import StepScorer, load_pretrained, prompt_text
-from stepwise_lit.rewards.batching import padded_batches
+from stepwise_lit.rewards.base import load_pretrained, prompt_text
+from stepwise_lit.rewards.batching import PositionScorer
 
 
-class ClassifierStepScorer(StepScorer):
+class ClassifierStepScorer(PositionScorer):
     """Scores each step with a token-classification PRM read at the step's separator.
 
     The input is laid out as TRL's ``PRMTrainer`` lays out a training example:
@@ -51,7 +51,7 @@ class ClassifierStepScorer(StepScorer):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = load_pretrained(
-            AutoModelForTokenClassification, model_name_or_path, trust_remote_code, dtype
+            AutoModelForTokenClassification, model_name_or_path, trust_remote_code, dtype, type(self).__name__
         )
         num_labels = self.model.config.num_labels
         if num_labels < 2 or not 0 <= good_label < num_labels:
@@ -64,20 +64,9 @@ class ClassifierStepScorer(StepScorer):
         self.good_label = good_label
         self.batch_size = batch_size
 
-    def _score_steps(
-        self, prompts: list[Prompt], steps: list[list[str]], reference_solutions: list[str | None]
-    ) -> list[list[float]]:
-        encoded = [self.encode(prompt, row_steps) for prompt, row_steps in zip(prompts, steps)]
-        scores: list[list[float]] = [[] for _ in encoded]
-        token_ids = [ids for ids, _ in encoded]
-        batches = padded_batches(self.model, token_ids, self.batch_size, self.tokenizer.pad_token_id, "right")
-        for batch, inputs in batches:
-            logits = self.model(**inputs).logits.float()
-            for row, i in enumerate(batch):
-                positions = torch.tensor(encoded[i][1], device=logits.device)
-                good = logits[row, positions].softmax(-1)[:, self.good_label]
-                scores[i] = (2.0 * good - 1.0).tolist()
-        return scores
+    def step_probability(self, outputs: torch.Tensor) -> torch.Tensor:
+        """P(`good_label`) from the softmax over the labels at each separator."""
+        return outputs.softmax(-1)[:, self.good_label]
 
     def encode(self, prompt: Prompt, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one response and the position of each step's label (its separator's last token)."""

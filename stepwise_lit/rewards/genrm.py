@@ -161,7 +161,7 @@ class GenerativeStepScorer(StepScorer):
             self.model, self.tokenizer = build_tiny_verifier(yes_token, no_token)
         else:
             self.model, self.tokenizer = load_pretrained(
-                AutoModelForCausalLM, model_name_or_path, trust_remote_code, dtype
+                AutoModelForCausalLM, model_name_or_path, trust_remote_code, dtype, type(self).__name__
             )
         self.yes_ids = answer_token_ids(self.tokenizer, yes_token)
         self.no_ids = answer_token_ids(self.tokenizer, no_token)

@@ -194,12 +194,12 @@ class ImplicitStepScorer(StepScorer):
             self.policy, self.tokenizer = load_adapter_policy(adapter, model_name_or_path, trust_remote_code, dtype)
         else:
             self.policy, self.tokenizer = load_pretrained(
-                AutoModelForCausalLM, model_name_or_path, trust_remote_code, dtype
+                AutoModelForCausalLM, model_name_or_path, trust_remote_code, dtype, type(self).__name__
             )
         self.reference = None  # None: the policy with its adapter disabled
         if ref_model_name_or_path is not None or not adapter_only:
             source = ref_model_name_or_path or default_reference(export_config, model_name_or_path)
-            self.reference, _ = load_pretrained(AutoModelForCausalLM, source, trust_remote_code, dtype)
+            self.reference, _ = load_pretrained(AutoModelForCausalLM, source, trust_remote_code, dtype, type(self).__name__)
             check_same_vocabulary(self.policy, self.reference, source)
         data = export_config.get("data") or {}
         self.max_prompt_length = data.get("max_prompt_length")
@@ -327,7 +327,7 @@ def load_adapter_policy(adapter: Path, source: str, trust_remote_code: bool, dty
             f"model_name_or_path: {source} holds only a LoRA adapter whose base model is not saved (the embedded "
             "tiny model); export with lora.merge_on_export: true"
         )
-    base, _ = load_pretrained(AutoModelForCausalLM, base_source, trust_remote_code, dtype)
+    base, _ = load_pretrained(AutoModelForCausalLM, base_source, trust_remote_code, dtype, "ImplicitStepScorer")
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     set_pad_token(tokenizer, base, source)
     return PeftModel.from_pretrained(base, adapter).eval().requires_grad_(False), tokenizer

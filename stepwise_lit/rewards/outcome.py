@@ -60,7 +60,7 @@ class OutcomeRewardModel(StepScorer):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = load_pretrained(
-            AutoModelForSequenceClassification, model_name_or_path, trust_remote_code, dtype
+            AutoModelForSequenceClassification, model_name_or_path, trust_remote_code, dtype, type(self).__name__
         )
         if self.model.config.num_labels != 1:
             raise ValueError(

@@ -275,7 +275,8 @@ def test_score_help_lists_show_traceback():
     assert "--show_traceback" in build_parser().format_help()
 
 
-@pytest.mark.parametrize("config", ["score_tiny.yaml", "score_genrm.yaml", "score_implicit.yaml"])
+@pytest.mark.parametrize("config", ["score_tiny.yaml", "score_genrm.yaml", "score_implicit.yaml", "score_qwen_prm.yaml",
+                                    "score_math_shepherd.yaml"])
 def test_the_scoring_configs_parse_with_every_setting_known(config):
     """Each documented scoring config parses as `score` reads it (a renamed setting fails here, not on a
     user's machine); the scorer is the class the config names."""

@@ -6,9 +6,11 @@ from transformers import (
     LlamaConfig,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
+    LlamaModel,
 )
 
 from stepwise_lit.data.tokenizer import load_tokenizer
+from stepwise_lit.errors import SettingError
 from stepwise_lit.rewards import (
     ArithmeticStepVerifier,
     ClassifierStepScorer,
@@ -58,6 +60,21 @@ def test_classifier_reads_p_good_at_each_steps_separator(prm_dir):
             logits = scorer.model(input_ids=torch.tensor([ids])).logits[0]
         expected = 2 * logits[positions].softmax(-1)[:, 1] - 1
         assert row_scores == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def headless_dir(tmp_path_factory):
+    """A Llama backbone saved without any head."""
+    return save_tiny(LlamaModel, tmp_path_factory.mktemp("headless"))
+
+
+@pytest.mark.parametrize(("scorer", "head"), [(ClassifierStepScorer, "score.bias, score.weight"),
+                                               (OutcomeRewardModel, "score.weight")])
+def test_a_checkpoint_without_the_head_is_refused(headless_dir, scorer, head):
+    """from_pretrained would initialise the head at random and the scores would be noise."""
+    with pytest.raises(SettingError, match=rf"model_name_or_path: {scorer.__name__} cannot score with .*headless.*: "
+                                           rf"the checkpoint has no weights for {head} "):
+        scorer(headless_dir)
 
 
 def test_classifier_batches_with_right_padding_like_single_rows(prm_dir):
