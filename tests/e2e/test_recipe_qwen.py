@@ -1,8 +1,9 @@
 """The Qwen2.5-0.5B-Instruct recipe (configs/qwen2.5_0.5b_instruct_gsm8k_lora.yaml) end to end, the
 commands of its header in order, on its locally built stand-in: a random Qwen2 of the same
 architecture (grouped-query attention with q/k/v biases, tied embeddings), tiny, with the byte
-tokenizer carrying a Qwen2.5-style chat template (tests/helpers/chat.py); a few real GSM8K rows
-in place of the hub id; no download. The overrides are the ones the stand-in and the CPU need."""
+tokenizer carrying a Qwen2.5-style chat template (tests/helpers/chat.py); a local folder laid out
+as openai/gsm8k with a few real GSM8K rows in place of the hub id; no download. The overrides are
+the ones the stand-in and the CPU need."""
 
 from __future__ import annotations
 
@@ -49,11 +50,27 @@ def tiny_qwen2(tokenizer) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def first_rows(name: str, count: int, folder) -> str:
-    """The first `count` lines of the shared GSM8K file `name`, as a local file."""
-    path = folder / name
-    path.write_text("".join((GSM8K / name).read_text().splitlines(keepends=True)[:count]))
-    return str(path)
+GSM8K_README = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train.jsonl
+  - split: test
+    path: main/test.jsonl
+---
+"""
+
+
+def gsm8k_folder(folder, train_rows: int, test_rows: int) -> str:
+    """A local folder laid out as the hub's openai/gsm8k (configuration ``main``, splits ``train``
+    and ``test``) with the first rows of the shared GSM8K files, read offline by ``datasets``."""
+    (folder / "main").mkdir(parents=True)
+    for split, count in (("train", train_rows), ("test", test_rows)):
+        lines = (GSM8K / f"{split}.jsonl").read_text().splitlines(keepends=True)[:count]
+        (folder / "main" / f"{split}.jsonl").write_text("".join(lines))
+    (folder / "README.md").write_text(GSM8K_README)
+    return str(folder)
 
 
 def metrics(root) -> list[dict[str, float]]:
@@ -79,9 +96,10 @@ def test_the_qwen_recipe_runs_end_to_end_on_its_stand_in(tmp_path, tmp_path_fact
     stand_in = save_model_folder(tmp_path / "qwen2.5-stand-in", QWEN_STYLE_TEMPLATE, build=tiny_qwen2)
     root, pairs = tmp_path / "run", tmp_path / "data" / "gsm8k_train_pairs.jsonl"
 
-    # 1. prepare: a local file of 10 train rows for openai/gsm8k (data.name is the hub's configuration).
-    argv = ["--data.format", "gsm8k", "--data.path", first_rows("train.jsonl", 10, tmp_path),
-            "--data.split", "train", "--output", str(pairs)]
+    # 1. prepare: the recipe's command, a local folder of 10 train rows in place of openai/gsm8k.
+    hub = gsm8k_folder(tmp_path / "openai-gsm8k", train_rows=10, test_rows=5)
+    argv = ["--data.format", "gsm8k", "--data.path", hub, "--data.name", "main", "--data.split", "train",
+            "--output", str(pairs)]
     outcome = run_entry(prepare.main, argv, capsys)
     assert outcome.code == 0, outcome.err[-3000:]
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
@@ -90,7 +108,8 @@ def test_the_qwen_recipe_runs_end_to_end_on_its_stand_in(tmp_path, tmp_path_fact
     # 2. fit, recording the first training batch's ids.
     batches = []
     collate = StepwiseCollator.__call__
-    monkeypatch.setattr(StepwiseCollator, "__call__", lambda self, rows: batches.append(collate(self, rows)) or batches[-1])
+    monkeypatch.setattr(StepwiseCollator, "__call__",
+                        lambda self, rows: batches.append(collate(self, rows)) or batches[-1])
     overrides = [
         f"--model.model_name_or_path={stand_in}", f"--model.optimizer.init_args.lr={LEARNING_RATE}",
         f"--data.path={pairs}", f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={root}",
@@ -106,7 +125,8 @@ def test_the_qwen_recipe_runs_end_to_end_on_its_stand_in(tmp_path, tmp_path_fact
 
     # The chat template reached the training ids: the first row starts with the rendered prompt
     # (the recipe's step-wise template as the user turn, Qwen's default system turn), then step 1.
-    prompt, chosen = batches[0]["prompts"][0], next(row["chosen_steps"] for row in rows if row["prompt"] == batches[0]["prompts"][0])
+    prompt = batches[0]["prompts"][0]
+    chosen = next(row["chosen_steps"] for row in rows if row["prompt"] == prompt)
     user = recipe["data"]["step_wise_prompt_template"].replace("{prompt}", prompt)
     expected = byte_ids(qwen_style_text(user)) + byte_ids(chosen[0])[1:]
     assert batches[0]["input_ids"][0, : len(expected)].tolist() == expected
@@ -127,8 +147,9 @@ def test_the_qwen_recipe_runs_end_to_end_on_its_stand_in(tmp_path, tmp_path_fact
     adapter = load_file(export / "adapter" / "adapter_model.safetensors")
     assert {value.dtype for value in adapter.values()} == {torch.float32}  # over the bf16 base
     deltas = lora_deltas(adapter, lora["alpha"] / lora["r"])
-    assert {key.split(".")[-2] for key in deltas} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert len(deltas) == 7 * 2 and all(delta.abs().max() > 0 for delta in deltas.values())  # B left 0
+    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {key.split(".")[-2] for key in deltas} == linear
+    assert len(deltas) == len(linear) * 2 and all(delta.abs().max() > 0 for delta in deltas.values())  # B left 0
     base = load_file(f"{stand_in}/model.safetensors")
     merged = {key: value.float() for key, value in load_file(export / "model.safetensors").items()}
     assert merged.keys() == base.keys()
@@ -150,9 +171,9 @@ def test_the_qwen_recipe_runs_end_to_end_on_its_stand_in(tmp_path, tmp_path_fact
     assert abs(fit_val["val/chosen_reward"]) > 1e-4
     assert validated["generation"]["num_prompts"] == 2 and 0 <= validated["metrics"]["solve_rate"] <= 1
 
-    # 4. evaluate the export on GSM8K test problems (3 asked; a local file for the hub's test split).
+    # 4. evaluate the export on the folder's GSM8K test problems (3 of its 5 asked).
     test_rows = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()[:3]]
-    argv = ["--model.model_name_or_path", str(export), "--data.path", first_rows("test.jsonl", 5, tmp_path),
+    argv = ["--model.model_name_or_path", str(export), "--data.path", hub, "--data.name", "main",
             "--data.split", "test", "--data.format", "gsm8k", "--evaluation.source", "gsm8k",
             "--evaluation.max_prompts", "3", "--evaluation.generation.max_new_tokens", "4",
             "--trainer.accelerator", "cpu", "--output", str(tmp_path / "eval_test")]
@@ -160,7 +181,8 @@ def test_the_qwen_recipe_runs_end_to_end_on_its_stand_in(tmp_path, tmp_path_fact
     assert outcome.code == 0, outcome.err[-3000:]
     report = json.loads((tmp_path / "eval_test" / "report.json").read_text())
     assert report["num_prompts"] == 3 and 0 <= report["solve_rate"] <= 1
-    assert [example["reference"] for example in report["examples"]] == [extract_answer(row["answer"], "gsm8k") for row in test_rows]
+    references = [extract_answer(row["answer"], "gsm8k") for row in test_rows]  # GSM8K's "#### N"
+    assert [example["reference"] for example in report["examples"]] == references
 
     # The header's optional scoring: configs/score_qwen_prm.yaml with a Qwen2.5-Math-PRM stand-in.
     scored = tmp_path / "data" / "gsm8k_train_prm.jsonl"
