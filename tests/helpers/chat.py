@@ -1,12 +1,14 @@
 """A byte-level tokenizer carrying a Qwen2.5-style chat template, its rendering written out by hand,
-a random tiny Llama saved beside it as a model folder (no download), and an online-round backend
-that records the prompt ids it is asked for."""
+a random tiny model (a Llama unless told otherwise) saved beside it as a model folder (no download),
+and an online-round backend that records the prompt ids it is asked for."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stepwise_lit.data.tokenize import prompt_token_ids
 from stepwise_lit.data.tokenizer import BYTE_TOKEN_OFFSET, build_byte_tokenizer
@@ -41,14 +43,25 @@ def byte_ids(text: str) -> list[int]:
     return [1, *(byte + BYTE_TOKEN_OFFSET for byte in text.encode())]
 
 
-def save_model_folder(folder: Path, chat_template: str | None, seed: int = 0) -> str:
-    """A random tiny Llama and the byte tokenizer with `chat_template` (None: no template at all)
-    saved as a Hugging Face folder; returns its path."""
+def tiny_llama(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The embedded tiny Llama of `tests.helpers.implicit_prm.SHAPE`, sized for `tokenizer`."""
+    return build_tiny_model(tokenizer, SHAPE)
+
+
+def save_model_folder(
+    folder: Path,
+    chat_template: str | None,
+    seed: int = 0,
+    build: Callable[[PreTrainedTokenizerBase], PreTrainedModel] = tiny_llama,
+) -> str:
+    """A random tiny model (`build(tokenizer)`, seeded with `seed`; a Llama by default) and the byte
+    tokenizer with `chat_template` (None: no template at all) saved as a Hugging Face folder;
+    returns its path."""
     tokenizer = build_byte_tokenizer(chat_template)
     if chat_template is None:
         tokenizer.chat_template = None
     torch.manual_seed(seed)
-    build_tiny_model(tokenizer, SHAPE).save_pretrained(folder)
+    build(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
