@@ -41,7 +41,7 @@ from stepwise_lit.evaluation.preference import WeightedMean
 from stepwise_lit.evaluation.rerank import split_solution
 from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate
 from stepwise_lit.evaluation.values import json_count, json_number
-from stepwise_lit.grading.answers import AnswerSourceName, extract_answer
+from stepwise_lit.grading.answers import AnswerSourceName, announce_grader, extract_answer
 from stepwise_lit.models.distributed import shows_progress
 from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
 from stepwise_lit.rewards.base import StepScorer
@@ -231,6 +231,8 @@ class SolveRateEvaluation(L.Callback):
             raise SettingError(f"evaluation.source: unknown value {source!r}; choose one of {', '.join(get_args(AnswerSourceName))}")
         if max_prompts is not None and max_prompts < 1:
             raise SettingError(f"evaluation.max_prompts: must be at least 1 or null, got {max_prompts}")
+        if enabled:
+            announce_grader(source)
         self.enabled = enabled
         self.source = source
         self.max_prompts = max_prompts
