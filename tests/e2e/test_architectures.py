@@ -9,7 +9,6 @@ per-sequence forward within 1e-4 nats."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,7 @@ from stepwise_lit.cli import main
 from stepwise_lit.logprobs.forward import step_logps
 from stepwise_lit.module import StepwiseDPOModule
 from tests.helpers.architectures import ARCHITECTURES, model_folder
-from tests.helpers.entry import run_entry, write_config
+from tests.helpers.entry import logged_losses, run_entry, write_config
 from tests.helpers.step_logps import pair_batches, per_sequence_step_logps
 
 pytestmark = pytest.mark.slow
@@ -45,16 +44,6 @@ def folders(tmp_path_factory) -> dict:
     return {model_type: model_folder(root / model_type, model_type) for model_type in ARCHITECTURES}
 
 
-def train_losses(root) -> list[float]:
-    """``train/loss`` of each training step in the run's CSV log, in step order."""
-    losses = {}
-    for path in sorted((root / "csv").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                losses.setdefault(int(row["step"]), float(row["train/loss"]))
-    return [losses[step] for step in sorted(losses)]
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_two_steps_from_a_model_folder(model_type, variant, folders, tmp_path, capsys):
@@ -73,7 +62,7 @@ def test_two_steps_from_a_model_folder(model_type, variant, folders, tmp_path, c
     assert yaml.safe_load(hparams_file.read_text())["tokenizer_name_or_path"] == folder  # the model's and the data's
     exported, built = (json.loads((path / "config.json").read_text()) for path in (root / "export", Path(folder)))
     assert exported["model_type"] == built["model_type"]
-    losses = train_losses(root)
+    losses = logged_losses(root)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
     before = load_file(folders[model_type] / "model.safetensors")
     after = load_file(tmp_path / "run" / "export" / "model.safetensors")

@@ -5,29 +5,17 @@ clipping itself, on the fp16 scaler path too: tests/unit/models/test_clipping.py
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import pytest
 
 from stepwise_lit.cli import main
-from tests.helpers.entry import TINY_ARGS, run_entry
+from tests.helpers.entry import TINY_ARGS, logged_losses, run_entry
 from tests.helpers.paths import REPO
 
 SHORT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--evaluation.enabled=false",
          "--trainer.log_every_n_steps=1"]
-
-
-def logged_losses(root: Path) -> list[float]:
-    """Per training step, the loss the run logged: ``train/sft_loss`` in the SFT warm-up, else ``train/loss``."""
-    losses = {}
-    for path in sorted((root / "csv").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            value = row.get("train/loss") or row.get("train/sft_loss")
-            if value:  # the step's first row (a later one holds epoch-level values)
-                losses.setdefault(int(row["step"]), float(value))
-    return [losses[step] for step in sorted(losses)]
 
 
 def fit(tmp_path: Path, capsys, name: str, *args: str) -> list[float]:
@@ -36,7 +24,7 @@ def fit(tmp_path: Path, capsys, name: str, *args: str) -> list[float]:
     result = run_entry(main, ["fit", *args, *SHORT, f"--trainer.default_root_dir={root}",
                               f"--data.cache_dir={tmp_path / 'cache'}"], capsys)
     assert result.code == 0, result.err[-3000:]
-    return logged_losses(root)
+    return logged_losses(root, ("train/loss", "train/sft_loss"))
 
 
 def test_tiny_yaml_trains_under_bf16_mixed(tmp_path, capsys):
