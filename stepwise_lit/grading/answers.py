@@ -269,8 +269,10 @@ def symbolic_match(predicted: str, reference: str, verifier: ModuleType) -> bool
 
     Each answer is parsed as the content of a ``\\boxed{}`` (``parse``), and ``verify(gold,
     answer)`` compares them symbolically and numerically (``"0.5"`` = ``"\\frac12"``,
-    ``"2x+x^2"`` = ``"x^2+2x"``, ``"\\{1,2\\}"`` = ``"\\{2,1\\}"``). Its signal-based timeouts
-    only work in the main thread; elsewhere they are off.
+    ``"2x+x^2"`` = ``"x^2+2x"``, ``"\\{1,2\\}"`` = ``"\\{2,1\\}"``). Only the LaTeX extraction
+    runs (``LatexExtractionConfig``): the plain-expression one hands text to sympy's ``parse_expr``,
+    which evaluates it with ``eval``, and a generated answer is untrusted text. Its signal-based
+    timeouts only work in the main thread; elsewhere they are off.
 
     Args:
         predicted: An extracted answer.
@@ -278,8 +280,9 @@ def symbolic_match(predicted: str, reference: str, verifier: ModuleType) -> bool
         verifier: The ``math_verify`` module (:func:`math_verifier`).
     """
     seconds = MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
-    gold = verifier.parse("\\boxed{" + reference + "}", parsing_timeout=seconds)
-    answer = verifier.parse("\\boxed{" + predicted + "}", parsing_timeout=seconds)
+    latex_only = [verifier.LatexExtractionConfig()]
+    gold = verifier.parse("\\boxed{" + reference + "}", latex_only, parsing_timeout=seconds)
+    answer = verifier.parse("\\boxed{" + predicted + "}", latex_only, parsing_timeout=seconds)
     if not gold or not answer:
         return None
     return bool(verifier.verify(gold, answer, timeout_seconds=seconds))
