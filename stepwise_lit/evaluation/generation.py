@@ -205,9 +205,10 @@ class SolveRateEvaluation(L.Callback):
             (configs/tiny.yaml's model, 64 prompts, one CPU core: 0.6 s for 64 new tokens each,
             1.1 s for 128; a trained model stops earlier, at its EOS).
         source: How final answers are read and compared: ``embedded`` (``The answer is N``),
-            ``gsm8k`` (``#### N``, else the last number) or ``math`` (the last ``\\boxed{}``).
-            The reference answer is read the same way from the row's ``reference_solution``,
-            else from its chosen solution (see `reference_answer`).
+            ``gsm8k`` (``#### N``, else the last number) or ``math`` (the last ``\\boxed{}``, graded
+            by math-verify when the ``[math]`` extra is installed, else by a hand normaliser, with a
+            warning at start: docs/evaluation.md). The reference answer is read the same way from
+            the row's ``reference_solution``, else from its chosen solution (see `reference_answer`).
         max_prompts: Most distinct prompts evaluated (the first ones of the split); None: all.
         generation: How to decode (`stepwise_lit.models.generate.GenerationSettings`, set as
             ``evaluation.generation.max_new_tokens`` ...): greedy by default; ``do_sample: true``

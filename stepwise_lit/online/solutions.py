@@ -44,7 +44,8 @@ class RoundSettings:
         generation: Decoding; must sample (``do_sample: true``) at least 2 solutions per prompt.
             Completions are split into steps at its ``step_end``.
         pairs: Pair building (``stepwise_lit.online.pairs.PairSettings``).
-        answer_source: How final answers are read and compared: ``embedded``, ``gsm8k`` or ``math``.
+        answer_source: How final answers are read and compared: ``embedded``, ``gsm8k`` or ``math``
+            (math-verify when installed: `stepwise_lit.grading.answers.answers_match`).
     """
 
     generation: GenerationSettings = field(default_factory=default_generation)
