@@ -15,14 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stepwise_lit.cli import main
 from stepwise_lit.errors import UserError
 from tests.helpers.entry import TINY_ARGS, run_entry
-from tests.helpers.launch import run_together
 from tests.helpers.paths import REPO
 
 
-def run_cli(*commands: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
-    """`python train.py <args>` for each argument list, as concurrent subprocesses (where what the
-    script itself prints is the point)."""
-    return run_together([[sys.executable, str(REPO / "train.py"), *args] for args in commands], cwd=cwd)
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python train.py <args>` in a subprocess (where what the script itself prints is the point)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,8 @@ def test_the_documented_configs_parse(tmp_path, capsys, configs):
 def test_help_lists_show_traceback_without_the_args_warning(tmp_path):
     """`python train.py --help` and `fit --help` (before: LightningCLI's "args parameter is
     intended to run from within Python" warning on every command; `--show_traceback` missing)."""
-    top, fit_help = run_cli(["--help"], ["fit", "--help"], cwd=tmp_path)
+    top = run_cli("--help", cwd=tmp_path)
+    fit_help = run_cli("fit", "--help", cwd=tmp_path)
     for result in (top, fit_help):
         assert result.returncode == 0, result.stderr[-2000:]
         assert "args parameter" not in result.stdout + result.stderr

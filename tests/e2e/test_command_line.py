@@ -5,6 +5,7 @@ spelled alike, each command's effect on disk, and a wrong command."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -17,7 +18,6 @@ from stepwise_lit.cli import main
 from stepwise_lit.data.readers import read_records
 from stepwise_lit.evaluate import evaluation_device
 
-from tests.helpers.launch import run_together
 from tests.helpers.paths import REPO
 COMMANDS = ("fit", "validate", "test", "predict", "prepare", "score", "evaluate")
 TINY_FIT = [
@@ -161,10 +161,9 @@ def test_one_console_script_runs_prepare(tmp_path):
     module, function = scripts["stepwise-lit"].split(":")
     launcher = f"import sys; from {module} import {function}; sys.argv[0] = 'stepwise-lit'; sys.exit({function}())"
     out = tmp_path / "pairs.jsonl"
-    done, wrong = run_together([
-        [sys.executable, "-c", launcher, "prepare", "--data.path", "synthetic", "--num_pairs", "4", "--output", str(out)],
-        [sys.executable, "-c", launcher, "fitt"],
-    ], cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", launcher, "prepare", "--data.path", "synthetic", "--num_pairs", "4",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(read_records(out)) == 4
+    wrong = subprocess.run([sys.executable, "-c", launcher, "fitt"], capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "unknown command 'fitt'" in wrong.stderr

@@ -176,19 +176,6 @@ def wait_until_held(run: Run, process: subprocess.Popen, ranks: int) -> int:
         time.sleep(0.05)
 
 
-def run_together(commands: list[list[str]], cwd: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Runs independent commands as concurrent processes (each pays its own interpreter and
-    torch import; side by side that cost is paid once in wall time when a core is free) and
-    returns their results in order, as `subprocess.run(..., capture_output=True, text=True)`."""
-    processes = [subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command in commands]
-    results = []
-    for command, process in zip(commands, processes):
-        out, err = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(command, process.returncode, out, err))
-    return results
-
-
 def free_port() -> int:
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
