@@ -9,6 +9,7 @@ from typing import Literal, get_args
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
 from stepwise_lit.data.batch import PairBatch, chosen, num_pairs, num_steps, rejected
@@ -21,6 +22,7 @@ from stepwise_lit.logprobs.lean import LeanLogps, use_lean_logps
 from stepwise_lit.logprobs.modes import ReferenceMode, build_reference
 from stepwise_lit.logprobs.reference import NoReference, Reference
 from stepwise_lit.models.building import build_base_model, build_policy
+from stepwise_lit.models.clipping import clip_unscaled_gradients
 from stepwise_lit.models.distributed import decoder_layers, fully_shard_causal_lm, is_sharded
 from stepwise_lit.models.loading import (
     TINY_MODEL_RNG_KEY,
@@ -324,6 +326,16 @@ class StepwiseDPOModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except for a fused optimizer under mixed precision, which
+        Lightning refuses: there `stepwise_lit.models.clipping.clip_unscaled_gradients` unscales
+        (``16-mixed``) and clips, keeping the fused kernel."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and optimizer.defaults.get("fused"):
+            clip_unscaled_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm", plugin.scaler)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------- steps
     def objective(self, batch: PairBatch, step_scores: torch.Tensor) -> Objective:

@@ -41,7 +41,7 @@ from stepwise_lit.evaluation.preference import WeightedMean
 from stepwise_lit.evaluation.rerank import split_solution
 from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate
 from stepwise_lit.evaluation.values import json_count, json_number
-from stepwise_lit.grading.answers import AnswerSourceName, extract_answer
+from stepwise_lit.grading.answers import AnswerSourceName, announce_grader, extract_answer
 from stepwise_lit.models.distributed import shows_progress
 from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
 from stepwise_lit.rewards.base import StepScorer
@@ -206,9 +206,10 @@ class SolveRateEvaluation(L.Callback):
             (configs/tiny.yaml's model, 64 prompts, one CPU core: 0.6 s for 64 new tokens each,
             1.1 s for 128; a trained model stops earlier, at its EOS).
         source: How final answers are read and compared: ``embedded`` (``The answer is N``),
-            ``gsm8k`` (``#### N``, else the last number) or ``math`` (the last ``\\boxed{}``).
-            The reference answer is read the same way from the row's ``reference_solution``,
-            else from its chosen solution (see `reference_answer`).
+            ``gsm8k`` (``#### N``, else the last number) or ``math`` (the last ``\\boxed{}``, graded
+            by math-verify when the ``[math]`` extra is installed, else by a hand normaliser, with a
+            warning at start: docs/evaluation.md). The reference answer is read the same way from
+            the row's ``reference_solution``, else from its chosen solution (see `reference_answer`).
         max_prompts: Most distinct prompts evaluated (the first ones of the split); None: all.
         generation: How to decode (`stepwise_lit.models.generate.GenerationSettings`, set as
             ``evaluation.generation.max_new_tokens`` ...): greedy by default; ``do_sample: true``
@@ -232,6 +233,8 @@ class SolveRateEvaluation(L.Callback):
             raise SettingError(f"evaluation.source: unknown value {source!r}; choose one of {', '.join(get_args(AnswerSourceName))}")
         if max_prompts is not None and max_prompts < 1:
             raise SettingError(f"evaluation.max_prompts: must be at least 1 or null, got {max_prompts}")
+        if enabled:
+            announce_grader(source)
         self.enabled = enabled
         self.source = source
         self.max_prompts = max_prompts

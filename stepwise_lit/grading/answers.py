@@ -11,16 +11,25 @@ in). :data:`ANSWER_SOURCES` holds them by name:
 - ``math``: MATH / MATH-500 solutions, the last ``\\boxed{...}`` (or ``\\fbox{...}``).
 
 :func:`answers_match` compares two answers of one source: numerically when both read
-as numbers, else as normalised strings.
+as numbers, else as normalised strings (:func:`normalized_match`). ``math`` answers are compared
+by Hugging Face's ``math-verify`` instead when it is installed (the ``[math]`` extra:
+:func:`symbolic_match`), as TRL's ``accuracy_reward`` and open-r1 grade them; the normaliser
+remains the fallback (docs/evaluation.md, "Grading MATH answers").
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
+
+logger = logging.getLogger(__name__)
 
 AnswerSourceName = Literal["embedded", "gsm8k", "math"]
 
@@ -40,6 +49,9 @@ TEXT_COMMAND = re.compile(r"\\(?:text|mbox)\{([^{}]*)\}")
 TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox)\{[^{}]*\}(?:\^\{?\d\}?)?\s*$")
 MATH_DELETIONS = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\$", "$")
 NUMERIC_TOLERANCE = 1e-6
+MATH_VERIFY_TIMEOUT = 5
+"""Seconds math-verify may spend parsing or comparing one answer (its own default)."""
+MATH_VERIFY_INSTALL = 'pip install "stepwise_lit[math]"'
 
 
 def normalize_number(answer: str) -> str:
@@ -217,13 +229,70 @@ def answer_key(answer: str, source: AnswerSourceName) -> str | float:
     return normalized if number is None else number
 
 
+def normalized_match(predicted: str, reference: str, source: AnswerSourceName) -> bool:
+    """Whether two answers are equal after the source's normaliser (the hand grader).
+
+    When both then read as numbers (:func:`as_number`) they match within
+    ``1e-6 * max(1, |reference|)`` (``"0.5"`` matches ``"\\frac{1}{2}"``, ``"18.00"`` matches
+    ``"18"``); otherwise the normalised strings must be equal.
+    """
+    predicted_key, reference_key = answer_key(predicted, source), answer_key(reference, source)
+    if isinstance(predicted_key, float) and isinstance(reference_key, float):
+        return math.fabs(predicted_key - reference_key) <= NUMERIC_TOLERANCE * max(1.0, math.fabs(reference_key))
+    return predicted_key == reference_key
+
+
+@functools.cache
+def math_verifier() -> ModuleType | None:
+    """The ``math_verify`` module when it is installed, else None; logs a warning (once per
+    process) that ``math`` answers fall back to :func:`normalize_math`, and how to install it."""
+    try:
+        import math_verify
+    except ImportError:
+        logger.warning(
+            "math-verify is not installed: MATH answers are graded by the hand normaliser "
+            "(no symbolic equivalence; docs/evaluation.md). Install it with: %s", MATH_VERIFY_INSTALL,
+        )
+        return None
+    return math_verify
+
+
+def announce_grader(source: AnswerSourceName) -> None:
+    """At a run's start, for the ``math`` source: load math-verify, or log once that it is
+    missing (:func:`math_verifier`); nothing for the other sources."""
+    if source == "math":
+        math_verifier()
+
+
+def symbolic_match(predicted: str, reference: str, verifier: ModuleType) -> bool | None:
+    """math-verify's verdict on two ``math`` answers, or None when either does not parse.
+
+    Each answer is parsed as the content of a ``\\boxed{}`` (``parse``), and ``verify(gold,
+    answer)`` compares them symbolically and numerically (``"0.5"`` = ``"\\frac12"``,
+    ``"2x+x^2"`` = ``"x^2+2x"``, ``"\\{1,2\\}"`` = ``"\\{2,1\\}"``). Only the LaTeX extraction
+    runs (``LatexExtractionConfig``): the plain-expression one hands text to sympy's ``parse_expr``,
+    which evaluates it with ``eval``, and a generated answer is untrusted text. Its signal-based
+    timeouts only work in the main thread; elsewhere they are off.
+
+    Args:
+        predicted: An extracted answer.
+        reference: The reference answer.
+        verifier: The ``math_verify`` module (:func:`math_verifier`).
+    """
+    seconds = MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
+    latex_only = [verifier.LatexExtractionConfig()]
+    gold = verifier.parse("\\boxed{" + reference + "}", latex_only, parsing_timeout=seconds)
+    answer = verifier.parse("\\boxed{" + predicted + "}", latex_only, parsing_timeout=seconds)
+    if not gold or not answer:
+        return None
+    return bool(verifier.verify(gold, answer, timeout_seconds=seconds))
+
+
 def answers_match(predicted: str | None, reference: str, source: AnswerSourceName) -> bool:
     """Whether a predicted final answer equals the reference answer.
 
-    Both are normalised by the source's normaliser. When both then read as numbers
-    (:func:`as_number`) they match within ``1e-6 * max(1, |reference|)``
-    (``"0.5"`` matches ``"\\frac{1}{2}"``, ``"18.00"`` matches ``"18"``); otherwise the
-    normalised strings must be equal.
+    ``math`` answers: math-verify's verdict (:func:`symbolic_match`) when it is installed and
+    both parse; otherwise, and for the other sources, :func:`normalized_match`.
 
     Args:
         predicted: The extracted answer; None (no answer) never matches.
@@ -235,7 +304,6 @@ def answers_match(predicted: str | None, reference: str, source: AnswerSourceNam
     """
     if predicted is None:
         return False
-    predicted_key, reference_key = answer_key(predicted, source), answer_key(reference, source)
-    if isinstance(predicted_key, float) and isinstance(reference_key, float):
-        return math.fabs(predicted_key - reference_key) <= NUMERIC_TOLERANCE * max(1.0, math.fabs(reference_key))
-    return predicted_key == reference_key
+    verifier = math_verifier() if source == "math" else None
+    verdict = None if verifier is None else symbolic_match(predicted, reference, verifier)
+    return normalized_match(predicted, reference, source) if verdict is None else verdict

@@ -20,7 +20,7 @@ from stepwise_lit.data.heldout import reference_answer
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.errors import SettingError
 from stepwise_lit.evaluation.rerank import split_solution
-from stepwise_lit.grading.answers import AnswerSourceName, answers_match, extract_answer
+from stepwise_lit.grading.answers import AnswerSourceName, announce_grader, answers_match, extract_answer
 from stepwise_lit.models.generate import GenerationSettings, Generator
 from stepwise_lit.online.pairs import Pairs, PairSettings, ScoredPrompt, ScoredSolution, build_pairs
 from stepwise_lit.rewards.base import StepScorer
@@ -44,7 +44,8 @@ class RoundSettings:
         generation: Decoding; must sample (``do_sample: true``) at least 2 solutions per prompt.
             Completions are split into steps at its ``step_end``.
         pairs: Pair building (``stepwise_lit.online.pairs.PairSettings``).
-        answer_source: How final answers are read and compared: ``embedded``, ``gsm8k`` or ``math``.
+        answer_source: How final answers are read and compared: ``embedded``, ``gsm8k`` or ``math``
+            (math-verify when installed: `stepwise_lit.grading.answers.answers_match`).
     """
 
     generation: GenerationSettings = field(default_factory=default_generation)
@@ -58,6 +59,7 @@ class RoundSettings:
                 f"(set do_sample: true and num_samples >= 2), got do_sample={self.generation.do_sample}, "
                 f"num_samples={self.generation.num_samples}"
             )
+        announce_grader(self.answer_source)
 
 
 @dataclass(frozen=True)

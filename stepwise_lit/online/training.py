@@ -90,7 +90,8 @@ class OnlineRounds(L.Callback):
             so every round draws anew and a resumed round draws what it drew before.
         pairs: Pair building (``strategy``: ``first_error_branch``, ``best_vs_worst`` or
             ``all_pairs``; see ``stepwise_lit.online.pairs.PairSettings``).
-        answer_source: How final answers are read and graded: ``embedded``, ``gsm8k`` or ``math``.
+        answer_source: How final answers are read and graded: ``embedded``, ``gsm8k`` or ``math``
+            (as ``evaluation.source``: math-verify when installed, else the hand normaliser).
         reference_refresh_rounds: Re-freeze the reference (``model.reference: copy``) from the
             policy at the start of every this-many-th round (round r with r % N == 0, r > 0);
             None keeps it fixed.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,3 +121,16 @@ def snapshot(folder: Path) -> dict[str, str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+def logged_losses(root: Path, columns: Sequence[str] = ("train/loss",)) -> list[float]:
+    """Per training step, in step order, the first of `columns` a run under `root` logged in its CSV
+    log (``csv/version_*/metrics.csv``), from the step's first row that has one (a later row of the
+    same step holds epoch-level values)."""
+    losses: dict[int, float] = {}
+    for path in sorted((root / "csv").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            value = next((row[column] for column in columns if row.get(column)), None)
+            if value is not None:
+                losses.setdefault(int(row["step"]), float(value))
+    return [losses[step] for step in sorted(losses)]

@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 
 from stepwise_lit.data.synthetic import generate_pairs
+from stepwise_lit.evaluation.generation import SolveRateEvaluation
+from stepwise_lit.evaluation.solve_rate import SolveRate
 from stepwise_lit.grading.answers import (
+    MATH_VERIFY_INSTALL,
+    announce_grader,
     answers_match,
     extract_answer,
     extract_embedded,
     extract_gsm8k,
     extract_math,
+    math_verifier,
     normalize_math,
+    normalized_match,
+    symbolic_match,
 )
 from tests.helpers.paths import SHARED_DATA
 
 DATA = SHARED_DATA
 MODEL_SOLUTIONS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason="../shared/data is not here")
+needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                                       reason=f"math-verify is not installed ({MATH_VERIFY_INSTALL})")
+SYMBOLIC_ONLY = [("2x+x^2", "x^2+2x"), (r"\sqrt5", r"\sqrt{5}"), ("x = 5", "5"),
+                 (r"\left( 3/2, -13 \right)", r"\left( \frac{3}{2}, -13 \right)")]
+"""Equivalent answers (predicted, reference) that math-verify matches and the normaliser does not."""
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -135,3 +150,51 @@ def test_math_hand_cases():
 def test_unknown_source_is_named():
     with pytest.raises(ValueError, match="unknown answer source 'aime'; choose from"):
         extract_answer("1", "aime")
+
+
+@needs_data
+@needs_math_verify
+def test_math500_answers_match_themselves_and_their_forms_by_both_graders():
+    """Each MATH-500 ``answer`` against itself, its solution's last box and its ``\\dfrac`` form:
+    the normaliser and math-verify both say equal (500 rows)."""
+    verifier = math_verifier()
+    for row in read_jsonl(DATA / "prm800k" / "math_test.sample.jsonl"):
+        reference = row["answer"]
+        for form in {reference, extract_math(row["solution"]), reference.replace("\\frac", "\\dfrac")}:
+            assert normalized_match(form, reference, "math"), (row["unique_id"], form)
+            assert symbolic_match(form, reference, verifier), (row["unique_id"], form)
+
+
+@needs_math_verify
+def test_math_answers_are_graded_by_math_verify_when_installed():
+    for predicted, reference in SYMBOLIC_ONLY:
+        assert not normalized_match(predicted, reference, "math")
+        assert answers_match(predicted, reference, "math"), (predicted, reference)
+    assert not answers_match("x^2+3x", "x^2+2x", "math")
+    assert not answers_match(r"\sqrt6", r"\sqrt{5}", "math")
+    metric = SolveRate("math")
+    metric.update(["2x+x^2", r"\frac{1}{3}"], ["x^2+2x", "0.5"])
+    assert metric.compute().item() == pytest.approx(0.5)
+
+
+@pytest.fixture
+def without_math_verify(monkeypatch):
+    """``import math_verify`` fails (as where the extra is not installed) and the loader forgets
+    what it found, before and after the test."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    math_verifier.cache_clear()
+    yield
+    monkeypatch.undo()
+    math_verifier.cache_clear()
+
+
+def test_without_math_verify_the_normaliser_grades_and_the_evaluation_start_says_so_once(without_math_verify, caplog):
+    with caplog.at_level(logging.WARNING, logger="stepwise_lit"):
+        announce_grader("gsm8k")
+        assert caplog.records == []
+        SolveRateEvaluation(enabled=True, source="math")
+        announce_grader("math")
+        assert not answers_match("2x+x^2", "x^2+2x", "math")
+        assert answers_match("0.5", r"\frac{1}{2}", "math")
+    assert [record.getMessage().count(MATH_VERIFY_INSTALL) for record in caplog.records] == [1]
+    assert "math-verify is not installed" in caplog.records[0].getMessage()

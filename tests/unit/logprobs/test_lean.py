@@ -22,7 +22,6 @@ from transformers import (
 )
 
 from stepwise_lit.cli import main
-from stepwise_lit.data.collate import StepwiseCollator
 from stepwise_lit.data.datamodule import StepwiseDataModule
 from stepwise_lit.data.tokenizer import load_tokenizer
 from stepwise_lit.errors import SettingError
@@ -37,6 +36,7 @@ from stepwise_lit.logprobs.lean import (
 from stepwise_lit.models.loading import TinyModelConfig
 from stepwise_lit.module import StepwiseDPOModule
 from tests.helpers.entry import run_entry, write_config
+from tests.helpers.step_logps import pair_batches, per_sequence_step_logps
 
 SIZES = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
@@ -56,16 +56,6 @@ TINY_CONFIGS = {
 """A tiny random-weight config of every architecture on the allow-list."""
 
 
-def pair_batches(tmp_path, tokenizer_path: str) -> tuple[dict, dict]:
-    """Four embedded pairs collated unpacked and packed (the default layout)."""
-    datamodule = StepwiseDataModule(path="synthetic", synthetic_train_size=4, synthetic_val_size=0, batch_size=4,
-                                    max_length=256, tokenizer_name_or_path=tokenizer_path,
-                                    cache_dir=str(tmp_path / "cache"))
-    datamodule.setup("fit")
-    rows = [datamodule.train_dataset[i] for i in range(4)]
-    return StepwiseCollator(0, pack_pairs=False)(rows), StepwiseCollator(0, pack_pairs=True)(rows)
-
-
 def granite_folder(tmp_path, vocab_size: int = 49_155):
     """A random-weight GraniteForCausalLM (granite-3.0-2b's head rows and `logits_scaling`,
     hidden 32, one layer) saved with the byte-level tokenizer beside it."""
@@ -79,20 +69,6 @@ def granite_folder(tmp_path, vocab_size: int = 49_155):
     GraniteForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def per_sequence_step_logps(model: torch.nn.Module, batch: dict, num_steps: int) -> torch.Tensor:
-    """The slow path: each response alone through the model's own forward, log-softmax of its
-    logits, token log-probs summed by step by hand. Float ``[2B, S]``."""
-    result = torch.zeros(batch["input_ids"].shape[0], num_steps, dtype=torch.float64)
-    for row, (ids, mask, steps) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["step_ids"])):
-        ids, steps = ids[mask.bool()], steps[mask.bool()]
-        with torch.no_grad():
-            logps = torch.log_softmax(model(ids[None]).logits[0].double(), -1)  # [n, V]
-        for position in range(1, len(ids)):
-            if steps[position] > 0:
-                result[row, steps[position] - 1] += logps[position - 1, ids[position]]
-    return result
 
 
 def test_granite_default_settings_give_the_models_own_log_probs(tmp_path):
