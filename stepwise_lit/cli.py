@@ -31,13 +31,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from stepwise_lit import evaluate, prepare, score
 from stepwise_lit.data.datamodule import StepwiseDataModule
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.errors import (
+    TRACEBACK_FLAG,
+    TRACEBACK_HELP,
+    RefusalNamer,
+    SettingError,
+    check_writable_folder,
+    exit_on_user_error,
+)
 from stepwise_lit.evaluation.generation import SolveRateEvaluation
 from stepwise_lit.evaluation.report import StepRewardReport
 from stepwise_lit.imports import import_callable
 from stepwise_lit.models.export import HuggingFaceExport
 from stepwise_lit.module import StepwiseDPOModule
 from stepwise_lit.online.training import OnlineRounds
+from stepwise_lit.rewards.base import StepScorer
 
 logger = logging.getLogger("stepwise_lit")
 
@@ -73,7 +81,13 @@ class StepwiseCLI(LightningCLI):
     checkpoints land), `trainer.default_root_dir` (writable) and the optimizer and scheduler
     settings; see `parse_arguments` and `before_instantiate_classes`. `validate`/`test`/`predict`
     of the embedded model without `--ckpt_path` run (an untrained baseline is a fair question)
-    but log a warning that the model is random."""
+    but log a warning that the model is random. A step scorer (``model.reward_model``,
+    ``evaluation.verifier``, ``online.verifier``) that refuses its settings while it is built (a checkpoint
+    without its head, a missing folder) ends with one message naming that setting (`RefusalNamer`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.refusals = RefusalNamer()
+        super().__init__(*args, **kwargs)
 
     def add_default_arguments_to_parser(self, parser) -> None:
         super().add_default_arguments_to_parser(parser)
@@ -86,6 +100,7 @@ class StepwiseCLI(LightningCLI):
             compute_fn=lambda tokenizer, model: tokenizer or model,
         )
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_instantiator(self.refusals, StepScorer)
         parser.add_argument(
             "--num_threads",
             type=int | None,
@@ -115,6 +130,11 @@ class StepwiseCLI(LightningCLI):
         if config.trainer.enable_checkpointing is not False:
             config.trainer.callbacks = with_checkpoint_callback(config.trainer.callbacks, folder)
         check_ckpt_path(config.get("ckpt_path"), checkpoint_folders(config.trainer.callbacks))
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's; a step scorer that refuses its settings raises `SettingError` naming them."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.refusals.instantiate(super().instantiate_classes, config)
 
     def before_instantiate_classes(self) -> None:
         """Applies `num_threads`, checks that `trainer.default_root_dir` can be written and that

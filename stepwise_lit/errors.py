@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -119,3 +119,74 @@ def check_not_input(output: str, input: str | None, command: str) -> None:
     elif out == source or (os.path.exists(output) and os.path.samefile(output, input)):
         raise SettingError(f"output: {output} is the input file {input}; name another file ({command} never "
                            "overwrites its input)")
+
+
+class RefusalNamer:
+    """Names the setting behind a class that refuses its settings while a jsonargparse parser builds it.
+
+    Register it as the parser's instantiator of the classes a setting names (``parser.add_instantiator(namer,
+    StepScorer)``): it builds them as jsonargparse's default instantiator does and keeps the class, keyword
+    arguments and error of one whose build raises ValueError or OSError. jsonargparse wraps such an error
+    ("Does not validate against any of the Union subtypes") without the setting's name; `instantiate`
+    turns it into one `SettingError` naming it, as ``<setting>.init_args.<init argument>: ...`` for a
+    `SettingError` of the class (its message starts with the init argument it refuses), else
+    ``<setting>: <error>``.
+    """
+
+    def __init__(self) -> None:
+        self.refused: tuple[type, dict, Exception] | None = None
+
+    def __call__(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return class_type(*args, **kwargs)
+        except (ValueError, OSError) as error:
+            self.refused = (class_type, kwargs, error)
+            raise
+
+    def instantiate(self, build: Callable[[], T], config: Any) -> T:
+        """`build()`: the parser's instantiation of `config` (a jsonargparse Namespace). A refused build
+        raises `SettingError` naming the section of `config` that holds the refused class and
+        settings (the first, where several do); any other error goes on unchanged."""
+        self.refused = None
+        try:
+            return build()
+        except (ValueError, OSError) as error:
+            setting = None if self.refused is None else setting_of(config.as_dict(), *self.refused[:2])
+            if setting is None:
+                raise
+            refusal = self.refused[2]
+            if isinstance(refusal, SettingError):
+                raise SettingError(f"{setting}.init_args.{refusal}") from error
+            raise SettingError(f"{setting}: {refusal}") from error
+
+
+def instantiate_naming_refusals(parser: Any, config: Any, class_type: type) -> Any:
+    """``parser.instantiate(config)`` (a jsonargparse parser and its parsed Namespace) with a
+    `RefusalNamer` as the instantiator of `class_type` and its subclasses.
+
+    Raises:
+        SettingError: Naming the setting whose class refused its settings.
+    """
+    namer = RefusalNamer()
+    parser.add_instantiator(namer, class_type)
+    return namer.instantiate(lambda: parser.instantiate(config), config)
+
+
+def setting_of(settings: Any, class_type: type, kwargs: dict, prefix: str = "") -> str | None:
+    """The dotted key of the first section of `settings` (nested dicts and lists, as parsed) that is
+    ``{class_path: <a path ending in class_type's name>, init_args: kwargs}``; None if none is."""
+    if isinstance(settings, Mapping):
+        class_path = settings.get("class_path")
+        if isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] == class_type.__name__ \
+                and (settings.get("init_args") or {}) == kwargs:
+            return prefix
+        items = settings.items()
+    elif isinstance(settings, list):
+        items = ((str(index), value) for index, value in enumerate(settings))
+    else:
+        return None
+    for key, value in items:
+        found = setting_of(value, class_type, kwargs, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None

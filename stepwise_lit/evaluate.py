@@ -51,7 +51,14 @@ from stepwise_lit.data.datamodule import StepwiseDataModule, check_data_settings
 from stepwise_lit.data.heldout import held_out_problems
 from stepwise_lit.data.sources import SYNTHETIC
 from stepwise_lit.data.tokenizer import load_tokenizer
-from stepwise_lit.errors import TRACEBACK_FLAG, TRACEBACK_HELP, SettingError, check_writable_folder, exit_on_user_error
+from stepwise_lit.errors import (
+    TRACEBACK_FLAG,
+    TRACEBACK_HELP,
+    SettingError,
+    check_writable_folder,
+    exit_on_user_error,
+    instantiate_naming_refusals,
+)
 from stepwise_lit.evaluation.generation import (
     GenerationMetrics,
     SolveRateEvaluation,
@@ -318,7 +325,7 @@ def run(parser: ArgumentParser, config: Namespace) -> dict:
     rows, data_source = problem_rows(config.data) if generates else ([], None)
     responses = read_responses(config.labelled) if localises else []
     config.model.reward_model = None  # train.py's online scorer: not used here, never loaded
-    settings = parser.instantiate(config)
+    settings = instantiate_naming_refusals(parser, config, StepScorer)
     report: dict = {}
     if generates:
         report.update(generation_report(settings, rows, data_source, settings.evaluation, device))

@@ -50,9 +50,11 @@ from stepwise_lit.errors import (
     TRACEBACK_FLAG,
     TRACEBACK_HELP,
     SettingError,
+    UserError,
     check_not_input,
     check_writable_folder,
     exit_on_user_error,
+    instantiate_naming_refusals,
 )
 from stepwise_lit.rewards.base import StepScorer
 
@@ -374,13 +376,14 @@ def instantiate_scorer(parser: ArgumentParser, config):
 
     Raises:
         SettingError: Naming ``scorer`` where its settings are rejected or its files cannot be read
-            (``scorer.init_args.<setting>`` where the scorer names the setting it refuses).
+            (``scorer.init_args.<setting>`` where the scorer names the setting it refuses; see
+            `stepwise_lit.errors.RefusalNamer`).
     """
     try:
-        return parser.instantiate(config)
+        return instantiate_naming_refusals(parser, config, StepScorer)
+    except UserError:
+        raise
     except (ValueError, OSError) as error:
-        if isinstance(error.__cause__, SettingError):
-            raise SettingError(f"scorer.init_args.{error.__cause__}") from error
         raise SettingError(f"scorer: {error}") from error
 
 
