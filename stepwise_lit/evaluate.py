@@ -73,7 +73,6 @@ from stepwise_lit.evaluation.localisation import (
 )
 from stepwise_lit.evaluation.report import REPORT_FILE
 from stepwise_lit.models.export import MARKER
-from stepwise_lit.models.generate import TransformersGenerator
 from stepwise_lit.models.loading import (
     DTYPES,
     TINY_MODEL_RNG_KEY,
@@ -266,7 +265,7 @@ def generation_report(
         settings: The instantiated options (``model``, ``ckpt_path``, ``data``).
         rows: Canonical rows (:func:`problem_rows`).
         data_source: Where they come from, for the report.
-        evaluation: Answer source, prompt cap, generation settings and verifier.
+        evaluation: Answer source, prompt cap, generation settings, backend (``evaluation.generator``) and verifier.
         device: Where the policy generates (:func:`evaluation_device`).
     """
     problems, without_reference = held_out_problems(
@@ -279,7 +278,7 @@ def generation_report(
     prompt_format = prompt_format_of(data.as_dict())
     policy, tokenizer = load_policy(settings.model, settings.ckpt_path)
     check_prompt_format(tokenizer, prompt_format)
-    generator = TransformersGenerator(policy.to(device), tokenizer, prompt_format, data.max_prompt_length)
+    generator = evaluation.generator(policy.to(device), tokenizer, prompt_format, data.max_prompt_length)
     generation = evaluation.generation
     metrics = GenerationMetrics(evaluation.source, generation.num_samples)
     verifier = evaluation.verifier

@@ -43,7 +43,7 @@ from stepwise_lit.evaluation.solve_rate import MajorityAtK, PassAtK, SolveRate
 from stepwise_lit.evaluation.values import json_count, json_number
 from stepwise_lit.grading.answers import AnswerSourceName, announce_grader, extract_answer
 from stepwise_lit.models.distributed import shows_progress
-from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator
+from stepwise_lit.models.generate import GenerationSettings, Generator, generator_class
 from stepwise_lit.rewards.base import StepScorer
 
 log = logging.getLogger("stepwise_lit")
@@ -147,7 +147,7 @@ class GenerationMetrics(torch.nn.Module):
 
 
 def evaluate_problems(
-    generator: TransformersGenerator,
+    generator: Generator,
     problems: Sequence[Problem],
     weights: torch.Tensor,
     settings: GenerationSettings,
@@ -218,6 +218,9 @@ class SolveRateEvaluation(L.Callback):
             flags generated steps (score < 0); None: no flag metrics.
         during_fit: Also evaluate at every validation during ``fit`` (not the sanity check),
             which logs ``val/solve_rate`` over training; costs the decoding time each time.
+        generator: The decoding backend, as ``online.generator``: ``transformers``, ``vllm``
+            (engine settings ``evaluation.generation.vllm``; docs/generation.md) or a backend
+            class's import path. ``python -m stepwise_lit.evaluate`` reads it too.
     """
 
     def __init__(
@@ -228,6 +231,7 @@ class SolveRateEvaluation(L.Callback):
         generation: GenerationSettings = GenerationSettings(),
         verifier: StepScorer | None = None,
         during_fit: bool = False,
+        generator: str = "transformers",
     ) -> None:
         if source not in get_args(AnswerSourceName):
             raise SettingError(f"evaluation.source: unknown value {source!r}; choose one of {', '.join(get_args(AnswerSourceName))}")
@@ -241,6 +245,7 @@ class SolveRateEvaluation(L.Callback):
         self.generation = generation
         self.verifier = verifier
         self.during_fit = during_fit
+        self.generator = generator_class(generator, "evaluation.generator")
         self.metrics = GenerationMetrics(source, self.generation.num_samples)
         self.results: dict | None = None
 
@@ -283,7 +288,7 @@ class SolveRateEvaluation(L.Callback):
         positions = list(PaddedShardSampler(problems, **share)) if problems else []
         mine = [problems[position % len(problems)] for position in positions]
         weights = torch.tensor([float(position < len(problems)) for position in positions])
-        generator = TransformersGenerator(
+        generator = self.generator(
             pl_module.policy, pl_module.tokenizer, datamodule.settings.prompt_format,
             datamodule.hparams.max_prompt_length, progress=shows_progress(trainer),
         )

@@ -3,10 +3,8 @@
 A :class:`Generator` turns prompts into ``num_samples`` completions each (the generated
 text only, never the prompt). :class:`TransformersGenerator` runs ``model.generate`` of
 ``transformers`` with the KV cache. Another backend plugs in by implementing the same
-one method; for vLLM, say, ``LLM(model=export_dir).generate(prompts, SamplingParams(
-n=num_samples, temperature=..., top_p=..., max_tokens=max_new_tokens, seed=seed,
-stop=stop_strings))`` and then :func:`cut_completion` on every text, which also applies
-the step budget (vLLM has no count-based stop). ``temperature`` 0 in vLLM is greedy.
+one method: :class:`~stepwise_lit.models.vllm_generate.VLLMGenerator` does, and a ``generator``
+setting picks one by name (:func:`generator_class`).
 
 Budgets, all optional except the token budget, whichever comes first:
   - EOS: any id of the model's ``generation_config.eos_token_id`` (one id or a list: Llama-3.x
@@ -31,7 +29,7 @@ same number of batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,9 +43,42 @@ from stepwise_lit.data.chat import PromptFormat
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.data.tokenize import prompt_token_ids
 from stepwise_lit.errors import SettingError
+from stepwise_lit.imports import import_callable
 from stepwise_lit.models.distributed import is_sharded
 
 log = logging.getLogger("stepwise_lit")
+
+
+@dataclass
+class VLLMSettings:
+    """The vLLM engine's settings (``generation.vllm``), used with ``generator: vllm``
+    (`stepwise_lit.models.vllm_generate`; docs/generation.md).
+
+    Attributes:
+        gpu_memory_utilization: Share of the GPU's memory the engine may take for its weights
+            and KV cache. The engine shares the GPU with training (the policy, reference,
+            optimizer state and activations), so leave them room. Not used on CPU.
+        kv_cache_memory_bytes: KV cache size in bytes, instead of the share above; None: vLLM's
+            default (on CPU vLLM's own default, or ``VLLM_CPU_KVCACHE_SPACE`` GiB when set).
+        max_model_len: Longest prompt + completion in tokens; None: the model config's
+            ``max_position_embeddings``.
+        enforce_eager: No CUDA graphs or compilation: a faster start, slower decoding.
+        sleep: On a GPU, free the engine's weights and KV cache after every call (sleep level
+            2) and rebuild them at the next; no effect on CPU, which has no sleep mode.
+    """
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = True
+    sleep: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise SettingError(f"generation.vllm.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("kv_cache_memory_bytes", "max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SettingError(f"generation.vllm.{name}: must be at least 1 or null, got {getattr(self, name)}")
 
 
 @dataclass
@@ -66,6 +97,7 @@ class GenerationSettings:
         stop_strings: The completion stops after the first of these, which it keeps.
         max_steps: Step budget: stop after this many ``step_end``; None: no budget.
         step_end: The text that ends a step, for ``max_steps``.
+        vllm: The engine's settings when the generator is ``vllm`` (ignored otherwise).
     """
 
     max_new_tokens: int = 256
@@ -78,6 +110,7 @@ class GenerationSettings:
     stop_strings: list[str] = field(default_factory=list)
     max_steps: int | None = None
     step_end: str = "\n"
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
     def __post_init__(self) -> None:
         problems = {
@@ -237,6 +270,42 @@ class TextBudget(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def prompt_ids(
+    prompts: Sequence[Prompt],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_format: PromptFormat,
+    max_prompt_length: int | None,
+) -> list[list[int]]:
+    """The prompts' token ids as training tokenizes them (`stepwise_lit.data.tokenize.prompt_token_ids`),
+    each cut from the left to ``max_prompt_length`` tokens (None: whole); the number cut is logged."""
+    ids = [prompt_token_ids(prompt, tokenizer, prompt_format) for prompt in prompts]
+    if max_prompt_length is None:
+        return ids
+    cut = sum(len(row) > max_prompt_length for row in ids)
+    if cut:
+        log.info("generate: %d of %d prompts cut from the left to %d tokens", cut, len(ids), max_prompt_length)
+    return [row[max(0, len(row) - max_prompt_length) :] for row in ids]
+
+
+GENERATORS = {
+    "transformers": "stepwise_lit.models.generate.TransformersGenerator",
+    "vllm": "stepwise_lit.models.vllm_generate.VLLMGenerator",
+}
+"""The backends a ``generator`` setting names by a short name; any other value is an import path."""
+
+
+def generator_class(name: str, setting: str) -> Callable:
+    """The backend class of a ``generator`` setting (``online.generator``, ``evaluation.generator``):
+    ``transformers``, ``vllm`` (:data:`GENERATORS`) or the import path of a class built as
+    ``Backend(policy, tokenizer, prompt_format, max_prompt_length, progress=bool)`` whose
+    ``generate`` is a :class:`Generator`'s.
+
+    Raises:
+        SettingError: Naming ``setting``, for a path that does not import.
+    """
+    return import_callable(GENERATORS.get(name, name), setting, "transformers, vllm or a backend class")
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end a completion: the model's ``generation_config.eos_token_id`` (an id or a
     list of ids; Llama-3.x and Qwen-Instruct list several) and the tokenizer's ``eos_token_id``,
@@ -245,6 +314,19 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     listed = getattr(config, "eos_token_id", None)
     listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
     return list(dict.fromkeys([*listed, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+
+
+def new_token_count(generated: torch.Tensor, eos_ids: Sequence[int], pad_id: int | None) -> int:
+    """Tokens decoded in ``generated`` ``[rows, steps]``: in each row, up to and including its
+    first end-of-sequence id, else up to its trailing padding (rows that stopped early are padded)."""
+    is_end = torch.isin(generated, torch.tensor(list(eos_ids), device=generated.device))
+    if pad_id is None:
+        unpadded = torch.full((generated.shape[0],), generated.shape[1], device=generated.device)
+    else:  # the length before the trailing run of pad ids
+        not_pad = (generated != pad_id).int()
+        unpadded = generated.shape[1] - not_pad.flip(dims=[1]).cumsum(dim=1).eq(0).sum(dim=1)
+    first_end = is_end.int().argmax(dim=1) + 1
+    return int(torch.where(is_end.any(dim=1), first_end, unpadded).sum())
 
 
 def runs_in_lockstep(model: torch.nn.Module) -> bool:
@@ -305,27 +387,22 @@ class TransformersGenerator:
         self.prompt_format = prompt_format
         self.max_prompt_length = max_prompt_length
         self.progress = progress
+        self.tokens_generated = 0  # new tokens decoded by this backend so far (bench/generation_backends.py)
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
         """See :meth:`Generator.generate`."""
-        prompt_ids = [prompt_token_ids(prompt, self.tokenizer, self.prompt_format) for prompt in prompts]
-        if self.max_prompt_length is not None:
-            limit = self.max_prompt_length
-            cut = sum(len(ids) > limit for ids in prompt_ids)
-            if cut:
-                log.info("generate: %d of %d prompts cut from the left to %d tokens", cut, len(prompt_ids), limit)
-            prompt_ids = [ids[max(0, len(ids) - limit) :] for ids in prompt_ids]
+        ids = prompt_ids(prompts, self.tokenizer, self.prompt_format, self.max_prompt_length)
         starts = range(0, len(prompts), settings.batch_size)
         completions: list[list[str]] = []
         for index, start in enumerate(tqdm(starts, desc="generate", disable=not self.progress)):
-            batch = prompt_ids[start : start + settings.batch_size]
+            batch = ids[start : start + settings.batch_size]
             completions.extend(self.generate_batch(batch, settings, seed=settings.seed + index))
         return completions
 
     @torch.no_grad()
-    def generate_batch(self, prompt_ids: list[list[int]], settings: GenerationSettings, seed: int) -> list[list[str]]:
+    def generate_batch(self, batch: list[list[int]], settings: GenerationSettings, seed: int) -> list[list[str]]:
         """Completions of one batch of tokenized prompts, sampling (if any) seeded with ``seed``."""
-        features = [{"input_ids": ids} for ids in prompt_ids]
+        features = [{"input_ids": ids} for ids in batch]
         inputs = self.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
         inputs = inputs.to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
@@ -345,10 +422,12 @@ class TransformersGenerator:
         finally:
             self.model.train(was_training)
         # sequences: [len(prompts) * num_samples, prompt_length + generated], samples of a prompt adjacent
+        self.tokens_generated += new_token_count(sequences[:, prompt_length:], eos_token_ids(self.model, self.tokenizer),
+                                                 self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
         texts = [cut_completion(text, settings) for text in texts]
         k = settings.num_samples
-        return [texts[row * k : (row + 1) * k] for row in range(len(prompt_ids))]
+        return [texts[row * k : (row + 1) * k] for row in range(len(batch))]
 
     def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
         """The ``GenerationConfig`` of ``settings``; sampling knobs the settings do not name

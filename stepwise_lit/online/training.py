@@ -41,9 +41,8 @@ from stepwise_lit.data.writers import write_rows
 from stepwise_lit.errors import SettingError, UserError
 from stepwise_lit.evaluation.generation import refuse_fsdp1
 from stepwise_lit.grading.answers import AnswerSourceName
-from stepwise_lit.imports import import_callable
 from stepwise_lit.models.distributed import shows_progress
-from stepwise_lit.models.generate import GenerationSettings, Generator, runs_in_lockstep
+from stepwise_lit.models.generate import GenerationSettings, Generator, generator_class, runs_in_lockstep
 from stepwise_lit.online.pairs import PairSettings
 from stepwise_lit.online.rounds import (
     PAIRS_FILE,
@@ -95,15 +94,12 @@ class OnlineRounds(L.Callback):
         reference_refresh_rounds: Re-freeze the reference (``model.reference: copy``) from the
             policy at the start of every this-many-th round (round r with r % N == 0, r > 0);
             None keeps it fixed.
-        generator: Import path of the decoding backend, built each round as
-            ``Backend(policy, tokenizer, prompt_format, max_prompt_length, progress=bool)``
-            and called as a ``stepwise_lit.models.generate.Generator`` (``generate(prompts, settings)
-            -> K completions per prompt``). Default: ``transformers``' ``generate`` with the
-            KV cache. A vLLM backend for GPU machines is a class with that constructor that
-            loads the policy's current weights into a ``vllm.LLM`` (its model runner's
-            ``load_weights`` with ``policy.state_dict().items()``) and maps the settings to
-            ``SamplingParams(n=num_samples, temperature, top_p, max_tokens=max_new_tokens,
-            seed)``; the package does not depend on vLLM.
+        generator: The decoding backend: ``transformers`` (``generate`` with the KV cache),
+            ``vllm`` (a vLLM engine fed the policy's weights before every round; its settings
+            are ``generation.vllm``; docs/generation.md) or the import path of a class built each
+            round as ``Backend(policy, tokenizer, prompt_format, max_prompt_length, progress=bool)``
+            whose ``generate(prompts, settings)`` returns K completions per prompt
+            (``stepwise_lit.models.generate.Generator``). The same setting as ``evaluation.generator``.
     """
 
     def __init__(
@@ -117,7 +113,7 @@ class OnlineRounds(L.Callback):
         pairs: PairSettings = PairSettings(),
         answer_source: AnswerSourceName = "embedded",
         reference_refresh_rounds: int | None = None,
-        generator: str = "stepwise_lit.models.generate.TransformersGenerator",
+        generator: str = "transformers",
     ) -> None:
         for name, value, least in (("start_epoch", start_epoch, 0), ("prompts_per_round", prompts_per_round, 1),
                                    ("steps_per_round", steps_per_round, 1),
@@ -134,7 +130,7 @@ class OnlineRounds(L.Callback):
         self.steps_per_round = steps_per_round
         self.settings = RoundSettings(generation, pairs, answer_source) if enabled else None
         self.reference_refresh_rounds = reference_refresh_rounds
-        self.generator = import_callable(generator, "online.generator", "a backend class") if enabled else None
+        self.generator = generator_class(generator, "online.generator") if enabled else None
         self.refreshed_rounds: list[int] = []  # rounds whose reference refresh is done (kept in checkpoints)
         self.data_round: int | None = None  # the round the data module trains on (kept in checkpoints)
         self.pool: list[Problem] = []  # the training split's distinct prompts, read at the start of fit
