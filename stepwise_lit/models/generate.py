@@ -28,6 +28,7 @@ same number of batches.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -301,8 +302,11 @@ def generator_class(name: str, setting: str) -> Callable:
     ``generate`` is a :class:`Generator`'s.
 
     Raises:
-        SettingError: Naming ``setting``, for a path that does not import.
+        SettingError: Naming ``setting``, for a path that does not import, or ``vllm`` where it is not installed.
     """
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SettingError(f"{setting}: vllm is not installed; install the [vllm] extra on a GPU machine, or make a CPU "
+                           "venv with bench/vllm_venv.sh (docs/generation.md)")
     return import_callable(GENERATORS.get(name, name), setting, "transformers, vllm or a backend class")
 
 

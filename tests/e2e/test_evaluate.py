@@ -3,6 +3,7 @@ scorer on labelled responses, and solve rates of an exported model or of a check
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -300,3 +301,29 @@ def test_a_lora_checkpoint_is_loaded_into_the_adapters_and_merged(tmp_path, caps
     argv = ["--model.model_name_or_path", str(root / "export"), *short, "--output", str(tmp_path / "b")]
     assert run_entry(evaluate.main, argv, capsys).code == 0
     assert read_report(tmp_path / "a")["examples"] == read_report(tmp_path / "b")["examples"]
+
+
+def test_evaluation_generator_picks_the_backend_of_evaluate(tmp_path, trained, capsys):
+    """``--evaluation.generator`` with an import path: the scripted backend (sample 0 is the right
+    solution) solves every held-out problem, where the trained tiny model's own decoding does not."""
+    config, root = trained
+    common = ["--config", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt"),
+              "--evaluation.generation.max_new_tokens", "8"]
+    outcome = run_entry(evaluate.main, [*common, "--output", str(tmp_path / "own")], capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    argv = [*common, "--evaluation.generator", "tests.helpers.online_helpers.SolvingGenerator", "--output", str(tmp_path / "scripted")]
+    outcome = run_entry(evaluate.main, argv, capsys)
+    assert outcome.code == 0, outcome.err[-3000:]
+    assert read_report(tmp_path / "scripted")["solve_rate"] == 1.0
+    assert read_report(tmp_path / "own")["solve_rate"] < 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_generator_vllm_without_vllm_exits_2_at_start(tmp_path, trained, capsys):
+    config, root = trained
+    argv = ["--config", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt"),
+            "--evaluation.generator", "vllm", "--output", str(tmp_path / "eval")]
+    outcome = run_entry(evaluate.main, argv, capsys)
+    assert outcome.code == 2
+    assert "evaluation.generator: vllm is not installed" in outcome.err
+    assert not (tmp_path / "eval" / "report.json").exists()

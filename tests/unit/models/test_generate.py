@@ -23,6 +23,8 @@ from stepwise_lit.models.generate import (
     cut_completion,
     decoded_increment,
     eos_token_ids,
+    generator_class,
+    new_token_count,
 )
 
 PROMPT = "Ana has 12 coins. She finds 5 more. How many coins does Ana have?"
@@ -324,3 +326,27 @@ def test_text_budget_decodes_a_bounded_window_per_token(tokenizer):
     for length in range(1, 401):
         assert not budget(torch.cat([torch.ones(2, 2, dtype=torch.long), generated[:, :length]], dim=1), None).any()
     assert counting.decoded <= 4 * 2 * 400
+
+
+def test_new_token_count_stops_at_the_first_eos_or_the_trailing_padding():
+    """eos 2, pad 0: [5 6 2 0 0] -> 3 (EOS included); [5 0 6 0 0] -> 3 (a pad inside a row is a
+    token, the trailing run is padding); [5 6 7 8 9] -> 5; [0 0 0 0 0] -> 0. With pad == eos
+    (2), [5 6 2 2 2] -> 3. Without a pad id every row without EOS counts whole."""
+    generated = torch.tensor([[5, 6, 2, 0, 0], [5, 0, 6, 0, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]])
+    assert new_token_count(generated, [2], 0) == 3 + 3 + 5 + 0
+    assert new_token_count(torch.tensor([[5, 6, 2, 2, 2]]), [2], 2) == 3
+    assert new_token_count(generated, [2], None) == 3 + 5 + 5 + 5
+
+
+def test_the_transformers_backend_counts_the_tokens_it_decodes(tokenizer, bigram_llama):
+    """The bigram model from "x" decodes "y" then EOS: 2 new tokens per prompt."""
+    generator = TransformersGenerator(bigram_llama, tokenizer, PromptFormat(), progress=False)
+    generator.generate(["x", "x", "x"], GenerationSettings(max_new_tokens=10))
+    assert generator.tokens_generated == 6
+
+
+def test_generator_setting_names_a_backend_or_an_import_path():
+    assert generator_class("transformers", "online.generator") is TransformersGenerator
+    assert generator_class("stepwise_lit.models.generate.TransformersGenerator", "x") is TransformersGenerator
+    with pytest.raises(SettingError, match="evaluation.generator: cannot import module 'nowhere'"):
+        generator_class("nowhere.Backend", "evaluation.generator")

@@ -5,6 +5,8 @@ weights reach it, and the sampling settings map as said. Skipped where vLLM is n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,13 +16,25 @@ from stepwise_lit.data.chat import PromptFormat  # noqa: E402
 from stepwise_lit.data.synthetic import generate_pairs  # noqa: E402
 from stepwise_lit.data.tokenizer import load_tokenizer  # noqa: E402
 from stepwise_lit.errors import SettingError  # noqa: E402
-from stepwise_lit.models.generate import GenerationSettings, TransformersGenerator, generator_class  # noqa: E402
+from stepwise_lit.models.generate import (  # noqa: E402
+    GenerationSettings,
+    TransformersGenerator,
+    VLLMSettings,
+    generator_class,
+)
 from stepwise_lit.models.loading import LoraSettings, TinyModelConfig, apply_lora, build_tiny_model  # noqa: E402
 from stepwise_lit.models.vllm_generate import VLLMGenerator, merged_weights, sampling_params  # noqa: E402
 
 # The embedded model as the configs shape it, but with 2 heads: head_dim 32, which vLLM's CPU kernel takes.
 SHAPE = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
-GREEDY = GenerationSettings(max_new_tokens=48, batch_size=16)
+ENGINE_SETTINGS = VLLMSettings(kv_cache_memory_bytes=2**28)  # 256 MiB, not vLLM's CPU default of a quarter of memory
+
+
+def settings(**values) -> GenerationSettings:
+    return GenerationSettings(vllm=ENGINE_SETTINGS, **values)
+
+
+GREEDY = settings(max_new_tokens=48, batch_size=16)
 FORMAT = PromptFormat()
 
 
@@ -46,11 +60,8 @@ def both(model, tokenizer, prompts, settings=GREEDY):
     return hf, vllm
 
 
-def test_generator_setting_names_both_backends():
+def test_generator_vllm_names_this_backend():
     assert generator_class("vllm", "online.generator") is VLLMGenerator
-    assert generator_class("transformers", "evaluation.generator") is TransformersGenerator
-    with pytest.raises(SettingError, match="evaluation.generator: cannot import module 'nowhere'"):
-        generator_class("nowhere.Backend", "evaluation.generator")
 
 
 def test_greedy_completions_equal_transformers_on_64_prompts(tokenizer, prompts):
@@ -118,32 +129,31 @@ def test_sampled_completions_come_back_in_prompt_order_and_repeat_per_seed(token
     """8 samples per prompt, grouped by prompt in order: the same seed draws the same samples,
     another seed other ones, and the k samples of a prompt are not all alike."""
     model = embedded_model(tokenizer)
-    settings = GenerationSettings(max_new_tokens=24, do_sample=True, temperature=1.0, num_samples=8, seed=5)
+    sampled = settings(max_new_tokens=24, do_sample=True, temperature=1.0, num_samples=8, seed=5)
     generator = VLLMGenerator(model, tokenizer, FORMAT, progress=False)
-    first = generator.generate(prompts[:6], settings)
+    first = generator.generate(prompts[:6], sampled)
     assert [len(samples) for samples in first] == [8] * 6
-    assert generator.generate(prompts[:6], settings) == first
+    assert generator.generate(prompts[:6], sampled) == first
     # one prompt alone draws what it drew at its place in the batch: seed + its index
-    assert generator.generate(prompts[2:3], GenerationSettings(**{**vars(settings), "seed": 7})) == [first[2]]
-    assert generator.generate(prompts[:6], GenerationSettings(**{**vars(settings), "seed": 6})) != first
+    assert generator.generate(prompts[2:3], replace(sampled, seed=7)) == [first[2]]
+    assert generator.generate(prompts[:6], replace(sampled, seed=6)) != first
     assert all(len(set(samples)) > 1 for samples in first)
 
 
 def test_step_budget_and_stop_strings_cut_as_the_transformers_backend_does(tokenizer, prompts):
     model = embedded_model(tokenizer)
-    for settings in (GenerationSettings(max_new_tokens=48, max_steps=1, step_end=" "),
-                     GenerationSettings(max_new_tokens=48, stop_strings=["e"])):
-        hf, vllm = both(model, tokenizer, prompts[:16], settings)
+    for budget in (settings(max_new_tokens=48, max_steps=1, step_end=" "), settings(max_new_tokens=48, stop_strings=["e"])):
+        hf, vllm = both(model, tokenizer, prompts[:16], budget)
         assert vllm == hf
         assert any(len(samples[0]) < 40 for samples in vllm)
 
 
 def test_sampling_params_map_the_settings():
-    sampled = sampling_params(GenerationSettings(max_new_tokens=9, do_sample=True, temperature=0.7, top_p=0.9,
+    sampled = sampling_params(settings(max_new_tokens=9, do_sample=True, temperature=0.7, top_p=0.9,
                                                  num_samples=4, stop_strings=["##"]), seed=11, stop_token_ids=[2, 5])
     assert (sampled.n, sampled.temperature, sampled.top_p, sampled.seed, sampled.max_tokens) == (4, 0.7, 0.9, 11, 9)
     assert sampled.stop == ["##"] and sampled.include_stop_str_in_output and sampled.stop_token_ids == [2, 5]
-    greedy = sampling_params(GenerationSettings(max_new_tokens=3), seed=0, stop_token_ids=[2])
+    greedy = sampling_params(settings(max_new_tokens=3), seed=0, stop_token_ids=[2])
     assert greedy.temperature == 0.0 and greedy.n == 1
 
 
