@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gsm8k-source", type=Path, default=GSM8K_PATH)
     parser.add_argument("--gsm8k-limit", type=int, default=None, help="first N GSM8K questions only")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (processes of one torch thread)")
-    parser.add_argument("--online-generator", default="stepwise_lit.models.generate.TransformersGenerator",
-                        help="the online method's decoding backend, an import path (online.generator)")
+    parser.add_argument("--online-generator", default="transformers",
+                        help="the online method's decoding backend (online.generator): transformers, vllm or an import path")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every task's SFT and preference steps")
     parser.add_argument("--smoke", action="store_true",
                         help="the test's budget: 1 seed, 2+2 steps, plain_dpo, stepwise and online, 64 GSM8K questions, "
