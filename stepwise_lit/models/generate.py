@@ -356,18 +356,14 @@ def gathered_root(model: torch.nn.Module) -> Iterator[None]:
         model.reshard()
 
 
-class TransformersGenerator:
-    """Batched ``model.generate`` with the KV cache and left padding.
+class Backend:
+    """What a built-in backend is built from, as a ``generator`` setting builds it
+    (:func:`generator_class`): ``Backend(model, tokenizer, prompt_format, max_prompt_length, progress)``.
 
     Prompts are tokenized as training tokenizes them (`stepwise_lit.data.chat.render_prompt`:
     ``data.step_wise_prompt_template``, ``data.apply_chat_template`` and ``data.system_prompt``
     for text, the chat template for messages; BOS prepended when missing, then cut from
-    the left to ``data.max_prompt_length`` tokens; the number cut is logged) and
-    left-padded with the tokenizer's pad token; the tokenizer's own ``padding_side`` is
-    not changed. The model is put in eval mode for the call and given back in the mode
-    it had. A model sharded by FSDP across processes decodes in lockstep with the other
-    ranks (``synced_gpus``; see the module docstring): every rank must call with as many
-    prompts.
+    the left to ``data.max_prompt_length`` tokens; the number cut is logged: :meth:`prompt_ids`).
 
     Args:
         model: A causal LM (``PreTrainedModel`` or a PEFT model around one).
@@ -375,7 +371,7 @@ class TransformersGenerator:
         prompt_format: Training's prompt rendering (``datamodule.settings.prompt_format``).
         max_prompt_length: Training's ``max_prompt_length``: most prompt tokens kept, from
             the right; None keeps whole prompts.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar.
     """
 
     def __init__(
@@ -393,9 +389,24 @@ class TransformersGenerator:
         self.progress = progress
         self.tokens_generated = 0  # new tokens decoded by this backend so far (bench/generation_backends.py)
 
+    def prompt_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """The prompts' token ids as training has them (:func:`prompt_ids`)."""
+        return prompt_ids(prompts, self.tokenizer, self.prompt_format, self.max_prompt_length)
+
+
+class TransformersGenerator(Backend):
+    """Batched ``model.generate`` with the KV cache and left padding (arguments: :class:`Backend`'s).
+
+    Prompts (:meth:`Backend.prompt_ids`) are left-padded with the tokenizer's pad token; the
+    tokenizer's own ``padding_side`` is not changed. The model is put in eval mode for the call
+    and given back in the mode it had. A model sharded by FSDP across processes decodes in
+    lockstep with the other ranks (``synced_gpus``; see the module docstring): every rank must
+    call with as many prompts.
+    """
+
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
         """See :meth:`Generator.generate`."""
-        ids = prompt_ids(prompts, self.tokenizer, self.prompt_format, self.max_prompt_length)
+        ids = self.prompt_ids(prompts)
         starts = range(0, len(prompts), settings.batch_size)
         completions: list[list[str]] = []
         for index, start in enumerate(tqdm(starts, desc="generate", disable=not self.progress)):

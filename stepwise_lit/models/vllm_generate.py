@@ -39,11 +39,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stepwise_lit.data.chat import PromptFormat
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.errors import SettingError
 from stepwise_lit.models.distributed import is_sharded
-from stepwise_lit.models.generate import GenerationSettings, VLLMSettings, cut_completion, eos_token_ids, prompt_ids
+from stepwise_lit.models.generate import Backend, GenerationSettings, VLLMSettings, cut_completion, eos_token_ids
 
 log = logging.getLogger("stepwise_lit")
 
@@ -194,25 +193,10 @@ def sampling_params(settings: GenerationSettings, seed: int, stop_token_ids: lis
     )
 
 
-class VLLMGenerator:
+class VLLMGenerator(Backend):
     """Decoding through a vLLM engine (see the module docstring). Arguments as
-    :class:`~stepwise_lit.models.generate.TransformersGenerator`'s; the engine settings are
-    ``generation.vllm`` (:class:`~stepwise_lit.models.generate.VLLMSettings`)."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        prompt_format: PromptFormat = PromptFormat(),
-        max_prompt_length: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.prompt_format = prompt_format
-        self.max_prompt_length = max_prompt_length
-        self.progress = progress
-        self.tokens_generated = 0  # new tokens decoded by this backend so far (bench/generation_backends.py)
+    :class:`~stepwise_lit.models.generate.Backend`'s; the engine settings are ``generation.vllm``
+    (:class:`~stepwise_lit.models.generate.VLLMSettings`)."""
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[list[str]]:
         """See :meth:`stepwise_lit.models.generate.Generator.generate`."""
@@ -220,7 +204,7 @@ class VLLMGenerator:
 
         llm = engine(self.model, self.tokenizer, settings.vllm)
         self.push_weights(llm)
-        ids = prompt_ids(prompts, self.tokenizer, self.prompt_format, self.max_prompt_length)
+        ids = self.prompt_ids(prompts)
         stop_ids = eos_token_ids(base_model(self.model), self.tokenizer)
         params = [sampling_params(settings, settings.seed + index, stop_ids) for index in range(len(ids))]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=row) for row in ids], params, use_tqdm=self.progress)
