@@ -73,6 +73,7 @@ from stepwise_lit.evaluation.localisation import (
 )
 from stepwise_lit.evaluation.report import REPORT_FILE
 from stepwise_lit.models.export import MARKER
+from stepwise_lit.models.generate import generator_class
 from stepwise_lit.models.loading import (
     DTYPES,
     TINY_MODEL_RNG_KEY,
@@ -268,6 +269,7 @@ def generation_report(
         evaluation: Answer source, prompt cap, generation settings, backend (``evaluation.generator``) and verifier.
         device: Where the policy generates (:func:`evaluation_device`).
     """
+    backend = generator_class(evaluation.generator_name, "evaluation.generator")
     problems, without_reference = held_out_problems(
         [row["prompt"] for row in rows], [row["reference_solution"] for row in rows], [row["chosen_steps"] for row in rows],
         evaluation.source, evaluation.max_prompts,
@@ -278,7 +280,7 @@ def generation_report(
     prompt_format = prompt_format_of(data.as_dict())
     policy, tokenizer = load_policy(settings.model, settings.ckpt_path)
     check_prompt_format(tokenizer, prompt_format)
-    generator = evaluation.generator(policy.to(device), tokenizer, prompt_format, data.max_prompt_length)
+    generator = backend(policy.to(device), tokenizer, prompt_format, data.max_prompt_length)
     generation = evaluation.generation
     metrics = GenerationMetrics(evaluation.source, generation.num_samples)
     verifier = evaluation.verifier

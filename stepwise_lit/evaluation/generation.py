@@ -245,7 +245,8 @@ class SolveRateEvaluation(L.Callback):
         self.generation = generation
         self.verifier = verifier
         self.during_fit = during_fit
-        self.generator = generator_class(generator, "evaluation.generator")
+        self.generator_name = generator
+        self.generator = generator_class(generator, "evaluation.generator") if enabled else None
         self.metrics = GenerationMetrics(source, self.generation.num_samples)
         self.results: dict | None = None
 
