@@ -58,9 +58,10 @@ class VLLMSettings:
     Attributes:
         gpu_memory_utilization: Share of the GPU's memory the engine may take for its weights
             and KV cache. The engine shares the GPU with training (the policy, reference,
-            optimizer state and activations), so leave them room. Not used on CPU.
-        kv_cache_memory_bytes: KV cache size in bytes, instead of the share above; None: vLLM's
-            default (on CPU vLLM's own default, or ``VLLM_CPU_KVCACHE_SPACE`` GiB when set).
+            optimizer state and activations), so leave them room. On CPU vLLM reads it as the
+            share of the machine's memory it reserves (0.3 of 23.5 GiB: 7.1 GiB).
+        kv_cache_memory_bytes: KV cache size in bytes, instead of the share above; None: sized
+            from the share (on CPU also ``VLLM_CPU_KVCACHE_SPACE`` GiB when that is set).
         max_model_len: Longest prompt + completion in tokens; None: the model config's
             ``max_position_embeddings``.
         enforce_eager: No CUDA graphs or compilation: a faster start, slower decoding.
