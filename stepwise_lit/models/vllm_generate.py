@@ -1,7 +1,7 @@
 """Decoding with vLLM (``generator: vllm``): one engine per process, fed the policy's current weights.
 
-:class:`VLLMGenerator` is a :class:`~stepwise_lit.models.generate.Generator` with the constructor
-of :class:`~stepwise_lit.models.generate.TransformersGenerator`. Its engine, a ``vllm.LLM``, is
+:class:`VLLMGenerator` is a :class:`~stepwise_lit.models.generate.Generator` built as the
+transformers backend is (:class:`~stepwise_lit.models.generate.Backend`). Its engine, a ``vllm.LLM``, is
 built at the first call from the policy's config and tokenizer (written to a temporary folder;
 ``load_format="dummy"``, so no weights are read from disk) and kept for the process: the online
 rounds, the solve-rate evaluation and ``python -m stepwise_lit.evaluate`` all reuse it
@@ -202,9 +202,11 @@ class VLLMGenerator(Backend):
         """See :meth:`stepwise_lit.models.generate.Generator.generate`."""
         from vllm.inputs import TokensPrompt
 
-        llm = engine(self.model, self.tokenizer, settings.vllm)
+        llm = engine(self.model, self.tokenizer, settings.vllm)  # under DDP built on every rank, with or without prompts
         self.push_weights(llm)
         ids = self.prompt_ids(prompts)
+        if not ids:
+            return []
         stop_ids = eos_token_ids(base_model(self.model), self.tokenizer)
         params = [sampling_params(settings, settings.seed + index, stop_ids) for index in range(len(ids))]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=row) for row in ids], params, use_tqdm=self.progress)

@@ -162,3 +162,8 @@ def test_a_head_dimension_the_cpu_kernel_refuses_names_the_setting(tokenizer):
     model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=64, num_heads=4, intermediate_size=192))
     with pytest.raises(SettingError, match="head dimension that is a multiple of 32; this model's is 16"):
         VLLMGenerator(model, tokenizer, FORMAT, progress=False).generate(["1 + 1"], GREEDY)
+
+
+def test_no_prompts_give_no_completions(tokenizer):
+    """A DDP rank with no share of a round's prompts still calls (its engine is built) and gets []."""
+    assert VLLMGenerator(embedded_model(tokenizer), tokenizer, FORMAT, progress=False).generate([], GREEDY) == []
