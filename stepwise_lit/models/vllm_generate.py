@@ -30,6 +30,7 @@ rebuilt at the next call). On CPU there is no sleep mode: the engine's weights a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -154,7 +155,9 @@ def engine(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, vllm: VL
         longest = vllm.max_model_len or model.config.max_position_embeddings
         options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 8192))
     with tempfile.TemporaryDirectory(prefix="stepwise-vllm-") as folder:
-        model.config.save_pretrained(folder)  # architecture only: the weights come from the policy
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]  # how vLLM picks its model class (unset on a model built from a config)
+        config.save_pretrained(folder)  # architecture only: the weights come from the policy
         tokenizer.save_pretrained(folder)
         llm = module.LLM(
             model=folder,
@@ -169,8 +172,11 @@ def engine(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, vllm: VL
             enable_sleep_mode=vllm.sleep and on_gpu,
             **options,
         )
+    # vLLM's own parameter names: a head tied to the embedding has none in some of its models (Gemma2)
+    has_head = "lm_head.weight" in llm.apply_model(lambda m: [n for n, _ in m.named_parameters(remove_duplicate=False)])[0]
     log.info("vllm: engine built for %s (%s)", type(model).__name__, model.dtype)
-    ENGINE.update(key=key, llm=llm, settings=vllm, warned=False, asleep=False, sleeps=vllm.sleep and on_gpu)
+    ENGINE.update(key=key, llm=llm, settings=vllm, warned=False, asleep=False, sleeps=vllm.sleep and on_gpu,
+                  has_head=has_head)
     return llm
 
 
@@ -225,7 +231,9 @@ class VLLMGenerator(Backend):
         """Loads the policy's current weights into the engine (waking it first if it sleeps)."""
         if ENGINE["asleep"]:
             llm.wake_up(tags=["weights"])
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(self.model)})
+        weights = ((name, tensor) for name, tensor in merged_weights(self.model)
+                   if ENGINE["has_head"] or name != "lm_head.weight")
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if ENGINE["asleep"]:
             llm.wake_up(tags=["kv_cache"])
             ENGINE["asleep"] = False

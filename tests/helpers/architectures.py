@@ -31,14 +31,14 @@ ARCHITECTURES = {
 """``model_type`` -> (config class, causal-LM class, config settings) in transformers."""
 
 
-def build_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+def build_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random-weight causal LM of `model_type` (a key of `ARCHITECTURES`), seeded, with the
-    byte-level tokenizer's vocabulary size and pad/bos/eos ids."""
+    byte-level tokenizer's vocabulary size and pad/bos/eos ids; `overrides` replace config settings."""
     config_name, model_name, settings = ARCHITECTURES[model_type]
     tokenizer = load_tokenizer(None)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
-    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), **settings, **ids)
+    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), **{**settings, **overrides}, **ids)
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config)
 

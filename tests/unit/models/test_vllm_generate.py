@@ -24,6 +24,7 @@ from stepwise_lit.models.generate import (  # noqa: E402
 )
 from stepwise_lit.models.loading import LoraSettings, TinyModelConfig, apply_lora, build_tiny_model  # noqa: E402
 from stepwise_lit.models.vllm_generate import VLLMGenerator, merged_weights, sampling_params  # noqa: E402
+from tests.helpers.architectures import build_model  # noqa: E402
 
 # The embedded model as the configs shape it, but with 2 heads: head_dim 32, which vLLM's CPU kernel takes.
 SHAPE = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
@@ -167,3 +168,24 @@ def test_a_head_dimension_the_cpu_kernel_refuses_names_the_setting(tokenizer):
 def test_no_prompts_give_no_completions(tokenizer):
     """A DDP rank with no share of a round's prompts still calls (its engine is built) and gets []."""
     assert VLLMGenerator(embedded_model(tokenizer), tokenizer, FORMAT, progress=False).generate([], GREEDY) == []
+
+
+WIDE = {"hidden_size": 64, "intermediate_size": 128}  # 2 heads of 32: what vLLM's CPU kernel takes
+HEAD_DIM_32 = {  # the stand-ins of tests/helpers/architectures.py, widened to head_dim 32
+    "qwen2": {**WIDE, "tie_word_embeddings": True},  # tied, as Qwen2.5-0.5B; qkv bias
+    "mistral": WIDE,
+    "qwen3": {**WIDE, "head_dim": 32},  # q/k norms
+    "gemma2": {**WIDE, "head_dim": 32},  # softcapping; vLLM's Gemma2 has no lm_head of its own
+    "gpt2": {"n_embd": 64},  # Conv1D weights, tied
+    "phi3": WIDE,  # fused qkv and gate/up in the checkpoint
+    "gpt_neox": WIDE,  # partial rotary
+}
+
+
+@pytest.mark.parametrize("model_type", list(HEAD_DIM_32))
+def test_greedy_completions_equal_transformers_on_real_architectures(tokenizer, prompts, model_type):
+    """vLLM maps each architecture's Hugging Face weights onto its own layers: the 16 greedy
+    completions of a random-weight stand-in are the transformers backend's."""
+    model = build_model(model_type, **HEAD_DIM_32[model_type]).eval()
+    hf, vllm = both(model, tokenizer, prompts[:16], settings(max_new_tokens=32))
+    assert vllm == hf
