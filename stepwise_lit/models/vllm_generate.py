@@ -36,6 +36,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -144,17 +145,16 @@ def engine(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, vllm: VL
     check_supported(model, policy)
     module = import_vllm()
     ENGINE.clear()
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    options = {}
-    if distributed:  # every rank its own engine in the existing process group (TRL's colocate mode)
-        options["distributed_executor_backend"] = "external_launcher"
-        os.environ.setdefault("RANK", str(torch.distributed.get_rank()))  # vLLM reads these; Lightning may set only LOCAL_RANK
-        os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
+    # Several processes (DDP): every rank its own engine in the existing process group (TRL's colocate
+    # mode). vLLM's own engine leaves a one-process group behind, which is not that.
+    distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_world_size() > 1)
+    options = {"distributed_executor_backend": "external_launcher"} if distributed else {}
     on_gpu = model.device.type == "cuda"
     if not on_gpu:  # a prompt prefilled in chunks crashes seeded sampling on CPU (0.32: "CPU Generator does not use offset")
         longest = vllm.max_model_len or model.config.max_position_embeddings
         options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 8192))
-    with tempfile.TemporaryDirectory(prefix="stepwise-vllm-") as folder:
+    with tempfile.TemporaryDirectory(prefix="stepwise-vllm-") as folder, rank_variables(distributed):
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]  # how vLLM picks its model class (unset on a model built from a config)
         config.save_pretrained(folder)  # architecture only: the weights come from the policy
@@ -178,6 +178,26 @@ def engine(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, vllm: VL
     ENGINE.update(key=key, llm=llm, settings=vllm, warned=False, asleep=False, sleeps=vllm.sleep and on_gpu,
                   has_head=has_head)
     return llm
+
+
+@contextmanager
+def rank_variables(distributed: bool) -> Iterator[None]:
+    """``RANK`` and ``LOCAL_RANK`` in the environment while a DDP rank builds its engine (vLLM's
+    external launcher reads them; Lightning's launcher may set only ``LOCAL_RANK``), then as they
+    were: a later subprocess must not inherit them (Lightning would take it for a launched rank)."""
+    saved = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK")}
+    if distributed:
+        rank = str(torch.distributed.get_rank())
+        os.environ.setdefault("RANK", rank)
+        os.environ.setdefault("LOCAL_RANK", rank)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def sampling_params(settings: GenerationSettings, seed: int, stop_token_ids: list[int]):

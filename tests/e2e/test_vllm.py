@@ -37,7 +37,11 @@ def fit(root: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "online_tiny.yaml"),
                *SMALL, "--trainer.default_root_dir", str(root), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        return subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as error:  # show where it stood
+        tail = (error.stderr or b"")[-4000:]
+        pytest.fail(f"train.py ran past 300 s; stderr ends: {tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
 
 
 def metrics(root: Path) -> list[dict]:

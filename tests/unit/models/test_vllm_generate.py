@@ -5,6 +5,7 @@ weights reach it, and the sampling settings map as said. Skipped where vLLM is n
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -186,6 +187,10 @@ HEAD_DIM_32 = {  # the stand-ins of tests/helpers/architectures.py, widened to h
 def test_greedy_completions_equal_transformers_on_real_architectures(tokenizer, prompts, model_type):
     """vLLM maps each architecture's Hugging Face weights onto its own layers: the 16 greedy
     completions of a random-weight stand-in are the transformers backend's."""
+    rank = os.environ.get("RANK")
     model = build_model(model_type, **HEAD_DIM_32[model_type]).eval()
     hf, vllm = both(model, tokenizer, prompts[:16], settings(max_new_tokens=32))
     assert vllm == hf
+    # each architecture rebuilds the engine, inside the one-process group vLLM left: no RANK is
+    # left behind for a later `train.py` subprocess (Lightning took one for a launched rank and hung)
+    assert os.environ.get("RANK") == rank
