@@ -17,6 +17,7 @@ import torch
 
 from stepwise_lit.errors import SettingError
 from stepwise_lit.logprobs.logps import next_token_targets, target_step_logps
+from stepwise_lit.models.loading import causal_lm_of
 
 log = logging.getLogger("stepwise_lit")
 
@@ -65,8 +66,7 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     none, the causal LM's base model, under a PEFT wrapper too)."""
     decoder = model.get_decoder()
     if decoder is None:
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = causal_lm.base_model
+        decoder = causal_lm_of(model).base_model
     return decoder
 
 

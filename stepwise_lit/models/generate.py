@@ -294,6 +294,7 @@ GENERATORS = {
     "vllm": "stepwise_lit.models.vllm_generate.VLLMGenerator",
 }
 """The backends a ``generator`` setting names by a short name; any other value is an import path."""
+VLLM_INSTALL = "install the [vllm] extra on a GPU machine, or make a CPU venv with bench/vllm_venv.sh (docs/generation.md)"
 
 
 def generator_class(name: str, setting: str) -> Callable:
@@ -306,8 +307,7 @@ def generator_class(name: str, setting: str) -> Callable:
         SettingError: Naming ``setting``, for a path that does not import, or ``vllm`` where it is not installed.
     """
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise SettingError(f"{setting}: vllm is not installed; install the [vllm] extra on a GPU machine, or make a CPU "
-                           "venv with bench/vllm_venv.sh (docs/generation.md)")
+        raise SettingError(f"{setting}: vllm is not installed; {VLLM_INSTALL}")
     return import_callable(GENERATORS.get(name, name), setting, "transformers, vllm or a backend class")
 
 

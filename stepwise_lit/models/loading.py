@@ -159,6 +159,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(holder, name, 0.0)
 
 
+def causal_lm_of(model: torch.nn.Module) -> PreTrainedModel:
+    """The Hugging Face causal LM inside a PEFT model (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy in eval mode with `requires_grad` off: the reference model."""
     reference = copy.deepcopy(model)

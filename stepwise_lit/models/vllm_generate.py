@@ -44,7 +44,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stepwise_lit.data.records import Prompt
 from stepwise_lit.errors import SettingError
 from stepwise_lit.models.distributed import is_sharded
-from stepwise_lit.models.generate import Backend, GenerationSettings, VLLMSettings, cut_completion, eos_token_ids
+from stepwise_lit.models.generate import (
+    VLLM_INSTALL,
+    Backend,
+    GenerationSettings,
+    VLLMSettings,
+    cut_completion,
+    eos_token_ids,
+)
+from stepwise_lit.models.loading import causal_lm_of
 
 log = logging.getLogger("stepwise_lit")
 
@@ -66,14 +74,8 @@ def import_vllm():
     try:
         import vllm
     except ImportError as error:
-        raise SettingError(f"generator: vllm is not importable ({error}); install the [vllm] extra on a GPU "
-                           "machine, or make a CPU venv with bench/vllm_venv.sh (docs/generation.md)") from None
+        raise SettingError(f"generator: vllm is not importable ({error}); {VLLM_INSTALL}") from None
     return vllm
-
-
-def base_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The Hugging Face model inside a PEFT model (or ``model`` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -89,7 +91,7 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     """
     from peft.tuners.lora import LoraLayer
 
-    base = base_model(model)
+    base = causal_lm_of(model)
     deltas = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and not module.merged:
@@ -134,7 +136,7 @@ def engine(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, vllm: VL
     settings, and again only for another architecture or tokenizer. A later call with other
     engine settings (``evaluation.generation.vllm`` unlike ``online.generation.vllm``) uses the
     engine as built, with a warning."""
-    model = base_model(policy)
+    model = causal_lm_of(policy)
     key = engine_key(model, tokenizer)
     if ENGINE.get("key") == key:
         if ENGINE["settings"] != vllm and not ENGINE["warned"]:
@@ -233,7 +235,7 @@ class VLLMGenerator(Backend):
         ids = self.prompt_ids(prompts)
         if not ids:
             return []
-        stop_ids = eos_token_ids(base_model(self.model), self.tokenizer)
+        stop_ids = eos_token_ids(causal_lm_of(self.model), self.tokenizer)
         params = [sampling_params(settings, settings.seed + index, stop_ids) for index in range(len(ids))]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=row) for row in ids], params, use_tqdm=self.progress)
         self.tokens_generated += sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
