@@ -1,5 +1,5 @@
-"""One run of the study, in a worker process: an SFT warm-up (`run_sft`) or a method's preference
-stage from that warm-up's export (`run_method`), each evaluated with the package's callbacks."""
+"""One run of the study's preference stage, in a worker process: a method from the base's export on
+its data, then its measurements (`run_method`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.study.methods import METHODS, METRICS, SFT_START, Task
+from bench.study.data import read
+from bench.study.methods import METHODS, Setup
+from bench.study.scoring import generator_of, localisation, problems_of, sampling, solve_rates
+
+DATA = {"gold": "gold", "right": "right", "pairs": "pairs", "step_dpo": "step_dpo", "online": "gold"}
+"""The base folder's file (``data/<file>.jsonl``) each kind of `Method.data` trains on (the online
+rounds take their prompts and gold solutions from ``gold``)."""
 
 
 def quiet(threads: int = 1) -> None:
-    """Worker set-up: one torch thread, no warnings or Lightning chatter."""
+    """Worker set-up: `threads` torch threads, no warnings or Lightning chatter."""
     import torch
 
     torch.set_num_threads(threads)
@@ -23,61 +29,27 @@ def quiet(threads: int = 1) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def data_module(task: Task, path: Path, val_path: Path | None, seed: int, cache: Path, batch_size: int | None = None):
-    """The task's data module for `path` (training) and `val_path` (validate/test); `batch_size`:
-    pairs per training step (None: the warm-up's)."""
+def data_module(setup: Setup, path: Path, seed: int, cache: Path, batch_size: int, format: str = "stepwise"):
+    """The study's data module of one training file (no validation split); ``step_dpo`` rows split at ``"Step "``."""
     from stepwise_lit.data.datamodule import StepwiseDataModule
 
     return StepwiseDataModule(
-        path=str(path), val_path=None if val_path is None else str(val_path), val_fraction=0.0, format="stepwise",
-        max_length=task.max_length, max_prompt_length=task.max_prompt_length, batch_size=batch_size or task.batch_size,
-        eval_batch_size=64, seed=seed, cache_dir=str(cache),
+        path=str(path), val_fraction=0.0, format=format, step_delimiter="Step ", max_length=setup.max_length,
+        max_prompt_length=setup.max_prompt_length, batch_size=batch_size, eval_batch_size=64, seed=seed, cache_dir=str(cache),
     )
 
 
 def trainer(root: Path, callbacks: list, max_steps: int = -1, **settings):
-    """A quiet one-process CPU trainer (no logger, no checkpoints); `max_steps` for `fit`; `settings`
-    override the trainer's (`max_epochs`, `reload_dataloaders_every_n_epochs`)."""
+    """A quiet one-process CPU trainer (no logger, checkpoints or validation); `settings` override
+    the trainer's (`max_epochs`, `reload_dataloaders_every_n_epochs`)."""
     import lightning as L
 
     return L.Trainer(**{
         "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "max_epochs": -1, "logger": False,
         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-        "num_sanity_val_steps": 0, "gradient_clip_val": 1.0, "default_root_dir": str(root), "callbacks": callbacks,
-        **settings,
+        "num_sanity_val_steps": 0, "limit_val_batches": 0, "gradient_clip_val": 1.0, "default_root_dir": str(root),
+        "callbacks": callbacks, **settings,
     })
-
-
-def online_rounds(task: Task, seed: int, generator: str, pairs: dict):
-    """The online method's callback and trainer settings: every epoch is a round (from the first),
-    `task.online_rounds` of them, sampled from the policy by the backend at import path
-    `generator`, scored by the rule verifier, paired at the first wrong step (`pairs`: the
-    `PairSettings` arguments), `preference_steps / online_rounds` steps each."""
-    from stepwise_lit.models.generate import GenerationSettings
-    from stepwise_lit.online.pairs import PairSettings
-    from stepwise_lit.online.training import OnlineRounds
-    from stepwise_lit.rewards.rules import ArithmeticStepVerifier
-
-    if task.preference_steps % task.online_rounds:
-        raise ValueError(f"{task.name}: {task.preference_steps} preference steps do not split into {task.online_rounds} rounds")
-    callback = OnlineRounds(
-        enabled=True, verifier=ArithmeticStepVerifier(), start_epoch=0, prompts_per_round=task.online_prompts,
-        steps_per_round=task.preference_steps // task.online_rounds, answer_source=task.source, generator=generator,
-        pairs=PairSettings(**pairs),
-        generation=GenerationSettings(do_sample=True, temperature=0.7, num_samples=8, max_new_tokens=task.max_new_tokens,
-                                      batch_size=16, seed=seed),
-    )
-    return callback, {"max_epochs": task.online_rounds, "reload_dataloaders_every_n_epochs": 1}
-
-
-def solve_rate_callback(task: Task):
-    from stepwise_lit.evaluation.generation import SolveRateEvaluation
-    from stepwise_lit.models.generate import GenerationSettings
-
-    return SolveRateEvaluation(
-        enabled=True, source=task.source, max_prompts=task.max_prompts,
-        generation=GenerationSettings(max_new_tokens=task.max_new_tokens, batch_size=64),
-    )
 
 
 def adamw(lr: float):
@@ -88,91 +60,74 @@ def adamw(lr: float):
 
 @contextlib.contextmanager
 def printed_to(path: Path):
-    """Sends what a run prints (the evaluation reports' tables, the online rounds' progress bars)
-    to `path` instead of the terminal."""
+    """Sends what a run prints to `path` instead of the terminal."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
         yield
 
 
-def run_sft(task: Task, seed: int, paths: dict[str, Path], out: Path) -> dict:
-    """The SFT warm-up of one seed: trains, exports to ``<out>/sft/<task>-seed<seed>/export``,
-    tests the SFT policy's solve rate; also prepares the seed's preference data for the methods."""
+def online_rounds(setup: Setup, seed: int):
+    """``online_nll``'s callback and trainer settings: every epoch a round (from the first),
+    `setup.online_rounds` of them, each sampling `setup.samples` solutions of `setup.online_prompts`
+    prompts from the policy, scored by the rule verifier, paired at the first error (right = right
+    answer and every step passed), `steps / online_rounds` steps each."""
+    from stepwise_lit.online.pairs import PairSettings
+    from stepwise_lit.online.training import OnlineRounds
+    from stepwise_lit.rewards.rules import ArithmeticStepVerifier
+
+    if setup.steps % setup.online_rounds:
+        raise ValueError(f"{setup.steps} steps do not split into {setup.online_rounds} rounds")
+    callback = OnlineRounds(
+        enabled=True, verifier=ArithmeticStepVerifier(), start_epoch=0, prompts_per_round=setup.online_prompts,
+        steps_per_round=setup.steps // setup.online_rounds, answer_source="embedded",
+        pairs=PairSettings(correctness="answer_and_steps"), generation=sampling(setup, seed), generator=setup.sampler,
+    )
+    return callback, {"max_epochs": setup.online_rounds, "reload_dataloaders_every_n_epochs": 1}
+
+
+def run_method(setup: Setup, name: str, seed: int, base: Path, root: Path, lr: float, nll_weight: float,
+               split: str) -> dict:
+    """Method `name` from the base's export (`base`: the base folder) with seed `seed` (batch order,
+    sampling), at `lr` and `sft_weight` `nll_weight`, for `setup.steps` steps of `setup.batch_size` rows;
+    measured on `split`: ``val`` (greedy solve rate only: the sweep) or ``test`` (every metric).
+
+    Returns:
+        ``method``, ``seed``, ``split``, ``lr``, ``nll_weight``, ``seconds``, ``metrics`` and, online,
+        the rounds' ``online`` summary.
+    """
     import lightning as L
 
     from stepwise_lit.models.export import export_policy
-    from stepwise_lit.models.loading import TinyModelConfig
     from stepwise_lit.module import StepwiseDPOModule
-
-    quiet()
-    start = time.perf_counter()
-    root = out / "sft" / f"{task.name}-seed{seed}"
-    with printed_to(out / "logs" / f"{task.name}-sft-seed{seed}.log"):
-        L.seed_everything(seed, verbose=False)
-        shape = TinyModelConfig(hidden_size=task.hidden_size, num_layers=2, num_heads=4, intermediate_size=3 * task.hidden_size)
-        module = StepwiseDPOModule(tiny_model=shape, sft_warmup_steps=task.sft_steps, optimizer=adamw(task.sft_lr), **task.model)
-        data_module(task, paths["preference"], None, seed, out / "cache", task.preference_batch_size).prepare_data()
-        evaluation = solve_rate_callback(task)
-        run = trainer(root, [evaluation], task.sft_steps)
-        run.fit(module, datamodule=data_module(task, paths["sft"], None, seed, out / "cache"))
-        export_policy(module, root / "export")
-        run.test(module, datamodule=data_module(task, paths["val"], paths["test"], 0, out / "cache"), verbose=False)
-    return {"task": task.name, "method": SFT_START, "seed": seed, "seconds": time.perf_counter() - start,
-            "metrics": {"solve_rate": evaluation.results["solve_rate"]}}
-
-
-def run_method(task: Task, name: str, seed: int, paths: dict[str, Path], out: Path, generator: str) -> dict:
-    """One method's preference stage from the seed's SFT export, then its evaluation (see the module
-    docstring); `generator`: the online methods' decoding backend (an import path)."""
-    import lightning as L
-
-    from stepwise_lit.module import StepwiseDPOModule
-    from stepwise_lit.evaluation.report import StepRewardReport
 
     quiet()
     start = time.perf_counter()
     method = METHODS[name]
-    root = out / "runs" / f"{task.name}-{name}-seed{seed}"
-    settings = {**task.model, **method.settings}
+    settings = {**setup.model, **method.settings, "sft_weight": nll_weight}
     if method.sft_only:
-        settings["sft_warmup_steps"] = task.preference_steps
-    reports = {kind: root / "report" / kind for kind in ("val", "val_per_token", "test", "test_per_token")}
-    evaluation = solve_rate_callback(task)
-    with printed_to(out / "logs" / f"{task.name}-{name}-seed{seed}.log"):
+        settings["sft_warmup_steps"] = setup.steps
+    with printed_to(root / "run.log"):
         L.seed_everything(seed, verbose=False)
-        module = StepwiseDPOModule(
-            model_name_or_path=str(out / "sft" / f"{task.name}-seed{seed}" / "export"),
-            optimizer=adamw(method.lr or task.preference_lr), **settings,
-        )
-        callbacks, settings_of_fit = [], {}
-        if method.online is not None:
-            callback, settings_of_fit = online_rounds(task, seed, generator, method.online)
+        module = StepwiseDPOModule(model_name_or_path=str(base / "export"), optimizer=adamw(lr), **settings)
+        callbacks, fit_settings = [], {}
+        if method.data == "online":
+            callback, fit_settings = online_rounds(setup, seed)
             callbacks.append(callback)
-        trainer(root, callbacks, task.preference_steps, **settings_of_fit).fit(
-            module, datamodule=data_module(task, paths["preference"], None, seed, out / "cache", task.preference_batch_size)
-        )
-        trainer(root, [StepRewardReport(dirpath=str(reports["val"])),
-                       StepRewardReport(dirpath=str(reports["val_per_token"]), per_token=True)]).validate(
-            module, datamodule=data_module(task, paths["val"], paths["val"], 0, out / "cache"), verbose=False
-        )
-        thresholds = {kind: json.loads((reports[kind] / "report.json").read_text())["processbench"]["threshold"]
-                      for kind in ("val", "val_per_token")}
-        trainer(root, [evaluation, StepRewardReport(dirpath=str(reports["test"]), threshold=thresholds["val"]),
-                       StepRewardReport(dirpath=str(reports["test_per_token"]), per_token=True,
-                                        threshold=thresholds["val_per_token"])]).test(
-            module, datamodule=data_module(task, paths["val"], paths["test"], 0, out / "cache"), verbose=False
-        )
-    test = json.loads((reports["test"] / "report.json").read_text())["metrics"]
-    per_token = json.loads((reports["test_per_token"] / "report.json").read_text())["metrics"]
-    metrics = {metric: test.get(metric) for metric in METRICS if metric in test}
-    metrics["solve_rate"] = evaluation.results["solve_rate"]
-    metrics["processbench_f1_per_token"] = per_token.get("processbench_f1")
-    result = {"task": task.name, "method": name, "seed": seed, "seconds": time.perf_counter() - start,
-              "metrics": metrics, "thresholds": thresholds, "settings": {**settings, "lr": method.lr or task.preference_lr}}
-    if method.online is not None:  # per round: pairs, share of right samples, seconds
+        datamodule = data_module(setup, base / "data" / f"{DATA[method.data]}.jsonl", seed, base / "cache",
+                                 setup.batch_size, "step_dpo" if method.data == "step_dpo" else "stepwise")
+        trainer(root, callbacks, setup.steps, **fit_settings).fit(module, datamodule=datamodule)
+        trained = time.perf_counter()
+        problems = problems_of(read(base / "data" / f"{split}.jsonl"))
+        metrics = solve_rates(generator_of(module, datamodule), problems, setup, seed=1000 + seed if split == "test" else None)
+        if split == "test":
+            export_policy(module, root / "export")
+            labelled = {part: read(base / "data" / f"labelled_{part}.jsonl") for part in ("val", "test")}
+            metrics.update(localisation(root / "export", base / "export", labelled["val"], labelled["test"],
+                                        setup.model["step_beta"]))
+    result = {"method": name, "seed": seed, "split": split, "lr": lr, "nll_weight": nll_weight,
+              "seconds": {"training": trained - start, "total": time.perf_counter() - start}, "metrics": metrics}
+    if method.data == "online":
         summaries = [json.loads(path.read_text()) for path in sorted(
             (root / "online").glob("round-*/summary.json"), key=lambda path: int(path.parent.name.split("-")[1]))]
-        result["online"] = {key: [summary[key] for summary in summaries]
-                            for key in ("pairs", "reference_pairs", "sample_accuracy", "generation_s", "scoring_s", "training_s")}
+        result["online"] = {key: [summary[key] for summary in summaries] for key in ("pairs", "sample_accuracy")}
     return result
-

@@ -1,4 +1,4 @@
-"""The study command (`python -m bench.study`) on its smoke budget, and its paired sign test."""
+"""The study command (`python -m bench.study`) on its smoke budget, and its statistics."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import GSM8K_PATH
-from bench.study.methods import METRICS, SFT_START
-from bench.study.statistics import sign_test
+from bench.study.methods import METHODS, METRICS
+from bench.study.report import plateau
+from bench.study.statistics import bootstrap_interval, sign_test, t_interval
 
 REPO = Path(__file__).resolve().parents[2]
+SMOKE = ["--smoke", "--sampler", "tests.helpers.study_helpers.HalfRightSampler"]
 
 
 def test_sign_test_matches_hand_counts():
@@ -28,42 +29,67 @@ def test_sign_test_matches_hand_counts():
     assert sign_test([0.1, -0.1, 0.0]) == {"wins": 1, "losses": 1, "ties": 1, "p": 1.0}
 
 
+def test_intervals_match_hand_computation():
+    """Differences 0.1, 0.2, 0.3: mean 0.2, s = 0.1, t_{0.975, 2} = 4.303, half width
+    4.303 * 0.1 / sqrt(3) = 0.24843, so [-0.04843, 0.44843]. Five equal differences: every
+    bootstrap mean is 0.1. The bootstrap interval of 1, 2, 3 lies inside [1, 3] and holds the mean."""
+    low, high = t_interval([0.1, 0.2, 0.3])
+    assert low == pytest.approx(-0.04843, abs=1e-5) and high == pytest.approx(0.44843, abs=1e-5)
+    assert bootstrap_interval([0.1] * 5) == pytest.approx((0.1, 0.1))
+    low, high = bootstrap_interval([1.0, 2.0, 3.0])
+    assert 1.0 <= low < 2.0 < high <= 3.0
+    assert t_interval([0.1]) is None and bootstrap_interval([0.1]) is None
+
+
+def test_plateau_reads_the_last_quarter_of_the_curve():
+    """Points at 100..400 with rates 0.1, 0.3, 0.5, 0.52: the last quarter starts at 300 (3/4 of 400),
+    endpoint gain 0.52 - 0.5 = 0.02, least-squares slope over (300, 0.5), (400, 0.52) is 0.0002 per
+    step, times the quarter's 100 steps = 0.02."""
+    curve = [{"step": step, "solve_rate": rate} for step, rate in zip((100, 200, 300, 400), (0.1, 0.3, 0.5, 0.52))]
+    values = plateau(curve)
+    assert values["from_step"] == 300 and values["points"] == 2
+    assert values["endpoint_gain"] == pytest.approx(0.02) and values["fitted_gain"] == pytest.approx(0.02)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not GSM8K_PATH.exists(), reason="shared GSM8K data not present")
-def test_smoke_study_writes_its_table_and_plots(tmp_path):
-    """`--smoke` (1 seed, 2 + 2 steps, plain DPO and stepwise on both tasks, online on arithmetic) writes
-    a table with every metric of every method, rates and AUROCs in [0, 1], the paired comparison, both
-    plots, and the online run's rounds (2 rounds of 1 step; the test's backend solves half the samples,
-    so each of the 8 prompts per round gives a first-error pair), into `--results`, the runs into `--out`."""
-    out, results = tmp_path / "study", tmp_path / "results"
-    subprocess.run([sys.executable, "-m", "bench.study", "--smoke", "--out", str(out), "--results", str(results),
-                    "--online-generator", "tests.helpers.online_helpers.SolvingGenerator"], check=True, cwd=REPO,
-                   capture_output=True)
-    assert not any((out / name).exists() for name in ("table.json", "table.md", "runs.json", "f1.png"))
-    assert (out / "runs" / "arithmetic-online-seed0" / "online").is_dir()
+def test_smoke_study_writes_its_tables_and_caches_the_base(tmp_path):
+    """`--smoke` with a sampler that solves half the samples (sample i is right for even i, else slips):
+    the pool of 8 prompts x 8 samples is half right, every prompt gives a first-error pair whose sides part
+    at the rejected side's first flagged step (its slip), RFT has one
+    distinct right sample per prompt; every method has every metric for seed 0 and a paired row against
+    plain DPO + NLL; the sweeps choose their one point. A second run with the same cache does not
+    rebuild the base (base.json untouched) and says so in its table."""
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "bench.study", *SMOKE, "--out", str(tmp_path / "first"), "--results",
+                           str(results), "--cache", str(cache)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "base: building in" in done.stdout
     table = json.loads((results / "table.json").read_text())
-    summary = table["summary"]
-    assert set(summary) == {"arithmetic", "gsm8k"}
-    for task, methods in summary.items():
-        assert set(methods) == {SFT_START, "plain_dpo", "stepwise"} | ({"online"} if task == "arithmetic" else set())
-        assert set(methods[SFT_START]) == {"solve_rate"}
-        for name in set(methods) - {SFT_START}:
-            metrics = methods[name]
-            assert set(metrics) == set(METRICS)
-            for values in metrics.values():
-                assert list(values["by_seed"]) == ["0"]
-                assert 0.0 <= values["mean"] <= 1.0
-        paired = methods["stepwise"]["solve_rate"]["vs_plain_dpo"]
-        assert paired["wins"] + paired["losses"] + paired["ties"] == 1 and 0.0 <= paired["p"] <= 1.0
+    pool = table["base"]["pool"]
+    assert pool["samples"] == 64 and pool["right_answer_share"] == 0.5 and pool["right_all_steps_share"] == 0.5
+    assert pool["pairs"] == {"first_error_branch": 8, "best_vs_worst": 0, "no_pair": 0, "wrong_chosen": 0,
+                             "parting_at_first_error": 8} and pool["right_rows"] == 8
+    assert set(table["summary"]) == set(METHODS)
+    for name, metrics in table["summary"].items():
+        assert set(metrics) >= set(METRICS) - {"within_response_auroc"}, name
+        assert all(list(values["by_seed"]) == ["0"] for values in metrics.values())
+        assert (name == "dpo_nll") != ("vs_baseline" in metrics["solve_rate"])
+    assert {family: (point["lr"], point["nll_weight"]) for family, point in table["sweeps"].items()} == {
+        "sft": (1e-4, 1.0), "preference": (1e-4, 1.0)}
+    assert table["finished_test_runs"] == table["expected_test_runs"] == len(METHODS)
     markdown = (results / "table.md").read_text()
-    assert "| method | seeds | " + " | ".join(METRICS) + " |" in markdown
-    assert "| arithmetic | online | 0 | 8 8 | 0 | 0.500 → 0.500 |" in markdown
-    assert (results / "solve_rate.png").stat().st_size > 0 and (results / "f1.png").stat().st_size > 0
-    runs = json.loads((results / "runs.json").read_text())
-    assert len(runs) == 2 * 3 + 1  # per task: the SFT policy and the two methods; online on arithmetic
-    online = next(run for run in runs if run["method"] == "online")
-    assert online["online"]["pairs"] == [8, 8] and online["online"]["sample_accuracy"] == [0.5, 0.5]
-    assert table["finished_runs"] == table["expected_runs"] == 7
+    assert "| 0.500 | 0.500 | 0.000 | 8 | 0 | 8 | 0 | 0 | 8 |" in markdown and "| online_nll | solve_rate |" in markdown
+    assert all((results / name).stat().st_size > 0 for name in ("curve.png", "solve_rate.png", "paired.png"))
+    (folder,) = cache.iterdir()
+    built = (folder / "base.json").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "bench.study", *SMOKE, "--methods", "dpo_nll", "--out",
+                            str(tmp_path / "second"), "--cache", str(cache)], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"base: cached in {folder}" in again.stdout and (folder / "base.json").stat().st_mtime_ns == built
+    assert "(the base: cached" in (tmp_path / "second" / "table.md").read_text()
+    refused = subprocess.run([sys.executable, "-m", "bench.study", *SMOKE, "--out", str(tmp_path / "second"), "--cache",
+                              str(cache)], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "already holds a study's runs" in refused.stderr
 
 
 def test_bench_scripts_import_only_the_shared_module():
