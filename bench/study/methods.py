@@ -83,7 +83,7 @@ class Setup:
         batch_size: Rows (pairs, or solutions for the SFT family) per step.
         max_new_tokens: Generation budget.
         max_length: Tokens of prompt + response.
-        max_prompt_length: Prompt tokens (the longest prompt has 89).
+        max_prompt_length: Prompt tokens (no prompt of the task is longer: none is cut).
         online_rounds: Rounds of ``online_nll`` (`steps / online_rounds` steps each).
         online_prompts: Prompts sampled per round.
         sweep_lrs: Learning rates of both sweeps.
@@ -94,7 +94,7 @@ class Setup:
     """
 
     max_value: int = 999
-    max_operand: int = 99
+    max_operand: int = 9
     min_steps: int = 2
     max_steps: int = 6
     hidden_size: int = 64
@@ -104,7 +104,7 @@ class Setup:
     base_batch_size: int = 32
     base_lr: float = 3e-3
     curve_every: int = 250
-    pool_prompts: int = 1024
+    pool_prompts: int = 2048
     samples: int = 8
     temperature: float = 1.0
     val_problems: int = 640
@@ -117,8 +117,8 @@ class Setup:
     max_prompt_length: int = 96
     online_rounds: int = 4
     online_prompts: int = 128
-    sweep_lrs: tuple[float, ...] = (1e-4, 3e-4)
-    sweep_nll_weights: tuple[float, ...] = (1.0, 3.0)
+    sweep_lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    sweep_nll_weights: tuple[float, ...] = (1.0, 3.0, 10.0)
     sampler: str = "transformers"
     model: dict = field(default_factory=lambda: {
         "step_beta": 0.1, "outcome_beta": 0.1, "outcome_loss_type": "soft_label", "step_loss_type": "reward_weighted",
