@@ -37,18 +37,21 @@ def sampling(setup: Setup, seed: int, num_samples: int | None = None):
 
 
 def solve_rates(generator, problems: list, setup: Setup, seed: int | None) -> dict:
-    """Greedy ``solve_rate`` on `problems`; with a `seed` also ``maj_at_8`` and ``pass_at_8`` of
+    """Greedy ``solve_rate`` on `problems` and ``no_answer_share`` (greedy completions that state no
+    answer: cut by the budget, or stopped early); with a `seed` also ``maj_at_8`` and ``pass_at_8`` of
     `setup.samples` samples per problem (the key names k = 8, the default)."""
     import torch
 
     from stepwise_lit.evaluation.generation import GenerationMetrics, evaluate_problems
+    from stepwise_lit.grading.answers import extract_embedded
     from stepwise_lit.models.generate import GenerationSettings
 
     weights = torch.ones(len(problems))
     greedy = GenerationMetrics("embedded", 1)
-    evaluate_problems(generator, problems, weights, GenerationSettings(max_new_tokens=setup.max_new_tokens, batch_size=160),
-                      greedy, None)
-    values = {"solve_rate": greedy.compute(with_flags=False)["solve_rate"]}
+    completions = evaluate_problems(generator, problems, weights,
+                                    GenerationSettings(max_new_tokens=setup.max_new_tokens, batch_size=160), greedy, None)
+    values = {"solve_rate": greedy.compute(with_flags=False)["solve_rate"],
+              "no_answer_share": sum(extract_embedded(samples[0]) is None for samples in completions) / len(problems)}
     if seed is not None:
         sampled = GenerationMetrics("embedded", setup.samples)
         evaluate_problems(generator, problems, weights, sampling(setup, seed), sampled, None)
