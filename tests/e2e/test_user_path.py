@@ -220,7 +220,9 @@ def test_lora_with_copy_reference_and_sft_warmup(tmp_path, cache_dir, capsys):
     changes = {"model": {"lora": LORA, "reference": "copy", "sft_warmup_steps": 1, "sft_weight": 1.0}}
     run = logged(fit(tmp_path, changes, cache_dir, capsys))
     assert len(run["train/step_loss"]) == 1
-    assert run["train/step_loss"][0] == run["train/outcome_loss"][0] == pytest.approx(math.log(2), rel=1e-6)
+    # each within 1e-6 of log 2 (not equal to each other: on this CPU they differed by 1.8e-7)
+    assert run["train/step_loss"][0] == pytest.approx(math.log(2), rel=1e-6)
+    assert run["train/outcome_loss"][0] == pytest.approx(math.log(2), rel=1e-6)
 
 
 DATA_CASES = {
