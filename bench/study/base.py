@@ -104,16 +104,16 @@ def build_base(setup: Setup, folder: Path, threads: int) -> dict:
     pairs, pair_counts = pool_pairs(pool)
     layout, layout_left_out = step_dpo_rows(pairs)
     right = right_rows(pool, {row["id"]: row for row in splits["pool"]})
+    responses = {split: labelled_rows(record) for split, record in labelled.items()}
     for name, rows in (("pairs", pairs), ("step_dpo", layout), ("right", right),
-                       ("labelled_val", labelled_rows(labelled["val"])), ("labelled_test", labelled_rows(labelled["test"]))):
+                       ("labelled_val", responses["val"]), ("labelled_test", responses["test"])):
         write(rows, files[name])
     summary = {
         "setup": setup.base_key(), "curve": points, "test": test,
         "pool": {**pool_summary(pool), "pairs": pair_counts, "right_rows": len(right), "step_dpo_rows": len(layout),
                  "step_dpo_left_out": layout_left_out, "sampling": asdict(sampling(setup, 0))},
-        "labelled": {split: {"responses": len(labelled_rows(record)),
-                             "with_error": sum(row["first_error"] >= 0 for row in labelled_rows(record))}
-                     for split, record in labelled.items()},
+        "labelled": {split: {"responses": len(rows), "with_error": sum(row["first_error"] >= 0 for row in rows)}
+                     for split, rows in responses.items()},
         "seconds": {"training": trained - start, "total": time.perf_counter() - start},
     }
     (folder / "base.json").write_text(json.dumps(summary, indent=2))

@@ -38,7 +38,7 @@ def mixed_problem(rng, setup: Setup) -> dict | None:
     `setup.max_operand`, * takes 2 to 9, every running value stays in [1, `setup.max_value`]. The
     rejected side, which no method of the study trains on, slips by ±1..9 at a random step and
     carries the error on. None when no operation fits."""
-    from stepwise_lit.data.synthetic import NAMES, TEMPLATES
+    from stepwise_lit.data.synthetic import NAMES, TEMPLATES, Operation
 
     template = rng.choice(TEMPLATES)
     name, thing = rng.choice(NAMES), rng.choice(template.things)
@@ -47,13 +47,13 @@ def mixed_problem(rng, setup: Setup) -> dict | None:
     for _ in range(rng.randint(setup.min_steps, setup.max_steps)):
         choices = [(symbol, operand) for symbol in OPERATIONS
                    for operand in (range(2, 10) if symbol == "*" else range(2, setup.max_operand + 1))
-                   if 1 <= apply(value, symbol, operand) <= setup.max_value]
+                   if 1 <= Operation(symbol, operand).apply(value) <= setup.max_value]
         if not choices:
             return None
         symbol = rng.choice([symbol for symbol in OPERATIONS if any(choice[0] == symbol for choice in choices)])
         operand = rng.choice([choice[1] for choice in choices if choice[0] == symbol])
         operations.append((symbol, operand))
-        value = apply(value, symbol, operand)
+        value = Operation(symbol, operand).apply(value)
         values.append(value)
     opening = template.opening.format(name=name, start=start, thing=thing)
     listed = ", ".join(f"{symbol}{operand}" for symbol, operand in operations)
@@ -65,10 +65,6 @@ def mixed_problem(rng, setup: Setup) -> dict | None:
             "chosen_step_scores": [1.0] * len(chosen),
             "rejected_step_scores": [1.0 if index < slip_at else -1.0 for index in range(len(rejected))],
             "chosen_score": 1.0, "rejected_score": -1.0, "reference_solution": "".join(chosen)}
-
-
-def apply(value: int, symbol: str, operand: int) -> int:
-    return value + operand if symbol == "+" else value - operand if symbol == "-" else value * operand
 
 
 def steps_of(start: int, operations: list[tuple[str, int]], values: list[int]) -> list[str]:
@@ -122,6 +118,14 @@ def split_problems(setup: Setup) -> dict[str, list[dict]]:
             **{split: list(evaluation[split].values())[: sizes[split]] for split in sizes}}
 
 
+def is_right(solution) -> bool:
+    """A right sample: right answer and no flagged step (`stepwise_lit.online.pairs.is_correct` with
+    ``answer_and_steps``, on a sample with a step)."""
+    from stepwise_lit.online.pairs import is_correct, is_usable
+
+    return is_usable(solution) and bool(is_correct(solution, "answer_and_steps"))
+
+
 def labelled_rows(record) -> list[dict]:
     """Every scored sample of a round (`stepwise_lit.online.solutions.RoundRecord`) with a step, as a
     canonical labelled response: its first step the verifier scores below 0 is its first error."""
@@ -165,7 +169,7 @@ def right_rows(record, slips: dict[str, dict]) -> list[dict]:
     for prompt in record.prompts:
         texts = set()
         for index, solution in enumerate(prompt.solutions):
-            if solution.correct and solution.steps and min(solution.step_scores) >= 0 and solution.completion not in texts:
+            if is_right(solution) and solution.completion not in texts:
                 texts.add(solution.completion)
                 slip = slips[prompt.id]
                 rows.append({**slip, "chosen_steps": solution.steps, "chosen_step_scores": [1.0] * len(solution.steps),
@@ -206,13 +210,12 @@ def pool_pairs(record) -> tuple[list[dict], dict]:
 def pool_summary(record) -> dict:
     """The pool's right-answer share, right-with-every-step-passed share and prompts with a right sample."""
     solutions = [solution for prompt in record.prompts for solution in prompt.solutions]
-    clean = [bool(s.correct) and bool(s.steps) and min(s.step_scores) >= 0 for s in solutions]
+    clean = [is_right(solution) for solution in solutions]
     return {
         "prompts": len(record.prompts), "samples": len(solutions),
         "right_answer_share": sum(bool(s.correct) for s in solutions) / len(solutions),
         "right_all_steps_share": sum(clean) / len(solutions),
         "right_answer_flagged_step_share": sum(bool(s.correct) and not c for s, c in zip(solutions, clean)) / len(solutions),
-        "prompts_with_a_right_sample": sum(
-            any(bool(s.correct) and s.steps and min(s.step_scores) >= 0 for s in prompt.solutions) for prompt in record.prompts),
+        "prompts_with_a_right_sample": sum(any(map(is_right, prompt.solutions)) for prompt in record.prompts),
         "prompts_all_right": sum(all(bool(s.correct) for s in prompt.solutions) for prompt in record.prompts),
     }

@@ -138,18 +138,19 @@ def plots(summary: dict, base: dict, folder: Path) -> None:
     figure.tight_layout()
     figure.savefig(folder / "curve.png", dpi=90)
     names = [name for name in METHODS if name in summary]
-    for file, metric, values_of in (("solve_rate.png", "solve_rate", lambda n: list(summary[n]["solve_rate"]["by_seed"].values())),
-                                    ("paired.png", "solve_rate − " + BASELINE,
-                                     lambda n: summary[n]["solve_rate"].get("vs_baseline", {}) and
-                                     summary[n]["solve_rate"]["vs_baseline"]["differences"])):
+    rates = {name: summary[name]["solve_rate"] for name in names}
+    versus = {name: rates[name].get("vs_baseline") or {} for name in names}
+    panels = (("solve_rate.png", "solve_rate", {n: (list(rates[n]["by_seed"].values()), None) for n in names}),
+              ("paired.png", "solve_rate − " + BASELINE,
+               {n: (versus[n].get("differences", []), versus[n].get("t_interval")) for n in names}))
+    for file, metric, points in panels:
         figure = Figure(figsize=(6.5, 3.4))
         axes = figure.add_subplot()
         for position, name in enumerate(names):
-            values = values_of(name) or []
+            values, bounds = points[name]
             axes.scatter([position] * len(values), values, color="#08306b", s=14, zorder=3)
             if values:
                 axes.hlines(sum(values) / len(values), position - 0.3, position + 0.3, color="#e6550d")
-            bounds = summary[name]["solve_rate"].get("vs_baseline", {}).get("t_interval") if file == "paired.png" else None
             if bounds:
                 axes.vlines(position, *bounds, color="#9ecae1", linewidth=6, zorder=1)
         if file == "solve_rate.png":

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 
-from bench.study.data import apply, steps_of
+from bench.study.data import steps_of
+from stepwise_lit.data.synthetic import Operation
 
 PROBLEM = re.compile(r"has (\d+) .*? Then ((?:[+*-]\d+(?:, )?)+)\.")
 
@@ -26,7 +27,7 @@ class HalfRightSampler:
             operations = [(text[0], int(text[1:])) for text in match.group(2).split(", ")]
             values, value = [], start
             for symbol, operand in operations:
-                value = apply(value, symbol, operand)
+                value = Operation(symbol, operand).apply(value)
                 values.append(value)
             samples = []
             for index in range(settings.num_samples):
